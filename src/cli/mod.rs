@@ -1,0 +1,309 @@
+//! The command line: one file per command group. Only this module prints.
+#![allow(clippy::print_stdout, reason = "the CLI's output is its interface")]
+
+mod audit;
+mod demo;
+mod init;
+mod secret;
+mod serve;
+mod token;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+
+use crate::config::{CONFIG_ENV, Config, ConfigError, DEFAULT_CONFIG, STATE_DIR_ENV};
+use crate::state::StateDir;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sidekey",
+    version,
+    about = "A credential proxy sidecar for AI agents: the agent holds a revocable token, sidekey holds the keys",
+    propagate_version = true
+)]
+pub struct Args {
+    /// Config file [default: ./sidekey.toml, or $SIDEKEY_CONFIG]
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State dir [default: the config's state_dir, else $SIDEKEY_STATE_DIR, else ~/.local/share/sidekey]
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The 30-second tour: a proxy, an echo upstream and one agent request, all on loopback
+    Demo {
+        /// Where the demo proxy listens
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// Create the state dir (keys, CA) and an example sidekey.toml
+    Init,
+    /// Run the proxy in the foreground
+    Run {
+        /// Listen here instead of the config's `listen`
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Validate the config and print every problem
+    Check,
+    /// Show the decision for a request without sending it
+    Explain {
+        /// The agent making the request
+        #[arg(long)]
+        agent: String,
+        /// HTTP method, e.g. POST
+        method: String,
+        /// Reverse-gateway URL (http://127.0.0.1:8080/openai/v1/...) or upstream URL
+        url: String,
+    },
+    /// Manage secrets in the encrypted store
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// Issue and revoke agent tokens
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Print the interception CA
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Show the audit log
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Ask the running proxy for its status
+    Status,
+    /// Make the running proxy re-read its config
+    Reload,
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Store a secret; the value is read from standard input, never from arguments
+    Set { name: String },
+    /// List secret names and update times (never values)
+    List {
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a secret
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a new agent token on stdout
+    Issue {
+        agent: String,
+        /// Lifetime, e.g. 30m, 1h, 7d
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Session to put the token in (default: a new one)
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// Revoke tokens by id, session or agent
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+#[group(required = true, multiple = false)]
+struct RevokeArgs {
+    /// A token id (t-...)
+    #[arg(long)]
+    id: Option<String>,
+    /// Every token of a session
+    #[arg(long)]
+    session: Option<String>,
+    /// Every token issued so far to an agent
+    #[arg(long)]
+    agent: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// The CA certificate (PEM)
+    Cert,
+    /// The system roots plus the CA, for SSL_CERT_FILE
+    Bundle,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Print the last records in a readable form
+    Tail {
+        /// Keep printing new records
+        #[arg(short, long)]
+        follow: bool,
+        /// How many records to show first
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
+}
+
+/// Ends the process with this code after the command printed its own report.
+#[derive(Debug, thiserror::Error)]
+#[error("exit {0}")]
+pub(crate) struct SilentExit(pub(crate) u8);
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let Err(error) = run(args) else {
+        return ExitCode::SUCCESS;
+    };
+    if let Some(SilentExit(code)) = error.downcast_ref::<SilentExit>() {
+        return ExitCode::from(*code);
+    }
+    if let Some(config) = error.downcast_ref::<ConfigError>() {
+        // Config problems are usage errors: exit 2, one line per problem.
+        eprintln!("{config}");
+        return ExitCode::from(2);
+    }
+    eprintln!("sidekey: {error:#}");
+    ExitCode::FAILURE
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let ctx = Paths::new(args.config, args.state_dir);
+    match args.command {
+        Command::Demo { listen } => demo::run(listen),
+        Command::Init => init::run(&ctx),
+        Command::Run { listen } => serve::run(&ctx, listen),
+        Command::Check => serve::check(&ctx),
+        Command::Explain { agent, method, url } => serve::explain(&ctx, &agent, &method, &url),
+        Command::Secret(SecretCommand::Set { name }) => secret::set(&ctx, &name),
+        Command::Secret(SecretCommand::List { json }) => secret::list(&ctx, json),
+        Command::Secret(SecretCommand::Rm { name }) => secret::remove(&ctx, &name),
+        Command::Token(TokenCommand::Issue {
+            agent,
+            ttl,
+            session,
+        }) => token::issue(&ctx, &agent, &ttl, session.as_deref()),
+        Command::Token(TokenCommand::Revoke(which)) => token::revoke(&ctx, which),
+        Command::Ca(CaCommand::Cert) => init::ca_cert(&ctx),
+        Command::Ca(CaCommand::Bundle) => init::ca_bundle(&ctx),
+        Command::Audit(AuditCommand::Tail { follow, lines }) => audit::tail(&ctx, follow, lines),
+        Command::Status => serve::status(&ctx),
+        Command::Reload => serve::reload(&ctx),
+    }
+}
+
+/// Where the config and the state dir are, as the global flags and the
+/// environment say.
+#[derive(Debug)]
+struct Paths {
+    config: PathBuf,
+    /// Whether the config path was named (`-c` or `$SIDEKEY_CONFIG`), so it must exist.
+    config_named: bool,
+    state_dir_flag: Option<PathBuf>,
+}
+
+impl Paths {
+    fn new(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Self {
+        let from_env = std::env::var_os(CONFIG_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        let named = config.is_some() || from_env.is_some();
+        Self {
+            config: config
+                .or(from_env)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG)),
+            config_named: named,
+            state_dir_flag: state_dir,
+        }
+    }
+
+    /// The validated config; required by `run`, `check`, `explain`.
+    fn config(&self) -> anyhow::Result<Config> {
+        if !self.config.exists() && !self.config_named {
+            bail!(
+                "no config file: {} does not exist (create one with `sidekey init`, or pass -c FILE)",
+                self.config.display()
+            );
+        }
+        Ok(Config::load(&self.config)?)
+    }
+
+    /// The state dir: `--state-dir`, else the config's `state_dir`, else
+    /// `$SIDEKEY_STATE_DIR`, else `~/.local/share/sidekey`. Only the
+    /// `state_dir` key is read here, so a config with unrelated mistakes does
+    /// not lock the operator out of `secret` and `token`.
+    fn state_dir(&self) -> anyhow::Result<StateDir> {
+        if let Some(dir) = &self.state_dir_flag {
+            return Ok(StateDir::new(dir));
+        }
+        if self.config.exists() || self.config_named {
+            let text = std::fs::read_to_string(&self.config)
+                .with_context(|| format!("cannot read config {}", self.config.display()))?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {}",
+                    self.config.display(),
+                    e.message().trim().replace('\n', " ")
+                )
+            })?;
+            if let Some(dir) = table.get("state_dir") {
+                let dir = dir.as_str().with_context(|| {
+                    format!("{}: state_dir must be a string", self.config.display())
+                })?;
+                return Ok(StateDir::new(
+                    crate::config::base_dir(&self.config).join(dir),
+                ));
+            }
+        }
+        if let Some(dir) = std::env::var_os(STATE_DIR_ENV).filter(|d| !d.is_empty()) {
+            return Ok(StateDir::new(PathBuf::from(dir)));
+        }
+        let home = std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .context("cannot find a state dir: set --state-dir, state_dir in the config, or $SIDEKEY_STATE_DIR")?;
+        Ok(StateDir::new(Path::new(&home).join(".local/share/sidekey")))
+    }
+
+    /// The state dir of a config already loaded (same order as [`Self::state_dir`]).
+    fn state_dir_of(&self, config: &Config) -> anyhow::Result<StateDir> {
+        match (&self.state_dir_flag, &config.state_dir) {
+            (Some(dir), _) => Ok(StateDir::new(dir)),
+            (None, Some(dir)) => Ok(StateDir::new(dir)),
+            (None, None) => self.state_dir(),
+        }
+    }
+}
+
+/// Builds the runtime for commands that do network I/O.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Checks a name given on the command line (agent, secret, session).
+fn check_name(kind: &str, name: &str) -> anyhow::Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !valid {
+        bail!("invalid {kind} name {name:?} (use letters, digits, `-`, `_` and `.`)");
+    }
+    Ok(())
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SIDEKEY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}

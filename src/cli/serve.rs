@@ -1,0 +1,299 @@
+//! `sidekey run`, `check`, `explain`, `status` and `reload`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use http::Method;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{Paths, SilentExit, init_logging, runtime};
+use crate::admin::{self, Status};
+use crate::config::{Config, Target};
+use crate::live::Live;
+use crate::policy::{self, normalize_host, path::normalize};
+use crate::proxy::Proxy;
+use crate::secret::source::SecretTable;
+use crate::secret::store::MasterKey;
+use crate::state::StateDir;
+use crate::token::Verifier;
+
+/// A proxy serving in this process.
+pub(crate) struct Running {
+    pub(crate) addr: SocketAddr,
+    pub(crate) live: Arc<Live>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting and waits for in-flight requests (up to the grace period).
+    pub(crate) async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        for task in self.background {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the proxy: config already validated, state dir initialised.
+pub(crate) async fn start(
+    config: Config,
+    state: StateDir,
+    listen: Option<SocketAddr>,
+) -> anyhow::Result<Running> {
+    let verifier = Verifier::load(&state)?;
+    let admin_path = config.admin.clone().unwrap_or_else(|| state.admin_socket());
+    let live = Arc::new(Live::new(config, state, listen)?);
+    let (addr, limits) = {
+        let snapshot = live.snapshot();
+        (snapshot.config.listen, snapshot.config.limits.clone())
+    };
+    let listener = crate::listen::bind(addr).await?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    let admin = admin::bind(&admin_path)
+        .with_context(|| format!("cannot open admin socket {}", admin_path.display()))?;
+    let status = Arc::new(Status::default());
+    let background = vec![
+        tokio::spawn(live.clone().watch()),
+        tokio::spawn(admin::serve(admin, live.clone(), status)),
+    ];
+    let proxy = Arc::new(Proxy::new(live.clone(), verifier));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let server = tokio::spawn(crate::listen::serve(listener, proxy, limits, shutdown_rx));
+    Ok(Running {
+        addr,
+        live,
+        shutdown,
+        server,
+        background,
+    })
+}
+
+pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    init_logging();
+    let config = paths.config()?;
+    let state = paths.state_dir_of(&config)?;
+    let admin_path = config.admin.clone().unwrap_or_else(|| state.admin_socket());
+    runtime()?.block_on(async {
+        let running = start(config, state, listen).await?;
+        tracing::info!(
+            "sidekey {} listening on {}",
+            env!("CARGO_PKG_VERSION"),
+            running.addr
+        );
+        let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    if let Err(e) = running.live.reload() {
+                        tracing::error!("reload refused, old config still in force:\n{e}");
+                    }
+                }
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+        }
+        tracing::info!("shutting down");
+        running.stop().await;
+        let _ = std::fs::remove_file(&admin_path);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(())
+}
+
+pub(super) fn check(paths: &Paths) -> anyhow::Result<()> {
+    let config = match Config::load(&paths.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            let n = e.problems.len();
+            eprintln!("{n} problem{} found", if n == 1 { "" } else { "s" });
+            return Err(SilentExit(1).into());
+        }
+    };
+    // Secret values are not config errors (they may be set after the
+    // config), but an operator wants to know before starting.
+    if let Ok(state) = paths.state_dir_of(&config) {
+        let key = MasterKey::load(&state).ok();
+        let table = SecretTable::load(&config.secrets, &state, key.as_ref());
+        let mut failures: Vec<_> = table.failures().collect();
+        failures.sort();
+        for (name, reason) in failures {
+            eprintln!("warning: secrets.{name}: {reason}");
+        }
+    }
+    eprintln!(
+        "{}: ok ({} routes, {} rules, {} secrets)",
+        paths.config.display(),
+        config.routes.len(),
+        config.rules.len(),
+        config.secrets.len()
+    );
+    Ok(())
+}
+
+pub(super) fn explain(paths: &Paths, agent: &str, method: &str, url: &str) -> anyhow::Result<()> {
+    let config = paths.config()?;
+    let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+        .with_context(|| format!("invalid method {method:?}"))?;
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("invalid URL {url:?}"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        bail!("give an absolute URL, e.g. http://127.0.0.1:8080/openai/v1/chat/completions");
+    };
+    let https = scheme.eq_ignore_ascii_case("https");
+    let host = normalize_host(authority.host());
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+
+    // An upstream URL names its route by origin; a gateway URL by its first segment.
+    let by_origin = config.routes.values().find(|r| {
+        r.upstream.https == https
+            && r.upstream.host == host
+            && r.upstream.port == port
+            && uri.path().starts_with(&r.upstream.base_path)
+    });
+    let (mode, route, rest) = match by_origin {
+        Some(route) => (
+            "forward",
+            Some(route.clone()),
+            &uri.path()[route.upstream.base_path.len()..],
+        ),
+        None => {
+            let trimmed = uri.path().trim_start_matches('/');
+            let (name, rest) = match trimmed.find('/') {
+                Some(i) => (&trimmed[..i], &trimmed[i..]),
+                None => (trimmed, "/"),
+            };
+            match config.routes.get(name) {
+                Some(route) => ("reverse", Some(route.clone()), rest),
+                None => ("forward", None, uri.path()),
+            }
+        }
+    };
+    let rest = if rest.is_empty() { "/" } else { rest };
+    println!("agent:    {agent}");
+    println!("request:  {method} {url}");
+    println!("mode:     {mode}");
+    let path = match normalize(rest) {
+        Ok(path) => path,
+        Err(e) => {
+            println!("decision: deny (bad_request: {e})");
+            return Ok(());
+        }
+    };
+    let (dest_host, dest_port) = match &route {
+        Some(r) => (r.upstream.host.clone(), r.upstream.port),
+        None => (host, port),
+    };
+    match &route {
+        Some(r) => println!(
+            "route:    {} -> {}{}",
+            r.name,
+            r.upstream.origin(),
+            r.upstream.base_path
+        ),
+        None => println!("route:    none (destination {dest_host}:{dest_port})"),
+    }
+    println!("path:     {}", path.decoded());
+    let decision = policy::Policy::new(&config).check(&policy::Request {
+        agent,
+        route: route.as_ref().map(|r| r.name.as_str()),
+        host: &dest_host,
+        port: dest_port,
+        method: &method,
+        path: &path,
+    });
+    let rule = decision.rule.as_deref().unwrap_or("none (default deny)");
+    let verdict = if decision.allowed { "allow" } else { "deny" };
+    println!("decision: {verdict}");
+    println!("rule:     {rule}");
+    if let Some(rule) = config
+        .rules
+        .iter()
+        .find(|r| Some(&r.label) == decision.rule.as_ref())
+    {
+        let target = match &rule.target {
+            Target::Route(name) => format!("route {name}"),
+            Target::Host { pattern, port } => format!("host {pattern:?} port {port:?}"),
+        };
+        println!("          ({target})");
+    }
+    if decision.allowed {
+        match route.as_ref().and_then(|r| r.inject.as_ref()) {
+            Some(inject) => println!(
+                "inject:   secret {:?} into {:?}",
+                inject.secret, inject.slot
+            ),
+            None => println!("inject:   nothing (no credential on this destination)"),
+        }
+    }
+    Ok(())
+}
+
+fn admin_socket(paths: &Paths) -> anyhow::Result<std::path::PathBuf> {
+    if paths.config.exists() {
+        let config = Config::load(&paths.config)?;
+        if let Some(admin) = config.admin.clone() {
+            return Ok(admin);
+        }
+        return Ok(paths.state_dir_of(&config)?.admin_socket());
+    }
+    Ok(paths.state_dir()?.admin_socket())
+}
+
+pub(super) fn status(paths: &Paths) -> anyhow::Result<()> {
+    let socket = admin_socket(paths)?;
+    let reply = runtime()?.block_on(admin::call(&socket, Method::GET, "/v1/status"));
+    match reply {
+        None => Err(anyhow::anyhow!(
+            "no sidekey is running ({} does not answer)",
+            socket.display()
+        )
+        .into()),
+        Some(Err(e)) => Err(anyhow::anyhow!("admin socket {}: {e}", socket.display()).into()),
+        Some(Ok((_, body))) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&body).unwrap_or_default()
+            );
+            Ok(())
+        }
+    }
+}
+
+pub(super) fn reload(paths: &Paths) -> anyhow::Result<()> {
+    let socket = admin_socket(paths)?;
+    let reply = runtime()?.block_on(admin::call(&socket, Method::POST, "/v1/reload"));
+    match reply {
+        None => Err(anyhow::anyhow!(
+            "no sidekey is running ({} does not answer)",
+            socket.display()
+        )
+        .into()),
+        Some(Err(e)) => Err(anyhow::anyhow!("admin socket {}: {e}", socket.display()).into()),
+        Some(Ok((status, body))) if status.is_success() => {
+            eprintln!("config reloaded");
+            let _ = body;
+            Ok(())
+        }
+        Some(Ok((_, body))) => {
+            let error = body["error"]
+                .as_str()
+                .unwrap_or("unknown error")
+                .to_string();
+            eprintln!("{error}");
+            eprintln!("reload refused; the running proxy keeps its current config");
+            Err(SilentExit(1).into())
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! `sidekey token issue|revoke`.
+
+use super::{Paths, RevokeArgs, check_name};
+use crate::secret::store::now_ms;
+use crate::token::revocation::{Revocations, Revoke};
+use crate::token::{Issuer, parse_ttl};
+
+pub(super) fn issue(
+    paths: &Paths,
+    agent: &str,
+    ttl: &str,
+    session: Option<&str>,
+) -> anyhow::Result<()> {
+    check_name("agent", agent)?;
+    if let Some(session) = session {
+        check_name("session", session)?;
+    }
+    let ttl = parse_ttl(ttl).map_err(anyhow::Error::msg)?;
+    let state = paths.state_dir()?;
+    let issuer = Issuer::load(&state)?;
+    let (token, claims) = issuer.issue(agent, session, ttl);
+    let expires = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp),
+    );
+    eprintln!(
+        "token {} for agent {agent:?}, session {}, expires {expires}",
+        claims.jti, claims.sid
+    );
+    println!("{token}");
+    Ok(())
+}
+
+pub(super) fn revoke(paths: &Paths, which: RevokeArgs) -> anyhow::Result<()> {
+    let revoke = match (which.id, which.session, which.agent) {
+        (Some(id), None, None) => Revoke::Id(id),
+        (None, Some(session), None) => Revoke::Session(session),
+        (None, None, Some(agent)) => Revoke::Agent(agent),
+        _ => return Err(anyhow::anyhow!("give exactly one of --id, --session, --agent").into()),
+    };
+    let (kind, name) = match &revoke {
+        Revoke::Id(v) => ("token", v),
+        Revoke::Session(v) => ("session", v),
+        Revoke::Agent(v) => ("agent", v),
+    };
+    check_name(kind, name)?;
+    let state = paths.state_dir()?;
+    Revocations::add(&state, revoke.clone(), now_ms())?;
+    eprintln!(
+        "revoked {kind} {name:?} in {}; a running proxy applies it within a second",
+        state.revocations().display()
+    );
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! `sidekey.toml` -> raw serde structs -> a validated, immutable [`Config`].
+//!
+//! Holding a `Config` means sidekey can serve it: every reference resolves,
+//! every pattern compiles, every value is in range. Validation collects every
+//! problem with its location instead of stopping at the first.
+
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+
+use crate::policy::{HostPattern, PathPattern};
+use crate::secret::source::SecretSource;
+
+/// Environment variable naming the config file when `-c` is not given.
+pub const CONFIG_ENV: &str = "SIDEKEY_CONFIG";
+/// Environment variable naming the state dir when neither `--state-dir` nor the config does.
+pub const STATE_DIR_ENV: &str = "SIDEKEY_STATE_DIR";
+pub const DEFAULT_CONFIG: &str = "sidekey.toml";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// A validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it was read from; relative paths in it are relative to its directory.
+    pub file: PathBuf,
+    pub listen: SocketAddr,
+    /// The admin socket path, when not the default `admin.sock` in the state dir.
+    pub admin: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub audit: AuditConfig,
+    pub upstream_ca: Vec<PathBuf>,
+    pub limits: Limits,
+    pub secrets: BTreeMap<String, SecretSource>,
+    pub routes: BTreeMap<String, Arc<Route>>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    pub sink: AuditSink,
+    pub on_failure: OnFailure,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stdout,
+    /// Relative paths are relative to the state dir.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    Deny,
+    Continue,
+}
+
+/// Resource limits; every one has a default that suits a sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            header_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            upstream_timeout: Duration::from_secs(120),
+            max_connections: 4096,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A named upstream origin with an optional credential injection.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub upstream: Upstream,
+    pub inject: Option<Injection>,
+    pub placeholder_env: Option<String>,
+    pub allow_private: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub https: bool,
+    /// Lower-case host name or IP literal (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash; empty for none.
+    pub base_path: String,
+}
+
+impl Upstream {
+    /// `scheme://host[:port]`, with the port only when not the default.
+    pub fn origin(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let default = if self.https { 443 } else { 80 };
+        if self.port == default {
+            format!("{scheme}://{host}")
+        } else {
+            format!("{scheme}://{host}:{}", self.port)
+        }
+    }
+}
+
+/// How a route's credential is placed into requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Injection {
+    /// The secret's name.
+    pub secret: String,
+    pub slot: Slot,
+}
+
+/// Where the credential goes; the agent's token is looked for in the same place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slot {
+    /// A header whose value is `prefix + secret + suffix` (from `format`).
+    Header {
+        name: HeaderName,
+        prefix: String,
+        suffix: String,
+    },
+    Query {
+        param: String,
+    },
+    Basic {
+        username: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Agents {
+    Any,
+    Named(Vec<String>),
+}
+
+impl Agents {
+    pub fn contains(&self, agent: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Named(names) => names.iter().any(|n| n == agent),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Route(String),
+    Host {
+        pattern: HostPattern,
+        port: Option<u16>,
+    },
+}
+
+/// One `[[rules]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// `name` if given, else `rules[i]`; what audit records and `explain` show.
+    pub label: String,
+    pub agents: Agents,
+    pub target: Target,
+    pub methods: Option<Vec<Method>>,
+    pub paths: Option<Vec<PathPattern>>,
+    pub action: Action,
+    pub allow_private: bool,
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: a key path such as `routes.openai.inject`, or `line 3, column 7`.
+    pub at: String,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {}: {}", self.file, p.at, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            problems: vec![Problem {
+                at: "file".to_string(),
+                message: format!("cannot read: {}", describe_io(&e)),
+            }],
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        raw::parse(text, path).map_err(|problems| ConfigError {
+            file: path.display().to_string(),
+            problems,
+        })
+    }
+
+    /// The directory relative paths in the file are taken from.
+    pub fn base_dir(&self) -> &Path {
+        base_dir(&self.file)
+    }
+}
+
+pub(crate) fn base_dir(file: &Path) -> &Path {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// An I/O error as a short lower-case phrase without the OS error number.
+pub fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        _ => {
+            let text = e.to_string();
+            match text.find(" (os error") {
+                Some(i) => text[..i].to_lowercase(),
+                None => text.to_lowercase(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,712 @@
+//! The file exactly as written, and its validation into [`Config`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::{
+    Action, Agents, AuditConfig, AuditSink, Config, DEFAULT_LISTEN, Injection, Limits, OnFailure,
+    Problem, Route, Rule, Slot, Target, Upstream, base_dir,
+};
+use crate::policy::{HostPattern, PathPattern};
+use crate::secret::source::SecretSource;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    file: Option<String>,
+    on_failure: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    #[serde(default)]
+    upstream_ca: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_body_bytes: Option<u64>,
+    max_header_bytes: Option<usize>,
+    header_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    upstream_timeout: Option<String>,
+    max_connections: Option<usize>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    source: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    upstream: String,
+    inject: Option<RawInject>,
+    placeholder_env: Option<String>,
+    #[serde(default)]
+    allow_private: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInject {
+    header: Option<String>,
+    format: Option<String>,
+    query: Option<String>,
+    basic: Option<RawBasic>,
+    secret: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBasic {
+    username: String,
+    secret: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<String>,
+    agents: Vec<String>,
+    route: Option<String>,
+    host: Option<String>,
+    port: Option<u16>,
+    methods: Option<Vec<String>>,
+    paths: Option<Vec<String>>,
+    action: String,
+    #[serde(default)]
+    allow_private: bool,
+}
+
+/// Collects problems while validating; every check reports and goes on.
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn fail(&mut self, at: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            at: at.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserialises one value, reporting a failure at `at`.
+    fn take<T: DeserializeOwned>(&mut self, at: &str, value: toml::Value) -> Option<T> {
+        match value.try_into::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let message = e.message().trim().replace('\n', " ");
+                self.fail(at, message);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, at: &str, text: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = text else { return default };
+        match humantime::parse_duration(text) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                self.fail(
+                    at,
+                    format!("invalid duration {text:?} (examples: 500ms, 10s, 2m)"),
+                );
+                default
+            }
+        }
+    }
+}
+
+pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| vec![syntax_problem(text, &e)])?;
+    let mut c = Checker {
+        problems: Vec::new(),
+    };
+    let base = base_dir(file).to_path_buf();
+
+    let mut listen = None;
+    let mut admin = None;
+    let mut state_dir = None;
+    let mut audit = RawAudit::default();
+    let mut tls = RawTls::default();
+    let mut limits = RawLimits::default();
+    let mut secrets: BTreeMap<String, RawSecret> = BTreeMap::new();
+    let mut routes: BTreeMap<String, RawRoute> = BTreeMap::new();
+    let mut rules: Vec<RawRule> = Vec::new();
+
+    for (key, value) in table {
+        match key.as_str() {
+            "listen" => listen = c.take::<String>("listen", value),
+            "admin" => admin = c.take::<String>("admin", value),
+            "state_dir" => state_dir = c.take::<String>("state_dir", value),
+            "audit" => audit = c.take("audit", value).unwrap_or_default(),
+            "tls" => tls = c.take("tls", value).unwrap_or_default(),
+            "limits" => limits = c.take("limits", value).unwrap_or_default(),
+            "secrets" | "routes" => {
+                let Some(entries) = c.take::<toml::Table>(&key, value) else {
+                    continue;
+                };
+                for (name, entry) in entries {
+                    let at = format!("{key}.{name}");
+                    if key == "secrets" {
+                        if let Some(s) = c.take(&at, entry) {
+                            secrets.insert(name, s);
+                        }
+                    } else if let Some(r) = c.take(&at, entry) {
+                        routes.insert(name, r);
+                    }
+                }
+            }
+            "rules" => {
+                let Some(entries) = c.take::<Vec<toml::Value>>("rules", value) else {
+                    continue;
+                };
+                for (i, entry) in entries.into_iter().enumerate() {
+                    if let Some(r) = c.take(&format!("rules[{i}]"), entry) {
+                        rules.push(r);
+                    } else {
+                        // Keep indexes aligned with the file for later messages.
+                        rules.push(RawRule::placeholder());
+                    }
+                }
+            }
+            _ => c.fail(&key, format!("unknown key `{key}`")),
+        }
+    }
+
+    let listen_text = listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|_| {
+        c.fail(
+            "listen",
+            format!(
+                "invalid listen address {listen_text:?} (expected IP:PORT, e.g. 127.0.0.1:8080)"
+            ),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 8080))
+    });
+    let admin = admin.and_then(|a| match a.strip_prefix("unix:") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => {
+            c.fail(
+                "admin",
+                format!("invalid admin address {a:?} (expected unix:PATH)"),
+            );
+            None
+        }
+    });
+    let state_dir = state_dir.map(|s| base.join(s));
+
+    let on_failure = match audit.on_failure.as_deref() {
+        None | Some("deny") => OnFailure::Deny,
+        Some("continue") => OnFailure::Continue,
+        Some(other) => {
+            c.fail(
+                "audit.on_failure",
+                format!("invalid value {other:?} (expected \"deny\" or \"continue\")"),
+            );
+            OnFailure::Deny
+        }
+    };
+    let sink = match audit.file.as_deref() {
+        Some("-") => AuditSink::Stdout,
+        Some("") => {
+            c.fail("audit.file", "empty path (use \"-\" for stdout)");
+            AuditSink::Stdout
+        }
+        Some(path) => AuditSink::File(PathBuf::from(path)),
+        None => AuditSink::File(PathBuf::from("audit.jsonl")),
+    };
+
+    let defaults = Limits::default();
+    let limits = Limits {
+        max_body_bytes: limits.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+        max_header_bytes: limits.max_header_bytes.unwrap_or(defaults.max_header_bytes),
+        header_timeout: c.duration(
+            "limits.header_timeout",
+            limits.header_timeout.as_deref(),
+            defaults.header_timeout,
+        ),
+        connect_timeout: c.duration(
+            "limits.connect_timeout",
+            limits.connect_timeout.as_deref(),
+            defaults.connect_timeout,
+        ),
+        upstream_timeout: c.duration(
+            "limits.upstream_timeout",
+            limits.upstream_timeout.as_deref(),
+            defaults.upstream_timeout,
+        ),
+        max_connections: limits.max_connections.unwrap_or(defaults.max_connections),
+        shutdown_grace: c.duration(
+            "limits.shutdown_grace",
+            limits.shutdown_grace.as_deref(),
+            defaults.shutdown_grace,
+        ),
+    };
+    if limits.max_header_bytes < 1024 {
+        c.fail("limits.max_header_bytes", "must be at least 1024");
+    }
+    if limits.max_connections == 0 {
+        c.fail("limits.max_connections", "must be at least 1");
+    }
+
+    let mut upstream_ca = Vec::new();
+    for (i, ca) in tls.upstream_ca.iter().enumerate() {
+        let path = base.join(ca);
+        if !path.is_file() {
+            c.fail(
+                format!("tls.upstream_ca[{i}]"),
+                format!("{} is not a readable file", path.display()),
+            );
+        }
+        upstream_ca.push(path);
+    }
+
+    let mut secret_sources = BTreeMap::new();
+    for (name, raw) in secrets {
+        let at = format!("secrets.{name}");
+        if !valid_name(&name) {
+            c.fail(&at, "names use letters, digits, `-`, `_` and `.`");
+        }
+        match SecretSource::parse(&raw.source, &base) {
+            Ok(source) => {
+                secret_sources.insert(name, source);
+            }
+            Err(message) => c.fail(format!("{at}.source"), message),
+        }
+    }
+
+    let mut checked_routes = BTreeMap::new();
+    for (name, raw) in routes {
+        if let Some(route) = check_route(&mut c, &name, raw, &secret_sources) {
+            checked_routes.insert(name, Arc::new(route));
+        }
+    }
+
+    let mut checked_rules = Vec::new();
+    for (i, raw) in rules.into_iter().enumerate() {
+        if let Some(rule) = check_rule(&mut c, i, raw, &checked_routes) {
+            checked_rules.push(rule);
+        }
+    }
+
+    if !c.problems.is_empty() {
+        return Err(c.problems);
+    }
+    Ok(Config {
+        file: file.to_path_buf(),
+        listen,
+        admin: admin.map(|p| base.join(p)),
+        state_dir,
+        audit: AuditConfig { sink, on_failure },
+        upstream_ca,
+        limits,
+        secrets: secret_sources,
+        routes: checked_routes,
+        rules: checked_rules,
+    })
+}
+
+impl RawRule {
+    fn placeholder() -> Self {
+        Self {
+            name: None,
+            agents: Vec::new(),
+            route: None,
+            host: None,
+            port: None,
+            methods: None,
+            paths: None,
+            action: String::new(),
+            allow_private: false,
+        }
+    }
+}
+
+fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let at = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}")
+        }
+        None => "file".to_string(),
+    };
+    Problem {
+        at,
+        message: e.message().trim().replace('\n', " "),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn check_route(
+    c: &mut Checker,
+    name: &str,
+    raw: RawRoute,
+    secrets: &BTreeMap<String, SecretSource>,
+) -> Option<Route> {
+    let at = format!("routes.{name}");
+    // The route name is the first path segment of the reverse gateway.
+    if !valid_name(name) || name == "." || name == ".." {
+        c.fail(&at, "route names use letters, digits, `-`, `_` and `.`");
+    }
+    let upstream = match parse_upstream(&raw.upstream) {
+        Ok(u) => Some(u),
+        Err(message) => {
+            c.fail(format!("{at}.upstream"), message);
+            None
+        }
+    };
+    let inject = raw
+        .inject
+        .and_then(|inject| check_inject(c, &at, inject, secrets));
+    if let Some(var) = &raw.placeholder_env {
+        let valid = !var.is_empty()
+            && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !var.as_bytes()[0].is_ascii_digit();
+        if !valid {
+            c.fail(
+                format!("{at}.placeholder_env"),
+                format!("invalid environment variable name {var:?}"),
+            );
+        }
+    }
+    Some(Route {
+        name: name.to_string(),
+        upstream: upstream?,
+        inject,
+        placeholder_env: raw.placeholder_env,
+        allow_private: raw.allow_private,
+    })
+}
+
+fn check_inject(
+    c: &mut Checker,
+    route_at: &str,
+    raw: RawInject,
+    secrets: &BTreeMap<String, SecretSource>,
+) -> Option<Injection> {
+    let at = format!("{route_at}.inject");
+    let kinds = [
+        raw.header.is_some(),
+        raw.query.is_some(),
+        raw.basic.is_some(),
+    ];
+    if kinds.iter().filter(|k| **k).count() != 1 {
+        c.fail(
+            &at,
+            "give exactly one injection kind: `header`, `query` or `basic`",
+        );
+        return None;
+    }
+    if raw.format.is_some() && raw.header.is_none() {
+        c.fail(format!("{at}.format"), "`format` goes with `header` only");
+    }
+    let secret_ref = |c: &mut Checker, key: &str, name: Option<String>| -> Option<String> {
+        let Some(name) = name else {
+            c.fail(format!("{at}.{key}"), "missing: name the secret to inject");
+            return None;
+        };
+        if !secrets.contains_key(&name) {
+            c.fail(format!("{at}.{key}"), format!("no secret named {name:?}"));
+            return None;
+        }
+        Some(name)
+    };
+    if let Some(basic) = raw.basic {
+        if raw.secret.is_some() {
+            c.fail(
+                format!("{at}.secret"),
+                "with `basic`, name the secret inside it: basic = { username, secret }",
+            );
+        }
+        if basic.username.contains(':') || basic.username.chars().any(char::is_control) {
+            c.fail(
+                format!("{at}.basic.username"),
+                "must not contain `:` or control characters",
+            );
+        }
+        let secret = secret_ref(c, "basic.secret", Some(basic.secret))?;
+        return Some(Injection {
+            secret,
+            slot: Slot::Basic {
+                username: basic.username,
+            },
+        });
+    }
+    let secret = secret_ref(c, "secret", raw.secret);
+    if let Some(header) = raw.header {
+        let name = match HeaderName::from_bytes(header.as_bytes()) {
+            Ok(name) if !is_reserved_header(&name) => Some(name),
+            Ok(_) => {
+                c.fail(
+                    format!("{at}.header"),
+                    format!("{header:?} is managed by the proxy and cannot carry a credential"),
+                );
+                None
+            }
+            Err(_) => {
+                c.fail(
+                    format!("{at}.header"),
+                    format!("invalid header name {header:?}"),
+                );
+                None
+            }
+        };
+        let format = raw.format.unwrap_or_else(|| "{secret}".to_string());
+        let parts: Vec<&str> = format.split("{secret}").collect();
+        if parts.len() != 2 {
+            c.fail(
+                format!("{at}.format"),
+                "must contain `{secret}` exactly once",
+            );
+            return None;
+        }
+        if format.chars().any(char::is_control) {
+            c.fail(
+                format!("{at}.format"),
+                "must not contain control characters",
+            );
+            return None;
+        }
+        return Some(Injection {
+            secret: secret?,
+            slot: Slot::Header {
+                name: name?,
+                prefix: parts[0].to_string(),
+                suffix: parts[1].to_string(),
+            },
+        });
+    }
+    let param = raw.query.unwrap_or_default();
+    if param.is_empty() || param.contains(['&', '=', '#']) || param.chars().any(char::is_control) {
+        c.fail(
+            format!("{at}.query"),
+            format!("invalid query parameter name {param:?}"),
+        );
+        return None;
+    }
+    Some(Injection {
+        secret: secret?,
+        slot: Slot::Query { param },
+    })
+}
+
+/// Headers that frame or route the message; a credential there would be
+/// dropped or would break the request.
+fn is_reserved_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "proxy-authorization"
+            | "proxy-connection"
+    )
+}
+
+/// Parses `http(s)://host[:port][/base]`.
+fn parse_upstream(text: &str) -> Result<Upstream, String> {
+    let uri: http::Uri = text.parse().map_err(|_| format!("invalid URL {text:?}"))?;
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(format!("{text:?} must start with http:// or https://")),
+    };
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("{text:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("{text:?} must not contain user info; use `inject`"));
+    }
+    if uri.query().is_some() || text.contains('#') {
+        return Err(format!("{text:?} must not have a query or fragment"));
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if host.is_empty() {
+        return Err(format!("{text:?} has no host"));
+    }
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    if base_path.split('/').any(|s| s == ".." || s == ".") || base_path.contains('%') {
+        return Err(format!("{text:?} has a path that is not plain"));
+    }
+    Ok(Upstream {
+        https,
+        host,
+        port,
+        base_path,
+    })
+}
+
+fn check_rule(
+    c: &mut Checker,
+    index: usize,
+    raw: RawRule,
+    routes: &BTreeMap<String, Arc<Route>>,
+) -> Option<Rule> {
+    let at = format!("rules[{index}]");
+    if raw.action.is_empty() && raw.agents.is_empty() {
+        return None; // already reported when deserialising
+    }
+    let action = match raw.action.as_str() {
+        "allow" => Some(Action::Allow),
+        "deny" => Some(Action::Deny),
+        other => {
+            c.fail(
+                format!("{at}.action"),
+                format!("invalid action {other:?} (expected \"allow\" or \"deny\")"),
+            );
+            None
+        }
+    };
+    let agents = if raw.agents.is_empty() {
+        c.fail(
+            format!("{at}.agents"),
+            "empty list: name agents, or [\"*\"] for all",
+        );
+        None
+    } else if raw.agents.iter().any(|a| a == "*") {
+        if raw.agents.len() > 1 {
+            c.fail(format!("{at}.agents"), "\"*\" already names every agent");
+        }
+        Some(Agents::Any)
+    } else {
+        for agent in &raw.agents {
+            if !valid_name(agent) {
+                c.fail(
+                    format!("{at}.agents"),
+                    format!("invalid agent name {agent:?}"),
+                );
+            }
+        }
+        Some(Agents::Named(raw.agents))
+    };
+    let target = match (raw.route, raw.host) {
+        (Some(_), Some(_)) => {
+            c.fail(&at, "give `route` or `host`, not both");
+            None
+        }
+        (None, None) => {
+            c.fail(&at, "give `route` or `host`");
+            None
+        }
+        (Some(route), None) => {
+            if raw.port.is_some() {
+                c.fail(
+                    format!("{at}.port"),
+                    "`port` goes with `host`; a route has its own",
+                );
+            }
+            if routes.contains_key(&route) {
+                Some(Target::Route(route))
+            } else {
+                c.fail(format!("{at}.route"), format!("no route named {route:?}"));
+                None
+            }
+        }
+        (None, Some(host)) => match HostPattern::parse(&host) {
+            Ok(pattern) => Some(Target::Host {
+                pattern,
+                port: raw.port,
+            }),
+            Err(message) => {
+                c.fail(format!("{at}.host"), message);
+                None
+            }
+        },
+    };
+    let methods = raw.methods.map(|methods| {
+        if methods.is_empty() {
+            c.fail(
+                format!("{at}.methods"),
+                "empty list: leave it out to match every method",
+            );
+        }
+        methods
+            .iter()
+            .filter_map(|m| {
+                let upper = m.to_ascii_uppercase();
+                match Method::from_bytes(upper.as_bytes()) {
+                    Ok(method) if !upper.is_empty() => Some(method),
+                    _ => {
+                        c.fail(format!("{at}.methods"), format!("invalid method {m:?}"));
+                        None
+                    }
+                }
+            })
+            .collect()
+    });
+    let paths = raw.paths.map(|paths| {
+        if paths.is_empty() {
+            c.fail(
+                format!("{at}.paths"),
+                "empty list: leave it out to match every path",
+            );
+        }
+        paths
+            .iter()
+            .filter_map(|p| match PathPattern::parse(p) {
+                Ok(pattern) => Some(pattern),
+                Err(message) => {
+                    c.fail(format!("{at}.paths"), message);
+                    None
+                }
+            })
+            .collect()
+    });
+    let label = match raw.name {
+        Some(name) if valid_name(&name) => name,
+        Some(name) => {
+            c.fail(format!("{at}.name"), format!("invalid rule name {name:?}"));
+            at.clone()
+        }
+        None => at.clone(),
+    };
+    Some(Rule {
+        label,
+        agents: agents?,
+        target: target?,
+        methods,
+        paths,
+        action: action?,
+        allow_private: raw.allow_private,
+    })
+}
+
+#[cfg(test)]
+pub(super) fn parse_upstream_for_test(text: &str) -> Result<Upstream, String> {
+    parse_upstream(text)
+}

@@ -1,0 +1,208 @@
+use std::path::Path;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("/etc/sidekey/sidekey.toml"))
+}
+
+fn problems(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.at, p.message))
+            .collect(),
+    }
+}
+
+const GOOD: &str = r#"
+listen = "127.0.0.1:9090"
+state_dir = "state"
+
+[audit]
+file = "-"
+on_failure = "continue"
+
+[secrets.openai]
+source = "store"
+[secrets.github]
+source = "env:GITHUB_TOKEN"
+
+[routes.openai]
+upstream = "https://api.openai.com/"
+inject = { header = "authorization", format = "Bearer {secret}", secret = "openai" }
+placeholder_env = "OPENAI_API_KEY"
+
+[routes.git]
+upstream = "https://github.com"
+inject = { basic = { username = "x-access-token", secret = "github" } }
+
+[routes.maps]
+upstream = "http://maps.example.com:8081/api"
+inject = { query = "key", secret = "openai" }
+
+[[rules]]
+agents = ["coder"]
+route = "openai"
+methods = ["post"]
+paths = ["/v1/chat/completions"]
+action = "allow"
+
+[[rules]]
+agents = ["*"]
+host = "PyPI.org."
+action = "allow"
+"#;
+
+#[test]
+fn parses_the_spec_shapes() {
+    let config = parse(GOOD).unwrap();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(config.state_dir, Some("/etc/sidekey/state".into()));
+    assert_eq!(config.audit.sink, AuditSink::Stdout);
+    assert_eq!(config.audit.on_failure, OnFailure::Continue);
+    let openai = &config.routes["openai"];
+    assert_eq!(openai.upstream.origin(), "https://api.openai.com");
+    assert_eq!(openai.upstream.base_path, "");
+    let maps = &config.routes["maps"];
+    assert_eq!(maps.upstream.port, 8081);
+    assert_eq!(maps.upstream.base_path, "/api");
+    assert_eq!(
+        config.routes["git"].inject.as_ref().unwrap().slot,
+        Slot::Basic {
+            username: "x-access-token".into()
+        }
+    );
+    assert_eq!(config.rules[0].methods, Some(vec![Method::POST]));
+    assert_eq!(
+        config.rules[1].target,
+        Target::Host {
+            pattern: HostPattern::Exact("pypi.org".into()),
+            port: None
+        }
+    );
+}
+
+#[test]
+fn every_problem_is_reported_with_its_location() {
+    let text = r#"
+listen = "nowhere"
+colour = "blue"
+
+[secrets.a]
+source = "vault:x"
+
+[routes.r]
+upstream = "ftp://x"
+inject = { header = "authorization", secret = "missing" }
+bogus = 1
+
+[routes.s]
+upstream = "https://ok.example"
+inject = { header = "authorization", format = "Bearer", secret = "a" }
+
+[[rules]]
+agents = []
+route = "nope"
+action = "maybe"
+
+[[rules]]
+agents = ["x"]
+route = "s"
+host = "example.com"
+action = "allow"
+"#;
+    let found = problems(text);
+    let expect = [
+        "listen: invalid listen address",
+        "colour: unknown key",
+        "secrets.a.source: unknown secret source",
+        "routes.r: unknown field `bogus`",
+        "routes.s.inject.format: must contain `{secret}` exactly once",
+        "rules[0].action: invalid action",
+        "rules[0].agents: empty list",
+        "rules[0].route: no route named \"nope\"",
+        "rules[1]: give `route` or `host`, not both",
+    ];
+    for want in expect {
+        assert!(
+            found.iter().any(|f| f.starts_with(want)),
+            "missing {want:?} in {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn references_and_shapes_are_checked() {
+    let cases = [
+        (
+            r#"[routes.r]
+upstream = "https://x"
+inject = { header = "authorization", secret = "none" }"#,
+            "routes.r.inject.secret: no secret named \"none\"",
+        ),
+        (
+            r#"[secrets.s]
+source = "store"
+[routes.r]
+upstream = "https://x"
+inject = { header = "host", secret = "s" }"#,
+            "routes.r.inject.header",
+        ),
+        (
+            r#"[secrets.s]
+source = "store"
+[routes.r]
+upstream = "https://x"
+inject = { query = "key", header = "x", secret = "s" }"#,
+            "routes.r.inject: give exactly one injection kind",
+        ),
+        (
+            r#"[routes.r]
+upstream = "https://user:pw@x"
+"#,
+            "routes.r.upstream",
+        ),
+        (
+            r#"[[rules]]
+agents = ["a"]
+action = "allow""#,
+            "rules[0]: give `route` or `host`",
+        ),
+        (
+            r#"[[rules]]
+agents = ["a"]
+host = "*.example.com"
+paths = ["v1"]
+action = "allow""#,
+            "rules[0].paths",
+        ),
+        ("listen = [", "line 1"),
+    ];
+    for (text, want) in cases {
+        let found = problems(text);
+        assert!(
+            found.iter().any(|f| f.starts_with(want)),
+            "missing {want:?} in {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn examples_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            if let Err(e) = Config::parse(&text, &path) {
+                panic!("{e}");
+            }
+        }
+    }
+}

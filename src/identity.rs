@@ -1,0 +1,229 @@
+//! Who is calling: the agent token, found where the agent may put it, then
+//! verified and checked against the revocation list.
+//!
+//! Identity comes before route lookup, so an unauthenticated caller learns
+//! nothing about which routes exist.
+
+use base64::Engine;
+use http::HeaderMap;
+use http::header::{AUTHORIZATION, PROXY_AUTHORIZATION};
+use percent_encoding::percent_decode_str;
+
+use crate::config::Slot;
+use crate::token::revocation::Revocations;
+use crate::token::{TokenError, Verifier};
+
+/// A verified agent identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    pub name: String,
+    pub session: String,
+    pub token_id: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("no agent credentials")]
+    Missing,
+    #[error("{0}")]
+    Token(#[from] TokenError),
+    #[error("more than one agent token in the request")]
+    Ambiguous,
+    #[error("the proxy user name does not match the agent token")]
+    AgentMismatch,
+    #[error("the revocation list cannot be read, so no token can be trusted")]
+    RevocationsUnavailable,
+}
+
+/// Where the token was found; the injector overwrites that place anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presented {
+    ProxyAuthorization,
+    Slot,
+}
+
+/// Finds the agent token: `Proxy-Authorization` if present (and then only
+/// there), else the route's credential slot.
+pub fn find_token(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    slot: Option<&Slot>,
+) -> Result<(String, Option<String>, Presented), IdentityError> {
+    let proxy_auth: Vec<_> = headers.get_all(PROXY_AUTHORIZATION).iter().collect();
+    if !proxy_auth.is_empty() {
+        if proxy_auth.len() > 1 {
+            return Err(IdentityError::Ambiguous);
+        }
+        let value = proxy_auth[0].to_str().map_err(|_| IdentityError::Missing)?;
+        let (user, token) = parse_authorization(value).ok_or(IdentityError::Missing)?;
+        return Ok((token, user, Presented::ProxyAuthorization));
+    }
+    let mut found: Vec<(String, Option<String>)> = Vec::new();
+    match slot {
+        Some(Slot::Header {
+            name,
+            prefix,
+            suffix,
+        }) => {
+            for value in headers.get_all(name) {
+                let Ok(value) = value.to_str() else { continue };
+                let value = value.trim();
+                let inner = strip_prefix_ignore_case(value, prefix)
+                    .and_then(|rest| rest.strip_suffix(suffix.as_str()));
+                if let Some(token) = inner.filter(|t| !t.is_empty()) {
+                    found.push((token.to_string(), None));
+                }
+            }
+        }
+        Some(Slot::Basic { .. }) => {
+            for value in headers.get_all(AUTHORIZATION) {
+                let Ok(value) = value.to_str() else { continue };
+                if let Some((user, token)) = parse_authorization(value) {
+                    found.push((token, user));
+                }
+            }
+        }
+        Some(Slot::Query { param }) => {
+            for (name, value) in query_pairs(query.unwrap_or_default()) {
+                if name == *param && !value.is_empty() {
+                    found.push((value, None));
+                }
+            }
+        }
+        None => {}
+    }
+    found.dedup_by(|a, b| a.0 == b.0);
+    match found.len() {
+        0 => Err(IdentityError::Missing),
+        1 => {
+            let (token, user) = found.remove(0);
+            Ok((token, user, Presented::Slot))
+        }
+        _ => Err(IdentityError::Ambiguous),
+    }
+}
+
+/// Verifies a token and checks revocation. A Basic user name, when given,
+/// must be the token's agent.
+pub fn verify(
+    verifier: &Verifier,
+    revocations: Result<&Revocations, ()>,
+    token: &str,
+    user: Option<&str>,
+) -> Result<Agent, IdentityError> {
+    let claims = verifier.verify(token)?;
+    if let Some(user) = user.filter(|u| !u.is_empty()) {
+        if user != claims.sub {
+            return Err(IdentityError::AgentMismatch);
+        }
+    }
+    let revocations = revocations.map_err(|()| IdentityError::RevocationsUnavailable)?;
+    if revocations.is_revoked(&claims) {
+        return Err(TokenError::Revoked.into());
+    }
+    Ok(Agent {
+        name: claims.sub,
+        session: claims.sid,
+        token_id: claims.jti,
+    })
+}
+
+/// `Bearer TOKEN` or `Basic base64(user:TOKEN)`.
+fn parse_authorization(value: &str) -> Option<(Option<String>, String)> {
+    let value = value.trim();
+    if let Some(token) = strip_prefix_ignore_case(value, "Bearer ") {
+        let token = token.trim();
+        return (!token.is_empty()).then(|| (None, token.to_string()));
+    }
+    let encoded = strip_prefix_ignore_case(value, "Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, token) = decoded.split_once(':')?;
+    (!token.is_empty()).then(|| (Some(user.to_string()), token.to_string()))
+}
+
+fn strip_prefix_ignore_case<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = value.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &value[prefix.len()..])
+}
+
+/// Decoded `name=value` pairs of a query string.
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &str| {
+            percent_decode_str(&s.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        (decode(name), decode(value))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn bearer_slot() -> Slot {
+        Slot::Header {
+            name: AUTHORIZATION,
+            prefix: "Bearer ".into(),
+            suffix: String::new(),
+        }
+    }
+
+    #[test]
+    fn finds_tokens_in_each_place() {
+        let basic = base64::engine::general_purpose::STANDARD.encode("coder:tok");
+        let h = headers(&[("proxy-authorization", &format!("Basic {basic}"))]);
+        assert_eq!(
+            find_token(&h, None, Some(&bearer_slot())).unwrap(),
+            (
+                "tok".into(),
+                Some("coder".into()),
+                Presented::ProxyAuthorization
+            )
+        );
+        let h = headers(&[("authorization", "bearer tok")]);
+        assert_eq!(find_token(&h, None, Some(&bearer_slot())).unwrap().0, "tok");
+        let slot = Slot::Query {
+            param: "key".into(),
+        };
+        assert_eq!(
+            find_token(&HeaderMap::new(), Some("a=1&key=tok"), Some(&slot))
+                .unwrap()
+                .0,
+            "tok"
+        );
+        assert_eq!(
+            find_token(&HeaderMap::new(), None, None),
+            Err(IdentityError::Missing)
+        );
+    }
+
+    #[test]
+    fn two_different_tokens_are_ambiguous() {
+        let h = headers(&[("authorization", "Bearer a"), ("Authorization", "Bearer b")]);
+        assert_eq!(
+            find_token(&h, None, Some(&bearer_slot())),
+            Err(IdentityError::Ambiguous)
+        );
+        let h = headers(&[("authorization", "Bearer a"), ("Authorization", "Bearer a")]);
+        assert_eq!(find_token(&h, None, Some(&bearer_slot())).unwrap().0, "a");
+    }
+}

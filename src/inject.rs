@@ -1,0 +1,173 @@
+//! Strip what the caller sent, then set the credential.
+//!
+//! SECURITY: the slot is overwritten whatever the agent put there (any case,
+//! any number of copies), and hop-by-hop and proxy headers never cross.
+//! This module and `scrub` are the only places a secret value is read.
+
+use base64::Engine;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::config::Slot;
+use crate::identity::query_pairs;
+use crate::secret::Secret;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InjectError {
+    #[error("secret {0:?} contains bytes that cannot go in a header")]
+    NotHeaderSafe(String),
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
+/// plus what sidekey consumed.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including every header `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Sets the credential in its header slot, removing every copy the agent sent.
+pub fn headers(
+    headers: &mut HeaderMap,
+    slot: &Slot,
+    secret_name: &str,
+    secret: &Secret,
+) -> Result<(), InjectError> {
+    let (name, value) = match slot {
+        Slot::Header {
+            name,
+            prefix,
+            suffix,
+        } => {
+            let value = zeroize::Zeroizing::new(format!("{prefix}{}{suffix}", secret.expose()));
+            (name.clone(), header_value(&value, secret_name)?)
+        }
+        Slot::Basic { username } => {
+            let pair = zeroize::Zeroizing::new(format!("{username}:{}", secret.expose()));
+            let value = zeroize::Zeroizing::new(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair.as_bytes())
+            ));
+            (header::AUTHORIZATION, header_value(&value, secret_name)?)
+        }
+        Slot::Query { .. } => return Ok(()),
+    };
+    headers.remove(&name);
+    headers.insert(name, value);
+    Ok(())
+}
+
+fn header_value(value: &str, secret_name: &str) -> Result<HeaderValue, InjectError> {
+    let mut value = HeaderValue::from_str(value)
+        .map_err(|_| InjectError::NotHeaderSafe(secret_name.to_string()))?;
+    // Keeps the value out of HPACK tables and out of `Debug` output of the map.
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Rebuilds a query string with the slot parameter set to the secret and
+/// every agent-sent copy of it removed (compared without regard to case,
+/// since some upstreams read parameters that way).
+pub fn query(original: Option<&str>, slot: &Slot, secret: &Secret) -> Option<String> {
+    let Slot::Query { param } = slot else {
+        return original.map(str::to_string);
+    };
+    let mut out = String::new();
+    if let Some(original) = original {
+        for raw in original.split('&').filter(|p| !p.is_empty()) {
+            let same = query_pairs(raw)
+                .next()
+                .is_some_and(|(name, _)| name.eq_ignore_ascii_case(param));
+            if !same {
+                out.push_str(raw);
+                out.push('&');
+            }
+        }
+    }
+    out.extend(utf8_percent_encode(param, NON_ALPHANUMERIC));
+    out.push('=');
+    out.extend(utf8_percent_encode(secret.expose(), NON_ALPHANUMERIC));
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_slot_overwrites_every_copy() {
+        let mut h = HeaderMap::new();
+        h.append("Authorization", HeaderValue::from_static("Bearer agent"));
+        h.append("AUTHORIZATION", HeaderValue::from_static("Bearer other"));
+        let slot = Slot::Header {
+            name: header::AUTHORIZATION,
+            prefix: "Bearer ".into(),
+            suffix: String::new(),
+        };
+        headers(&mut h, &slot, "s", &Secret::new("sk-1".into())).unwrap();
+        let all: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
+        assert_eq!(all, vec!["Bearer sk-1"]);
+    }
+
+    #[test]
+    fn query_slot_replaces_agent_copies() {
+        let slot = Slot::Query {
+            param: "key".into(),
+        };
+        let secret = Secret::new("a b&c".into());
+        assert_eq!(
+            query(Some("key=tok&x=1&KEY=2&k%65y=3"), &slot, &secret).as_deref(),
+            Some("x=1&key=a%20b%26c")
+        );
+        assert_eq!(
+            query(None, &slot, &secret).as_deref(),
+            Some("key=a%20b%26c")
+        );
+    }
+
+    #[test]
+    fn connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Bearer t"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn header_unsafe_secret_is_refused() {
+        let slot = Slot::Header {
+            name: header::AUTHORIZATION,
+            prefix: String::new(),
+            suffix: String::new(),
+        };
+        let mut h = HeaderMap::new();
+        assert!(headers(&mut h, &slot, "s", &Secret::new("a\r\nb".into())).is_err());
+    }
+}

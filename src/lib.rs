@@ -1,0 +1,33 @@
+//! sidekey: a credential proxy sidecar for AI agents.
+//!
+//! The agent holds a short-lived, revocable agent token; sidekey holds the
+//! real credentials. Life of a request (see [`proxy`]):
+//!
+//! 1. [`identity`] finds and verifies the agent token, before anything else,
+//!    so an unknown caller learns nothing about routes or hosts;
+//! 2. the route is chosen from the request (the reverse gateway's first path
+//!    segment), never from agent-controlled `Host` or `X-Forwarded-*` headers;
+//! 3. [`policy::path`] normalises the path once, and that form is both
+//!    matched and forwarded;
+//! 4. [`policy`] decides: deny wins, default deny;
+//! 5. [`secret`] gives the current value or the request fails closed;
+//! 6. [`inject`] strips every copy of the slot the agent sent, then sets it;
+//! 7. the request goes to the route's configured upstream (TLS verified);
+//! 8. [`scrub`] replaces held secrets in response headers and the streamed body;
+//! 9. [`audit`] writes one record before the response is released.
+
+pub mod admin;
+pub mod audit;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod inject;
+pub mod listen;
+pub mod live;
+pub mod policy;
+pub mod proxy;
+pub mod scrub;
+pub mod secret;
+pub mod state;
+pub mod token;

@@ -1,0 +1,230 @@
+//! What a running proxy currently serves: the config version, the secret
+//! values and the revocation list, each swapped atomically when its source
+//! changes, so a request always sees one consistent version of each.
+//!
+//! A watcher polls the files behind them (store, `file:` sources, the
+//! revocation list) every [`POLL`]; a change is live within one period, well
+//! inside SPEC's one second, on every open connection.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::audit::AuditLog;
+use crate::config::{Config, ConfigError, Problem, Slot};
+use crate::policy::Policy;
+use crate::proxy::upstream::{self, UpstreamClient};
+use crate::scrub::{Scrubber, variants};
+use crate::secret::source::{SecretSource, SecretTable};
+use crate::secret::store::MasterKey;
+use crate::state::StateDir;
+use crate::token::revocation::Revocations;
+
+pub const POLL: Duration = Duration::from_millis(200);
+
+/// One config version with what is derived from it.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub policy: Policy,
+    pub client: UpstreamClient,
+    pub audit: Arc<AuditLog>,
+}
+
+/// The secret values of one load, with their scrubber.
+#[derive(Debug)]
+pub struct SecretView {
+    pub table: SecretTable,
+    pub scrubber: Arc<Scrubber>,
+}
+
+#[derive(Debug)]
+pub struct Live {
+    pub state: StateDir,
+    config_path: PathBuf,
+    listen_override: Option<SocketAddr>,
+    master_key: Option<MasterKey>,
+    snapshot: ArcSwap<Snapshot>,
+    secrets: ArcSwap<SecretView>,
+    /// `Err` when the list cannot be read: no token is trusted then.
+    revocations: ArcSwap<Result<Revocations, String>>,
+}
+
+impl Live {
+    pub fn new(
+        config: Config,
+        state: StateDir,
+        listen_override: Option<SocketAddr>,
+    ) -> Result<Self, ConfigError> {
+        let master_key = MasterKey::load(&state).ok();
+        let config_path = config.file.clone();
+        let snapshot = build_snapshot(config, &state, listen_override, None)?;
+        let secrets = load_secrets(&snapshot.config, &state, master_key.as_ref());
+        let revocations = Revocations::read(&state.revocations()).map_err(|e| e.to_string());
+        Ok(Self {
+            state,
+            config_path,
+            listen_override,
+            master_key,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            secrets: ArcSwap::from_pointee(secrets),
+            revocations: ArcSwap::from_pointee(revocations),
+        })
+    }
+
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn secrets(&self) -> arc_swap::Guard<Arc<SecretView>> {
+        self.secrets.load()
+    }
+
+    pub fn revocations(&self) -> arc_swap::Guard<Arc<Result<Revocations, String>>> {
+        self.revocations.load()
+    }
+
+    /// Re-reads the config file. An invalid file is refused and the current
+    /// version keeps serving.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let config = Config::load(&self.config_path)?;
+        let current = self.snapshot.load();
+        if config.listen != current.config.listen && self.listen_override.is_none() {
+            tracing::warn!(
+                listen = %config.listen,
+                "a new listen address takes effect at restart"
+            );
+        }
+        let snapshot = build_snapshot(
+            config,
+            &self.state,
+            self.listen_override,
+            Some(&current.audit),
+        )?;
+        let secrets = load_secrets(&snapshot.config, &self.state, self.master_key.as_ref());
+        self.snapshot.store(Arc::new(snapshot));
+        self.secrets.store(Arc::new(secrets));
+        tracing::info!(config = %self.config_path.display(), "config reloaded");
+        Ok(())
+    }
+
+    /// Polls the files behind secrets and revocations until the process ends.
+    pub async fn watch(self: Arc<Self>) {
+        let mut secrets_seen = self.secret_fingerprint();
+        let mut revocations_seen = fingerprint(&self.state.revocations());
+        let mut interval = tokio::time::interval(POLL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let now = self.secret_fingerprint();
+            if now != secrets_seen {
+                secrets_seen = now;
+                let config = self.snapshot.load().config.clone();
+                let view = load_secrets(&config, &self.state, self.master_key.as_ref());
+                self.secrets.store(Arc::new(view));
+                tracing::info!("secrets reloaded");
+            }
+            let now = fingerprint(&self.state.revocations());
+            if now != revocations_seen {
+                revocations_seen = now;
+                let list = Revocations::read(&self.state.revocations());
+                if let Err(e) = &list {
+                    tracing::error!(error = %e, "revocation list unreadable; refusing all agent tokens");
+                }
+                self.revocations
+                    .store(Arc::new(list.map_err(|e| e.to_string())));
+            }
+        }
+    }
+
+    fn secret_fingerprint(&self) -> Vec<Option<FileStamp>> {
+        let config = self.snapshot.load().config.clone();
+        let mut stamps = vec![fingerprint(&self.state.store())];
+        for source in config.secrets.values() {
+            if let SecretSource::File(path) = source {
+                stamps.push(fingerprint(path));
+            }
+        }
+        stamps
+    }
+}
+
+/// Enough of a file's metadata to notice a rewrite or a rename over it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+fn fingerprint(path: &Path) -> Option<FileStamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        ino: meta.ino(),
+        len: meta.len(),
+        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+    })
+}
+
+fn build_snapshot(
+    mut config: Config,
+    state: &StateDir,
+    listen_override: Option<SocketAddr>,
+    previous_audit: Option<&Arc<AuditLog>>,
+) -> Result<Snapshot, ConfigError> {
+    if let Some(listen) = listen_override {
+        config.listen = listen;
+    }
+    let client = upstream::build(&config).map_err(|e| ConfigError {
+        file: config.file.display().to_string(),
+        problems: vec![Problem {
+            at: "tls".into(),
+            message: e.to_string(),
+        }],
+    })?;
+    let audit = AuditLog::new(&config.audit.sink, config.audit.on_failure, state.root());
+    let audit = match previous_audit {
+        Some(previous) if previous.same_as(&audit) => previous.clone(),
+        _ => Arc::new(audit),
+    };
+    Ok(Snapshot {
+        policy: Policy::new(&config),
+        config: Arc::new(config),
+        client,
+        audit,
+    })
+}
+
+fn load_secrets(config: &Config, state: &StateDir, master_key: Option<&MasterKey>) -> SecretView {
+    let table = SecretTable::load(&config.secrets, state, master_key);
+    for (name, reason) in table.failures() {
+        tracing::warn!(secret = name, reason, "secret unavailable");
+    }
+    // Basic credentials come back base64-encoded with their user name.
+    let mut usernames: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for route in config.routes.values() {
+        if let Some(inject) = &route.inject {
+            if let Slot::Basic { username } = &inject.slot {
+                usernames.entry(&inject.secret).or_default().push(username);
+            }
+        }
+    }
+    let mut patterns = Vec::new();
+    for (name, secret) in table.values() {
+        patterns.extend(variants(secret, None));
+        for user in usernames.get(name).into_iter().flatten() {
+            patterns.extend(variants(secret, Some(user)));
+        }
+    }
+    SecretView {
+        table,
+        scrubber: Arc::new(Scrubber::new(patterns)),
+    }
+}

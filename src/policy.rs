@@ -1,0 +1,147 @@
+//! May this agent make this call? A deterministic default-deny decision.
+//!
+//! A matching `deny` rule wins; else a matching `allow` rule allows; else the
+//! request is denied. Paths are matched only after [`path::normalize`], so a
+//! request can never reach a path its rules did not name.
+
+pub mod path;
+
+use http::Method;
+
+use crate::config::{Action, Config, Rule, Target};
+pub use path::{NormalPath, PathError, PathPattern};
+
+/// A host pattern: an exact name, `*.example.com` (one or more labels), or `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Any,
+    Exact(String),
+    /// The suffix including its leading dot: `.example.com`.
+    Suffix(String),
+}
+
+impl HostPattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let host = normalize_host(text);
+        if text == "*" {
+            return Ok(Self::Any);
+        }
+        let (wild, rest) = match host.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, host.as_str()),
+        };
+        let valid = !rest.is_empty()
+            && rest.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+            || rest.parse::<std::net::IpAddr>().is_ok() && !wild;
+        if !valid {
+            return Err(format!(
+                "invalid host pattern {text:?} (expected a name, *.example.com, or *)"
+            ));
+        }
+        Ok(if wild {
+            Self::Suffix(format!(".{rest}"))
+        } else {
+            Self::Exact(rest.to_string())
+        })
+    }
+
+    /// `host` must already be normalised with [`normalize_host`].
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Exact(name) => name == host,
+            Self::Suffix(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
+        }
+    }
+}
+
+/// Lower-cases a host and removes one trailing dot and IPv6 brackets.
+pub fn normalize_host(host: &str) -> String {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+}
+
+/// The call being decided, in plain data.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub agent: &'a str,
+    /// The route the request goes to, if it goes to one.
+    pub route: Option<&'a str>,
+    /// Normalised destination host and port.
+    pub host: &'a str,
+    pub port: u16,
+    pub method: &'a Method,
+    pub path: &'a NormalPath,
+}
+
+/// The outcome, with the rule that decided it (`None`: no rule matched).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub rule: Option<String>,
+}
+
+/// The rules of one config version.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+impl Policy {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            rules: config.rules.clone(),
+        }
+    }
+
+    pub fn check(&self, req: &Request<'_>) -> Decision {
+        let mut allow: Option<&Rule> = None;
+        for rule in &self.rules {
+            if !matches(rule, req) {
+                continue;
+            }
+            match rule.action {
+                Action::Deny => {
+                    return Decision {
+                        allowed: false,
+                        rule: Some(rule.label.clone()),
+                    };
+                }
+                Action::Allow => {
+                    allow.get_or_insert(rule);
+                }
+            }
+        }
+        Decision {
+            allowed: allow.is_some(),
+            rule: allow.map(|r| r.label.clone()),
+        }
+    }
+}
+
+fn matches(rule: &Rule, req: &Request<'_>) -> bool {
+    let target = match &rule.target {
+        Target::Route(name) => req.route == Some(name.as_str()),
+        Target::Host { pattern, port } => {
+            pattern.matches(req.host) && port.is_none_or(|p| p == req.port)
+        }
+    };
+    target
+        && rule.agents.contains(req.agent)
+        && rule
+            .methods
+            .as_ref()
+            .is_none_or(|methods| methods.contains(req.method))
+        && rule
+            .paths
+            .as_ref()
+            .is_none_or(|paths| paths.iter().any(|p| p.matches(req.path)))
+}
+
+#[cfg(test)]
+mod tests;

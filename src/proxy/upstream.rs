@@ -1,0 +1,83 @@
+//! The outbound client: pooled HTTP/1.1 and HTTP/2, TLS with the system
+//! roots plus `tls.upstream_ca`, hostnames always verified.
+
+use std::sync::Arc;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+
+use crate::config::Config;
+
+use super::body::Body;
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read CA file {path}: {cause}")]
+    CaFile { path: String, cause: String },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+/// The roots upstream certificates are checked against.
+pub fn root_store(config: &Config) -> Result<RootCertStore, ClientError> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A system root rustls cannot parse is skipped, as browsers do.
+        let _ = roots.add(cert);
+    }
+    for path in &config.upstream_ca {
+        let shown = || path.display().to_string();
+        let pem = std::fs::read(path).map_err(|e| ClientError::CaFile {
+            path: shown(),
+            cause: crate::config::describe_io(&e),
+        })?;
+        let mut count = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|_| ClientError::CaFile {
+                path: shown(),
+                cause: "not PEM".into(),
+            })?;
+            roots.add(cert).map_err(|e| ClientError::CaFile {
+                path: shown(),
+                cause: e.to_string(),
+            })?;
+            count += 1;
+        }
+        if count == 0 {
+            return Err(ClientError::CaFile {
+                path: shown(),
+                cause: "no certificate in file".into(),
+            });
+        }
+    }
+    Ok(roots)
+}
+
+pub fn build(config: &Config) -> Result<UpstreamClient, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(root_store(config)?)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.limits.connect_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .build(connector))
+}

@@ -1,0 +1,257 @@
+//! Response scrubbing: every secret value is replaced by `[REDACTED]`.
+//!
+//! One Aho-Corasick automaton holds every form in which a held secret could
+//! come back (raw, percent-encoded, JSON-escaped, inside a Basic credential).
+//! A stream is scrubbed chunk by chunk: only the tail that could still be the
+//! start of a secret is held back, so an SSE event is never delayed unless it
+//! ends in what may be the first bytes of a secret.
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use zeroize::Zeroizing;
+
+use crate::secret::Secret;
+
+pub const REDACTED: &[u8] = b"[REDACTED]";
+
+/// The patterns of one set of secrets.
+pub struct Scrubber {
+    automaton: Option<AhoCorasick>,
+    patterns: Vec<Zeroizing<Vec<u8>>>,
+    longest: usize,
+}
+
+impl std::fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Scrubber({} patterns)", self.patterns.len())
+    }
+}
+
+/// The forms in which `secret` may appear in a response.
+pub fn variants(secret: &Secret, basic_username: Option<&str>) -> Vec<Zeroizing<Vec<u8>>> {
+    let raw = secret.expose();
+    let mut out = vec![Zeroizing::new(raw.as_bytes().to_vec())];
+    let encoded: String = utf8_percent_encode(raw, NON_ALPHANUMERIC).collect();
+    out.push(Zeroizing::new(encoded.into_bytes()));
+    let json = serde_json::to_string(raw).unwrap_or_default();
+    if json.len() > 2 {
+        out.push(Zeroizing::new(json.as_bytes()[1..json.len() - 1].to_vec()));
+    }
+    if let Some(user) = basic_username {
+        let pair = Zeroizing::new(format!("{user}:{raw}"));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(pair.as_bytes());
+        out.push(Zeroizing::new(b64.into_bytes()));
+    }
+    out
+}
+
+impl Scrubber {
+    pub fn new(patterns: impl IntoIterator<Item = Zeroizing<Vec<u8>>>) -> Self {
+        let mut patterns: Vec<Zeroizing<Vec<u8>>> =
+            patterns.into_iter().filter(|p| !p.is_empty()).collect();
+        patterns.sort_by(|a, b| a.as_slice().cmp(b.as_slice()));
+        patterns.dedup_by(|a, b| a.as_slice() == b.as_slice());
+        let longest = patterns.iter().map(|p| p.len()).max().unwrap_or(0);
+        let automaton = if patterns.is_empty() {
+            None
+        } else {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(patterns.iter().map(|p| p.as_slice()))
+                .ok()
+        };
+        Self {
+            automaton,
+            patterns,
+            longest,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.automaton.is_none()
+    }
+
+    /// Scrubs a whole buffer; `None` when nothing matched.
+    pub fn scrub_all(&self, input: &[u8]) -> Option<(Vec<u8>, usize)> {
+        let automaton = self.automaton.as_ref()?;
+        let mut out = Vec::new();
+        let mut pos = 0;
+        let mut count = 0;
+        for m in automaton.find_iter(input) {
+            out.extend_from_slice(&input[pos..m.start()]);
+            out.extend_from_slice(REDACTED);
+            pos = m.end();
+            count += 1;
+        }
+        if count == 0 {
+            return None;
+        }
+        out.extend_from_slice(&input[pos..]);
+        Some((out, count))
+    }
+
+    /// Where the longest suffix of `buf` that is a proper prefix of some
+    /// pattern begins (`buf.len()` when there is none).
+    fn partial_start(&self, buf: &[u8]) -> usize {
+        let from = buf.len().saturating_sub(self.longest.saturating_sub(1));
+        (from..buf.len())
+            .find(|&start| {
+                let tail = &buf[start..];
+                self.patterns
+                    .iter()
+                    .any(|p| p.len() > tail.len() && p.starts_with(tail))
+            })
+            .unwrap_or(buf.len())
+    }
+}
+
+/// Scrubbing state for one response body.
+#[derive(Debug, Default)]
+pub struct ScrubStream {
+    carry: Vec<u8>,
+    redactions: usize,
+}
+
+impl ScrubStream {
+    pub fn redactions(&self) -> usize {
+        self.redactions
+    }
+
+    /// Scrubs one chunk, holding back only a possible partial secret at its end.
+    pub fn push(&mut self, scrubber: &Scrubber, chunk: Bytes) -> Bytes {
+        let Some(automaton) = scrubber.automaton.as_ref() else {
+            return chunk;
+        };
+        let joined;
+        let buf: &[u8] = if self.carry.is_empty() {
+            &chunk
+        } else {
+            joined = [self.carry.as_slice(), &chunk].concat();
+            &joined
+        };
+        let hold = scrubber.partial_start(buf);
+        let mut out = BytesMut::new();
+        let mut pos = 0;
+        for m in automaton.find_iter(buf) {
+            // A match starting before `hold` is complete: were it the start of
+            // a longer pattern running past the end, `hold` would be at or
+            // before its start.
+            if m.start() >= hold {
+                break;
+            }
+            out.extend_from_slice(&buf[pos..m.start()]);
+            out.extend_from_slice(REDACTED);
+            pos = m.end();
+            self.redactions += 1;
+        }
+        let emit_end = pos.max(hold);
+        let emitted = if pos == 0 && self.carry.is_empty() {
+            chunk.slice(..emit_end)
+        } else {
+            out.extend_from_slice(&buf[pos..emit_end]);
+            out.freeze()
+        };
+        let rest = buf[emit_end..].to_vec();
+        self.carry = rest;
+        emitted
+    }
+
+    /// Flushes what was held back at the end of the body.
+    pub fn finish(&mut self, scrubber: &Scrubber) -> Bytes {
+        let carry = std::mem::take(&mut self.carry);
+        match scrubber.scrub_all(&carry) {
+            Some((out, count)) => {
+                self.redactions += count;
+                Bytes::from(out)
+            }
+            None => Bytes::from(carry),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn scrubber(patterns: &[&str]) -> Scrubber {
+        Scrubber::new(
+            patterns
+                .iter()
+                .map(|p| Zeroizing::new(p.as_bytes().to_vec())),
+        )
+    }
+
+    fn chunked(s: &Scrubber, input: &[u8], cuts: &[usize]) -> (Vec<u8>, usize) {
+        let mut stream = ScrubStream::default();
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &cut in cuts {
+            let cut = cut.clamp(start, input.len());
+            out.extend_from_slice(&stream.push(s, Bytes::copy_from_slice(&input[start..cut])));
+            start = cut;
+        }
+        out.extend_from_slice(&stream.push(s, Bytes::copy_from_slice(&input[start..])));
+        out.extend_from_slice(&stream.finish(s));
+        (out, stream.redactions())
+    }
+
+    fn whole(s: &Scrubber, input: &[u8]) -> (Vec<u8>, usize) {
+        s.scrub_all(input).unwrap_or((input.to_vec(), 0))
+    }
+
+    #[test]
+    fn replaces_a_secret_split_across_chunks() {
+        let s = scrubber(&["sk-live-123"]);
+        let (out, n) = chunked(&s, b"token=sk-live-123!", &[9, 12]);
+        assert_eq!(out, b"token=[REDACTED]!");
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn holds_back_only_a_possible_prefix() {
+        let s = scrubber(&["sk-live-123"]);
+        let mut stream = ScrubStream::default();
+        assert_eq!(
+            &stream.push(&s, Bytes::from_static(b"data: a\n\n"))[..],
+            b"data: a\n\n"
+        );
+        assert_eq!(&stream.push(&s, Bytes::from_static(b"x sk-li"))[..], b"x ");
+        assert_eq!(&stream.push(&s, Bytes::from_static(b"ve"))[..], b"");
+        assert_eq!(&stream.push(&s, Bytes::from_static(b"!"))[..], b"sk-live!");
+        assert_eq!(&stream.finish(&s)[..], b"");
+    }
+
+    #[test]
+    fn variants_cover_encodings() {
+        let secret = Secret::new("a/b\"c".into());
+        let s = Scrubber::new(variants(&secret, Some("user")));
+        for form in [
+            "a/b\"c".to_string(),
+            "a%2Fb%22c".to_string(),
+            "a/b\\\"c".to_string(),
+            base64::engine::general_purpose::STANDARD.encode("user:a/b\"c"),
+        ] {
+            let (out, n) = whole(&s, format!("<{form}>").as_bytes());
+            assert_eq!(n, 1, "{form}");
+            assert_eq!(out, b"<[REDACTED]>");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn chunked_equals_whole(
+            input in proptest::collection::vec(prop_oneof![Just(b'a'), Just(b'b'), Just(b'c'), any::<u8>()], 0..200),
+            cuts in proptest::collection::vec(0usize..200, 0..8),
+            patterns in proptest::collection::vec("[abc]{1,6}", 1..4),
+        ) {
+            let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
+            let s = scrubber(&refs);
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            prop_assert_eq!(chunked(&s, &input, &cuts), whole(&s, &input));
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Where each configured secret's value comes from, and the table of values
+//! a running proxy currently holds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use crate::secret::Secret;
+use crate::secret::store::{MasterKey, Store};
+use crate::state::StateDir;
+
+/// A `source = "..."` value from the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// The embedded encrypted store in the state dir.
+    Store,
+    /// A variable in sidekey's own environment.
+    Env(String),
+    /// A file, re-read when it changes.
+    File(PathBuf),
+}
+
+impl SecretSource {
+    /// Parses `store`, `env:VAR` or `file:PATH`; relative paths are taken
+    /// from `base` (the config file's directory).
+    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        if text == "store" {
+            return Ok(Self::Store);
+        }
+        if let Some(var) = text.strip_prefix("env:") {
+            let valid = !var.is_empty()
+                && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !var.as_bytes()[0].is_ascii_digit();
+            if !valid {
+                return Err(format!("invalid environment variable name {var:?}"));
+            }
+            return Ok(Self::Env(var.to_string()));
+        }
+        if let Some(path) = text.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err("file: needs a path".to_string());
+            }
+            return Ok(Self::File(base.join(path)));
+        }
+        Err(format!(
+            "unknown secret source {text:?} (expected \"store\", \"env:VAR\" or \"file:PATH\")"
+        ))
+    }
+}
+
+/// Why a secret has no value right now. Never contains the value.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("secret {name:?} is unavailable: {reason}")]
+pub struct Unavailable {
+    pub name: String,
+    pub reason: String,
+}
+
+/// The values of every configured secret, loaded together.
+#[derive(Debug, Default)]
+pub struct SecretTable {
+    values: HashMap<String, Result<Arc<Secret>, String>>,
+}
+
+impl SecretTable {
+    /// Reads every source once. A source that fails leaves only that secret
+    /// unavailable: requests that need it fail closed, the others go on.
+    pub fn load(
+        sources: &BTreeMap<String, SecretSource>,
+        state: &StateDir,
+        master_key: Option<&MasterKey>,
+    ) -> Self {
+        let mut store: Option<Result<Store, String>> = None;
+        let mut values = HashMap::with_capacity(sources.len());
+        for (name, source) in sources {
+            let value = match source {
+                SecretSource::Store => {
+                    let store = store.get_or_insert_with(|| match master_key {
+                        Some(key) => Store::read(&state.store(), key).map_err(|e| e.to_string()),
+                        None => Err("the store's master key is unavailable".to_string()),
+                    });
+                    match store {
+                        Ok(store) => store
+                            .entries
+                            .get(name)
+                            .map(|e| Secret::new(e.value.expose().to_string()))
+                            .ok_or_else(|| {
+                                format!(
+                                    "not in the store (set it with `sidekey secret set {name}`)"
+                                )
+                            }),
+                        Err(reason) => Err(reason.clone()),
+                    }
+                }
+                SecretSource::Env(var) => std::env::var(var)
+                    .map(Secret::new)
+                    .map_err(|_| format!("environment variable {var} is not set")),
+                SecretSource::File(path) => read_file(path),
+            };
+            let value = value.and_then(|secret| {
+                if secret.expose().is_empty() {
+                    Err("the value is empty".to_string())
+                } else {
+                    Ok(Arc::new(secret))
+                }
+            });
+            values.insert(name.clone(), value);
+        }
+        Self { values }
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Arc<Secret>, Unavailable> {
+        match self.values.get(name) {
+            Some(Ok(secret)) => Ok(secret),
+            Some(Err(reason)) => Err(Unavailable {
+                name: name.to_string(),
+                reason: reason.clone(),
+            }),
+            None => Err(Unavailable {
+                name: name.to_string(),
+                reason: "not configured".to_string(),
+            }),
+        }
+    }
+
+    /// Every value currently held, for the response scrubber.
+    pub fn values(&self) -> impl Iterator<Item = (&str, &Arc<Secret>)> {
+        self.values
+            .iter()
+            .filter_map(|(name, v)| v.as_ref().ok().map(|s| (name.as_str(), s)))
+    }
+
+    /// Names whose source failed, with the reason, for logging after a load.
+    pub fn failures(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.values
+            .iter()
+            .filter_map(|(name, v)| v.as_ref().err().map(|r| (name.as_str(), r.as_str())))
+    }
+}
+
+/// A file secret is its content without one trailing newline, as written by
+/// `echo value > file` or a Kubernetes secret volume.
+fn read_file(path: &Path) -> Result<Secret, String> {
+    let bytes = Zeroizing::new(
+        fs::read(path).map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?,
+    );
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    let text = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(text);
+    Ok(Secret::new(text.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sources() {
+        let base = Path::new("/etc/sidekey");
+        assert_eq!(SecretSource::parse("store", base), Ok(SecretSource::Store));
+        assert_eq!(
+            SecretSource::parse("env:GITHUB_TOKEN", base),
+            Ok(SecretSource::Env("GITHUB_TOKEN".into()))
+        );
+        assert_eq!(
+            SecretSource::parse("file:tok", base),
+            Ok(SecretSource::File("/etc/sidekey/tok".into()))
+        );
+        assert_eq!(
+            SecretSource::parse("file:/abs", base),
+            Ok(SecretSource::File("/abs".into()))
+        );
+        for bad in ["", "env:", "env:1X", "env:A-B", "file:", "vault:x", "Store"] {
+            assert!(SecretSource::parse(bad, base).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn file_source_strips_one_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tok");
+        fs::write(&path, "abc\n\n").unwrap();
+        assert_eq!(read_file(&path).unwrap().expose(), "abc\n");
+    }
+}

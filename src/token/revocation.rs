@@ -1,0 +1,135 @@
+//! The persistent revocation list: token ids, sessions, and agents (every
+//! token of that agent issued up to the revocation).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{StateDir, write_atomic};
+use crate::token::Claims;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationError {
+    #[error("cannot read revocation list {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("revocation list {0} is damaged")]
+    Corrupt(String),
+    #[error("cannot write revocation list {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One `token revoke` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revoke {
+    Id(String),
+    Session(String),
+    Agent(String),
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Revocations {
+    #[serde(default)]
+    ids: BTreeSet<String>,
+    #[serde(default)]
+    sessions: BTreeSet<String>,
+    /// Agent name -> revocation time (ms); tokens issued at or before it are revoked.
+    #[serde(default)]
+    agents: BTreeMap<String, u64>,
+}
+
+impl Revocations {
+    pub fn is_revoked(&self, claims: &Claims) -> bool {
+        self.ids.contains(&claims.jti)
+            || self.sessions.contains(&claims.sid)
+            || self
+                .agents
+                .get(&claims.sub)
+                .is_some_and(|&at| claims.iat_ms <= at)
+    }
+
+    /// Reads the list; a missing file is an empty list.
+    pub fn read(path: &Path) -> Result<Self, RevocationError> {
+        match fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|_| RevocationError::Corrupt(path.display().to_string())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(RevocationError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Adds `revoke` to the state dir's list under the writer lock, atomically.
+    pub fn add(state: &StateDir, revoke: Revoke, now_ms: u64) -> Result<(), RevocationError> {
+        let path = state.revocations();
+        let write_err = |source| RevocationError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        let _lock = state.lock().map_err(write_err)?;
+        let mut list = Self::read(&path)?;
+        match revoke {
+            Revoke::Id(id) => {
+                list.ids.insert(id);
+            }
+            Revoke::Session(sid) => {
+                list.sessions.insert(sid);
+            }
+            Revoke::Agent(agent) => {
+                list.agents.insert(agent, now_ms);
+            }
+        }
+        let mut json = serde_json::to_vec_pretty(&list)
+            .map_err(|_| RevocationError::Corrupt(path.display().to_string()))?;
+        json.push(b'\n');
+        write_atomic(&path, &json, 0o600).map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(agent: &str, sid: &str, jti: &str, iat_ms: u64) -> Claims {
+        Claims {
+            iss: "sidekey".into(),
+            sub: agent.into(),
+            sid: sid.into(),
+            jti: jti.into(),
+            iat: iat_ms / 1000,
+            exp: u64::MAX,
+            iat_ms,
+        }
+    }
+
+    #[test]
+    fn revokes_by_id_session_and_agent_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        Revocations::add(&state, Revoke::Id("t-1".into()), 0).unwrap();
+        Revocations::add(&state, Revoke::Session("s-9".into()), 0).unwrap();
+        Revocations::add(&state, Revoke::Agent("ci".into()), 5_000).unwrap();
+        let list = Revocations::read(&state.revocations()).unwrap();
+        assert!(list.is_revoked(&claims("coder", "s-1", "t-1", 1)));
+        assert!(list.is_revoked(&claims("coder", "s-9", "t-2", 1)));
+        assert!(list.is_revoked(&claims("ci", "s-1", "t-3", 5_000)));
+        assert!(
+            !list.is_revoked(&claims("ci", "s-1", "t-3", 5_001)),
+            "issued after"
+        );
+        assert!(!list.is_revoked(&claims("coder", "s-1", "t-2", 1)));
+    }
+}
