@@ -1,1 +1,177 @@
-fn main() {}
+//! Per-request hot path of the proxy, without any I/O:
+//!
+//! - `normalize`: canonicalising a typical API path;
+//! - `policy_check`: deciding one request against a config of 20 rules;
+//! - `inject_headers`: stripping hop-by-hop headers and setting the credential;
+//! - `scrub/*`: response scrubbing (one secret, all its variants), streamed in
+//!   one 64 B chunk and as 1 MiB in 16 KiB chunks, plus `scrub_all` on 64 B;
+//! - `request`: all of the above for one call with a 64 B response.
+#![allow(clippy::unwrap_used)]
+
+use std::hint::black_box;
+use std::path::Path;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue, Method};
+use sidekey::config::{Config, Slot};
+use sidekey::policy::{Policy, Request, path::normalize};
+use sidekey::scrub::{ScrubStream, Scrubber, variants};
+use sidekey::secret::Secret;
+
+const PATH: &str = "/v1/chat/completions";
+const SECRET: &str = "sk-proj-4f9c2a7e1b8d6035aa41c9e2f7b3d8106e5a92c4";
+
+/// Three routes and 20 rules; the request below is allowed by the last one,
+/// so every rule is looked at.
+fn config() -> Config {
+    let mut text = String::from(
+        r#"
+[secrets.openai]
+source = "store"
+[secrets.github]
+source = "env:GITHUB_TOKEN"
+[routes.openai]
+upstream = "https://api.openai.com"
+inject = { header = "authorization", format = "Bearer {secret}", secret = "openai" }
+[routes.git]
+upstream = "https://github.com"
+inject = { basic = { username = "x-access-token", secret = "github" } }
+[routes.maps]
+upstream = "https://maps.example.com"
+inject = { query = "key", secret = "openai" }
+"#,
+    );
+    for i in 0..19 {
+        let (target, action) = match i % 4 {
+            0 => (format!("host = \"pkg{i}.example.org\""), "allow"),
+            1 => ("route = \"git\"".to_string(), "allow"),
+            2 => ("route = \"openai\"".to_string(), "deny"),
+            _ => (format!("host = \"*.svc{i}.example.net\""), "deny"),
+        };
+        text.push_str(&format!(
+            "[[rules]]\nagents = [\"agent{i}\"]\n{target}\nmethods = [\"GET\", \"POST\"]\n\
+             paths = [\"/v{i}/**\", \"/repos/*/issues\"]\naction = \"{action}\"\n"
+        ));
+    }
+    text.push_str(
+        "[[rules]]\nagents = [\"coder\"]\nroute = \"openai\"\nmethods = [\"POST\"]\n\
+         paths = [\"/v1/chat/completions\", \"/v1/responses\"]\naction = \"allow\"\n",
+    );
+    Config::parse(&text, Path::new("bench.toml")).unwrap()
+}
+
+/// The headers an SDK typically sends, plus hop-by-hop ones and its own token.
+fn agent_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (name, value) in [
+        ("host", "127.0.0.1:8080"),
+        ("user-agent", "OpenAI/Python 1.51.0"),
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        ("content-length", "187"),
+        ("authorization", "Bearer skt_agent_token_0123456789abcdef"),
+        ("proxy-authorization", "Basic Y29kZXI6c2VjcmV0"),
+        ("connection", "keep-alive, x-trace"),
+        ("keep-alive", "timeout=5"),
+        ("x-trace", "abc"),
+        ("x-stainless-lang", "python"),
+        ("openai-organization", "org-acme"),
+    ] {
+        h.append(name, HeaderValue::from_static(value));
+    }
+    h
+}
+
+fn inject(h: &mut HeaderMap, slot: &Slot, secret: &Secret) {
+    sidekey::inject::strip_hop_by_hop(h);
+    sidekey::inject::headers(h, slot, "openai", secret).unwrap();
+}
+
+fn scrub_stream(scrubber: &Scrubber, chunks: &[Bytes]) -> usize {
+    let mut stream = ScrubStream::default();
+    let mut n = 0;
+    for chunk in chunks {
+        n += stream.push(scrubber, chunk.clone()).len();
+    }
+    n + stream.finish(scrubber).len()
+}
+
+fn hot_path(c: &mut Criterion) {
+    let config = config();
+    let policy = Policy::new(&config);
+    let slot = config.routes["openai"]
+        .inject
+        .as_ref()
+        .unwrap()
+        .slot
+        .clone();
+    let secret = Secret::new(SECRET.to_string());
+    let scrubber = Scrubber::new(variants(&secret, None));
+    let headers = agent_headers();
+    let small =
+        Bytes::from_static(br#"{"id":"chatcmpl-9x","object":"chat.completion","choices":[]}"#);
+    assert_eq!(small.len(), 64);
+    let mut big = Vec::with_capacity(1 << 20);
+    while big.len() < 1 << 20 {
+        big.extend_from_slice(
+            b"data: {\"delta\":{\"content\":\"hello world, this is a token\"}}\n\n",
+        );
+    }
+    big.truncate(1 << 20);
+    big[500_000..500_000 + SECRET.len()].copy_from_slice(SECRET.as_bytes());
+    let big: Vec<Bytes> = big.chunks(16 << 10).map(Bytes::copy_from_slice).collect();
+
+    let path = normalize(PATH).unwrap();
+    let request = |path| Request {
+        agent: "coder",
+        route: Some("openai"),
+        host: "api.openai.com",
+        port: 443,
+        method: &Method::POST,
+        path,
+    };
+    assert!(policy.check(&request(&path)).allowed);
+
+    c.bench_function("normalize", |b| b.iter(|| normalize(black_box(PATH))));
+    c.bench_function("policy_check", |b| {
+        b.iter(|| policy.check(black_box(&request(&path))))
+    });
+    c.bench_function("inject_headers", |b| {
+        b.iter_batched_ref(
+            || headers.clone(),
+            |h| inject(h, &slot, &secret),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+
+    let mut g = c.benchmark_group("scrub");
+    g.throughput(Throughput::Bytes(64));
+    g.bench_function("stream_64B", |b| {
+        b.iter(|| scrub_stream(&scrubber, std::slice::from_ref(black_box(&small))))
+    });
+    g.bench_function("scrub_all_64B", |b| {
+        b.iter(|| scrubber.scrub_all(black_box(&small)))
+    });
+    g.throughput(Throughput::Bytes(1 << 20));
+    g.bench_function("stream_1MiB_16KiB_chunks", |b| {
+        b.iter(|| scrub_stream(&scrubber, black_box(&big)))
+    });
+    g.finish();
+
+    c.bench_function("request", |b| {
+        b.iter_batched_ref(
+            || headers.clone(),
+            |h| {
+                let path = normalize(black_box(PATH)).unwrap();
+                assert!(policy.check(&request(&path)).allowed);
+                inject(h, &slot, &secret);
+                scrub_stream(&scrubber, std::slice::from_ref(&small))
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, hot_path);
+criterion_main!(benches);

@@ -6,7 +6,7 @@
 
 use base64::Engine;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::config::Slot;
 use crate::identity::query_pairs;
@@ -17,6 +17,13 @@ pub enum InjectError {
     #[error("secret {0:?} contains bytes that cannot go in a header")]
     NotHeaderSafe(String),
 }
+
+/// Everything but RFC 3986 unreserved characters is encoded in a query value.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// plus what sidekey consumed.
@@ -104,9 +111,9 @@ pub fn query(original: Option<&str>, slot: &Slot, secret: &Secret) -> Option<Str
             }
         }
     }
-    out.extend(utf8_percent_encode(param, NON_ALPHANUMERIC));
+    out.extend(utf8_percent_encode(param, QUERY_VALUE));
     out.push('=');
-    out.extend(utf8_percent_encode(secret.expose(), NON_ALPHANUMERIC));
+    out.extend(utf8_percent_encode(secret.expose(), QUERY_VALUE));
     Some(out)
 }
 

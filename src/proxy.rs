@@ -133,13 +133,15 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let (route_name, rest) = split_route(parts.uri.path());
         let route = snapshot.config.routes.get(route_name).cloned();
-        let slot = route
-            .as_ref()
-            .and_then(|r| r.inject.as_ref())
-            .map(|i| &i.slot);
 
         // 1. identity
-        let agent = self.identify(&parts.headers, parts.uri.query(), slot)?;
+        let agent = match route.as_ref() {
+            Some(route) => {
+                let slot = route.inject.as_ref().map(|i| &i.slot);
+                self.identify(&parts.headers, parts.uri.query(), slot)?
+            }
+            None => self.identify_unrouted(snapshot, &parts.headers, parts.uri.query())?,
+        };
         event.agent = Some(agent.name.clone());
         event.session = Some(agent.session.clone());
         event.token_id = Some(agent.token_id.clone());
@@ -254,6 +256,37 @@ impl Proxy {
             &token,
             user.as_deref(),
         )?)
+    }
+
+    /// For a route that does not exist the token may sit in any route's slot;
+    /// trying them all lets an authenticated agent learn it typed a wrong
+    /// route (404) while a stranger still learns nothing (401).
+    fn identify_unrouted(
+        &self,
+        snapshot: &Snapshot,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Agent, ProxyError> {
+        let bearer = crate::config::Slot::Header {
+            name: header::AUTHORIZATION,
+            prefix: "Bearer ".into(),
+            suffix: String::new(),
+        };
+        let slots = snapshot
+            .config
+            .routes
+            .values()
+            .filter_map(|r| r.inject.as_ref().map(|i| &i.slot));
+        let mut first_error = None;
+        for slot in std::iter::once(&bearer).chain(slots) {
+            match self.identify(headers, query, Some(slot)) {
+                Ok(agent) => return Ok(agent),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(ProxyError::Identity(identity::IdentityError::Missing)))
     }
 
     async fn respond(

@@ -1,1 +1,10 @@
-fn main() {}
+//! The integration tests: the real `sidekey` binary, real clients (curl,
+#![allow(unreachable_pub, missing_debug_implementations)]
+//! Python requests, reqwest), real upstreams on loopback.
+
+mod support;
+
+mod cli; // init, secret, token, check, explain, demo through the command line
+mod gateway; // the reverse gateway: injection, identity, policy, errors
+mod live; // rotation, revocation, reload and shutdown while running
+mod scrubbing; // secrets echoed back are redacted, streamed or not

@@ -1,0 +1,577 @@
+use std::time::Duration;
+
+use crate::support::*;
+
+const SECRET: &str = "sk-live-gateway-4f1c2b";
+
+fn env_with_echo(upstream: &Upstream) -> TestEnv {
+    let env = TestEnv::new(&echo_route(upstream, "store"));
+    env.set_secret("api", SECRET);
+    env
+}
+
+fn error_code(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).expect("JSON error body");
+    assert!(
+        v["error"]["request_id"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+    );
+    assert!(v["error"]["message"].as_str().is_some());
+    v["error"]["code"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn credential_arrives_upstream_while_the_agent_sends_only_its_token() {
+    let upstream = Upstream::http();
+    let env = env_with_echo(&upstream);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+
+    // reqwest
+    let res = client()
+        .post(sidekey.url("/echo/v1/chat/completions?stream=false"))
+        .bearer_auth(&token)
+        .body("{\"q\":1}")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().contains_key("x-sidekey-request-id"));
+    let seen = upstream.last();
+    assert_eq!(
+        seen.header_all("authorization"),
+        vec![format!("Bearer {SECRET}")]
+    );
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.uri, "/v1/chat/completions?stream=false");
+    assert_eq!(seen.body, b"{\"q\":1}");
+    assert!(
+        !seen.headers.iter().any(|(_, v)| v.contains(&token)),
+        "token reached upstream"
+    );
+
+    // curl
+    let auth = format!("Authorization: Bearer {token}");
+    let (status, _) = curl(&["-H", &auth, &sidekey.url("/echo/v1/models")]);
+    assert_eq!(status, 200);
+    assert_eq!(
+        upstream.last().header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+
+    // Python requests
+    let out = python(
+        "r = requests.get(sys.argv[1], headers={'Authorization': 'Bearer ' + sys.argv[2]})\nprint(r.status_code)",
+        &[&sidekey.url("/echo/v1/models"), &token],
+    );
+    assert_eq!(out.trim(), "200");
+    assert_eq!(upstream.count(), 3);
+    assert_eq!(
+        upstream.last().header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+
+    let audit = env.audit();
+    assert_eq!(audit.len(), 3);
+    let first = &audit[0];
+    for field in [
+        "ts",
+        "request_id",
+        "agent",
+        "session",
+        "token_id",
+        "mode",
+        "method",
+        "host",
+        "port",
+        "path",
+        "route",
+        "rule",
+        "decision",
+        "reason",
+        "secret",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "duration_ms",
+        "redactions",
+    ] {
+        assert!(first.get(field).is_some(), "audit record lacks {field}");
+    }
+    assert_eq!(first["agent"], "coder");
+    assert_eq!(first["mode"], "reverse");
+    assert_eq!(first["route"], "echo");
+    assert_eq!(first["rule"], "rules[0]");
+    assert_eq!(first["decision"], "allow");
+    assert_eq!(first["reason"], "ok");
+    assert_eq!(first["secret"], "api");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["path"], "/v1/chat/completions");
+    assert_eq!(first["bytes_in"], 7);
+    assert_no_leak(&env.audit_text(), SECRET, "audit log");
+    assert_no_leak(&env.audit_text(), &token, "audit log");
+    assert_no_leak(&env.audit_text(), "stream=false", "audit log (query)");
+    assert_no_leak(&sidekey.stderr(), SECRET, "stderr");
+}
+
+#[test]
+fn https_upstream_over_http2_with_a_test_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https(dir.path());
+    let ca = upstream.ca.clone().unwrap();
+    let env = TestEnv::new(&format!(
+        "[tls]\nupstream_ca = [\"{}\"]\n{}",
+        ca.display(),
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let res = client()
+        .get(sidekey.url("/echo/v1/models"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    assert_eq!(seen.version, "HTTP/2.0", "ALPN should pick h2");
+}
+
+#[test]
+fn an_upstream_certificate_that_fails_verification_gets_502_and_no_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https(dir.path());
+    // No upstream_ca: the test CA is unknown to sidekey.
+    let env = env_with_echo(&upstream);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(res.headers()["x-sidekey-error"], "upstream_unreachable");
+    assert_eq!(
+        upstream.count(),
+        0,
+        "the upstream must never see the request"
+    );
+}
+
+#[test]
+fn agent_supplied_credential_copies_are_all_overwritten() {
+    let upstream = Upstream::http();
+    let env = env_with_echo(&upstream);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    // Identity via Proxy-Authorization; the agent also stuffs its own Authorization copies.
+    let mut conn = RawConn::connect(sidekey.addr);
+    let basic = base64_encode(&format!("coder:{token}"));
+    conn.send(&format!(
+        "GET /echo/x HTTP/1.1\r\nHost: evil.example\r\nProxy-Authorization: Basic {basic}\r\n\
+         authorization: Bearer agent-own-1\r\nAUTHORIZATION: Bearer agent-own-2\r\n\
+         AuThOrIzAtIoN: Basic Zm9vOmJhcg==\r\nX-Forwarded-Host: evil.example\r\n\r\n"
+    ));
+    let (status, _, _) = conn.read_response();
+    assert_eq!(status, 200);
+    let seen = upstream.last();
+    assert_eq!(
+        seen.header_all("authorization"),
+        vec![format!("Bearer {SECRET}")]
+    );
+    assert!(seen.header("proxy-authorization").is_none());
+    assert_eq!(
+        seen.header("host"),
+        Some(format!("127.0.0.1:{}", upstream.addr.port()).as_str())
+    );
+}
+
+#[test]
+fn identity_failures_are_refused_before_the_upstream() {
+    let upstream = Upstream::http();
+    let env = env_with_echo(&upstream);
+    let sidekey = env.spawn();
+    let other = TestEnv::new("");
+    let foreign = other.token("coder");
+    let cases = [
+        (None, "unauthenticated"),
+        (Some("not-a-token".to_string()), "unauthenticated"),
+        (Some(foreign), "unauthenticated"),
+    ];
+    for (token, code) in cases {
+        let mut req = client().get(sidekey.url("/echo/x"));
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().unwrap();
+        assert_eq!(res.status(), 401);
+        assert_eq!(res.headers()["x-sidekey-error"], code);
+        assert!(res.headers().contains_key("www-authenticate"));
+        assert_eq!(error_code(&res.text().unwrap()), code);
+    }
+    // An unknown route is only revealed to an authenticated agent.
+    let res = client().get(sidekey.url("/nope/x")).send().unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(upstream.count(), 0);
+}
+
+#[test]
+fn expired_and_revoked_tokens_have_their_own_codes() {
+    let upstream = Upstream::http();
+    let env = env_with_echo(&upstream);
+    let short = env.token_with(&["coder", "--ttl", "1s"]);
+    let revoked = env.token("coder");
+    let sidekey = env.spawn();
+    let claims = decode_claims(&revoked);
+    env.ok(
+        &["token", "revoke", "--id", claims["jti"].as_str().unwrap()],
+        None,
+    );
+    eventually(Duration::from_secs(3), || {
+        let res = client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&revoked)
+            .send()
+            .unwrap();
+        (res.status() == 401 && res.headers()["x-sidekey-error"] == "token_revoked").then_some(())
+    });
+    eventually(Duration::from_secs(4), || {
+        let res = client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&short)
+            .send()
+            .unwrap();
+        (res.status() == 401 && res.headers()["x-sidekey-error"] == "token_expired").then_some(())
+    });
+    let before = upstream.count();
+    for token in [&revoked, &short] {
+        let res = client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(token)
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 401);
+    }
+    assert_eq!(upstream.count(), before);
+    let reasons: Vec<_> = env.audit().iter().map(|r| r["reason"].clone()).collect();
+    assert!(reasons.contains(&"token_revoked".into()) && reasons.contains(&"token_expired".into()));
+}
+
+#[test]
+fn policy_deny_wins_default_denies_and_traversal_is_refused() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.api]
+source = "store"
+[routes.echo]
+upstream = "{}"
+allow_private = true
+inject = {{ header = "x-api-key", secret = "api" }}
+
+[[rules]]
+agents = ["coder"]
+route = "echo"
+methods = ["GET", "POST"]
+paths = ["/v1/**"]
+action = "allow"
+
+[[rules]]
+name = "no-admin"
+agents = ["*"]
+route = "echo"
+paths = ["/v1/admin/**"]
+action = "deny"
+"#,
+        upstream.base()
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let key = format!("x-api-key: {token}");
+    let cases: &[(&str, &str, u16, &str)] = &[
+        ("GET", "/echo/v1/models", 200, ""),
+        ("DELETE", "/echo/v1/models", 403, "policy_denied"),
+        ("GET", "/echo/v2/models", 403, "policy_denied"),
+        ("GET", "/echo/v1/admin/users", 403, "policy_denied"),
+        ("GET", "/echo/v1//admin/users", 403, "policy_denied"),
+        ("GET", "/echo/v1/./admin/users", 403, "policy_denied"),
+        ("GET", "/echo/v1/%61dmin/users", 403, "policy_denied"),
+        ("GET", "/echo/v1/../admin", 400, "bad_request"),
+        ("GET", "/echo/v1/%2e%2e/admin", 400, "bad_request"),
+        ("GET", "/echo/v1/..;/admin", 400, "bad_request"),
+        ("GET", "/echo/v1%2fadmin", 400, "bad_request"),
+        ("GET", "/echo/v1/%5c..%5cadmin", 400, "bad_request"),
+        ("GET", "/echo/v1/%c0%ae%c0%ae/admin", 400, "bad_request"),
+        ("GET", "/nope/v1/models", 404, "route_not_found"),
+    ];
+    for (method, path, want, code) in cases {
+        let before = upstream.count();
+        let (status, text) = curl(&["--path-as-is", "-X", method, "-H", &key, &sidekey.url(path)]);
+        assert_eq!(status, *want, "{method} {path}: {text}");
+        if *want != 200 {
+            assert!(
+                text.contains(&format!("x-sidekey-error: {code}")),
+                "{method} {path}: {text}"
+            );
+            assert_eq!(
+                upstream.count(),
+                before,
+                "{method} {path} reached the upstream"
+            );
+        }
+    }
+    let denied = env
+        .audit()
+        .into_iter()
+        .find(|r| r["path"] == "/v1/admin/users")
+        .unwrap();
+    assert_eq!(denied["rule"], "no-admin");
+    assert_eq!(denied["decision"], "deny");
+    assert_eq!(denied["reason"], "policy_denied");
+    assert_eq!(denied["status"], 403);
+}
+
+#[test]
+fn query_and_basic_slots_carry_identity_and_credential() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.maps]
+source = "store"
+[secrets.git]
+source = "store"
+[routes.maps]
+upstream = "{base}"
+allow_private = true
+inject = {{ query = "key", secret = "maps" }}
+[routes.git]
+upstream = "{base}/prefix"
+allow_private = true
+inject = {{ basic = {{ username = "x-access-token", secret = "git" }} }}
+[[rules]]
+agents = ["coder"]
+route = "maps"
+action = "allow"
+[[rules]]
+agents = ["coder"]
+route = "git"
+action = "allow"
+"#,
+        base = upstream.base()
+    ));
+    env.set_secret("maps", "maps-secret-value");
+    env.set_secret("git", "ghp_gitsecret");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+
+    let res = client()
+        .get(sidekey.url(&format!("/maps/geo?q=x&key={token}&KEY=other")))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(upstream.last().uri, "/geo?q=x&key=maps-secret-value");
+    let body = res.text().unwrap();
+    assert!(body.contains("[REDACTED]"), "{body}");
+    assert_no_leak(&body, "maps-secret-value", "response");
+
+    let res = client()
+        .get(sidekey.url("/git/acme/app.git/info/refs"))
+        .basic_auth("coder", Some(&token))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(seen.uri, "/prefix/acme/app.git/info/refs");
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Basic {}", base64_encode("x-access-token:ghp_gitsecret")).as_str())
+    );
+    let body = res.text().unwrap();
+    assert_no_leak(
+        &body,
+        &base64_encode("x-access-token:ghp_gitsecret"),
+        "response",
+    );
+}
+
+#[test]
+fn fail_closed_errors_have_their_codes() {
+    let upstream = Upstream::http();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let env = TestEnv::new(&format!(
+        r#"
+[limits]
+max_body_bytes = 1024
+upstream_timeout = "1s"
+
+[secrets.api]
+source = "store"
+[secrets.missing]
+source = "env:SIDEKEY_TEST_UNSET_VARIABLE"
+
+[routes.echo]
+upstream = "{base}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+[routes.nosecret]
+upstream = "{base}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "missing" }}
+[routes.down]
+upstream = "http://{closed}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+
+[[rules]]
+agents = ["coder"]
+route = "echo"
+action = "allow"
+[[rules]]
+agents = ["coder"]
+route = "nosecret"
+action = "allow"
+[[rules]]
+agents = ["coder"]
+route = "down"
+action = "allow"
+"#,
+        base = upstream.base()
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let c = client();
+    let check = |res: reqwest::blocking::Response, status: u16, code: &str| {
+        assert_eq!(res.status(), status, "{code}");
+        assert_eq!(res.headers()["x-sidekey-error"], code);
+        assert!(res.headers().contains_key("x-sidekey-request-id"));
+        let body = res.text().unwrap();
+        assert_eq!(error_code(&body), code);
+        assert_no_leak(&body, SECRET, "error body");
+    };
+    check(
+        c.get(sidekey.url("/nosecret/x"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap(),
+        503,
+        "secret_unavailable",
+    );
+    check(
+        c.get(sidekey.url("/down/x"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap(),
+        502,
+        "upstream_unreachable",
+    );
+    check(
+        c.get(sidekey.url("/echo/stall"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap(),
+        504,
+        "upstream_timeout",
+    );
+    check(
+        c.post(sidekey.url("/echo/x"))
+            .bearer_auth(&token)
+            .body(vec![b'a'; 4096])
+            .send()
+            .unwrap(),
+        413,
+        "request_too_large",
+    );
+    check(
+        c.get(sidekey.url("/echo/gzip"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap(),
+        502,
+        "upstream_unreachable",
+    );
+    let codes: Vec<String> = env
+        .audit()
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap().to_string())
+        .collect();
+    for code in [
+        "secret_unavailable",
+        "upstream_unreachable",
+        "upstream_timeout",
+        "request_too_large",
+    ] {
+        assert!(
+            codes.iter().any(|c| c == code),
+            "no audit record for {code}: {codes:?}"
+        );
+    }
+}
+
+#[test]
+fn audit_sink_failure_denies_with_503() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        "[audit]\nfile = \"/dev/full\"\non_failure = \"deny\"\n{}",
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    for _ in 0..2 {
+        let res = client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 503);
+        assert_eq!(res.headers()["x-sidekey-error"], "audit_unavailable");
+        assert_no_leak(&res.text().unwrap(), SECRET, "error body");
+    }
+    // The first request may have reached the upstream before its record
+    // failed; once the sink is known broken, no credential is spent.
+    assert!(
+        upstream.count() <= 1,
+        "{} requests reached the upstream",
+        upstream.count()
+    );
+
+    // With on_failure = "continue" the same sink lets requests through.
+    let env = TestEnv::new(&format!(
+        "[audit]\nfile = \"/dev/full\"\non_failure = \"continue\"\n{}",
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+pub fn base64_encode(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// The claims of a JWT, without verifying it (the test only needs the id).
+pub fn decode_claims(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}

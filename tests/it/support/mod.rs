@@ -1,0 +1,356 @@
+//! The harness: a temp dir with a config, the real `sidekey` binary, and
+//! real loopback upstreams.
+
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+pub use upstream::Upstream;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sidekey");
+
+/// A temp dir holding `sidekey.toml` and a state dir.
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub state: PathBuf,
+}
+
+impl TestEnv {
+    /// Writes `body` after a header that points `state_dir` into the temp dir,
+    /// then runs `sidekey init`.
+    pub fn new(body: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("sidekey.toml");
+        let state = dir.path().join("state");
+        let env = Self { dir, config, state };
+        env.write_config(body);
+        env.ok(&["init"], None);
+        env
+    }
+
+    pub fn write_config(&self, body: &str) {
+        let text = format!("state_dir = \"state\"\nlisten = \"127.0.0.1:0\"\n{body}");
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// `sidekey -c CONFIG ARGS`, with no inherited sidekey settings.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("-c").arg(&self.config).args(args);
+        cmd.env_remove("SIDEKEY_CONFIG")
+            .env_remove("SIDEKEY_STATE_DIR")
+            .env_remove("SIDEKEY_MASTER_KEY")
+            .env("SIDEKEY_LOG", "info")
+            .current_dir(self.dir.path());
+        cmd
+    }
+
+    /// Runs a command with optional stdin and returns its output.
+    pub fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = self.cmd(args);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run(args, stdin);
+        assert!(
+            out.status.success(),
+            "sidekey {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn set_secret(&self, name: &str, value: &str) {
+        self.ok(&["secret", "set", name], Some(value));
+    }
+
+    pub fn token(&self, agent: &str) -> String {
+        self.ok(&["token", "issue", agent], None).trim().to_string()
+    }
+
+    pub fn token_with(&self, args: &[&str]) -> String {
+        let mut all = vec!["token", "issue"];
+        all.extend_from_slice(args);
+        self.ok(&all, None).trim().to_string()
+    }
+
+    /// `sidekey run --listen 127.0.0.1:0`, ready once it logged its address.
+    pub fn spawn(&self) -> Sidekey {
+        self.spawn_with(&[])
+    }
+
+    pub fn spawn_with(&self, envs: &[(&str, &str)]) -> Sidekey {
+        let mut cmd = self.cmd(&["run", "--listen", "127.0.0.1:0"]);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(addr) = line.split("listening on ").nth(1) {
+                        let _ = tx.send(addr.trim().to_string());
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let out = Arc::new(Mutex::new(String::new()));
+        {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let mut out = out.lock().unwrap();
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("sidekey did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        Sidekey {
+            child,
+            addr,
+            log,
+            stdout: out,
+        }
+    }
+
+    /// Every audit record written so far.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.state.join("audit.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    pub fn audit_text(&self) -> String {
+        std::fs::read_to_string(self.state.join("audit.jsonl")).unwrap_or_default()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A running `sidekey run`; killed on drop.
+pub struct Sidekey {
+    pub child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
+}
+
+impl Sidekey {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn stderr(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("sidekey did not exit within {within:?}");
+    }
+}
+
+impl Drop for Sidekey {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Retries `check` until it returns `Some` or the deadline passes, for
+/// effects with nothing to wait on (a file watcher picking up a change).
+pub fn eventually<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A blocking reqwest client that talks to sidekey directly (no proxy).
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Runs curl with `args`; returns (status code, headers+body text).
+pub fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--noproxy", "*", "-i", "--max-time", "30"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// Runs a Python snippet with `requests` imported; returns its stdout.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!("import sys, json, requests\n{script}"))
+        .args(args)
+        .env("NO_PROXY", "*")
+        .output()
+        .expect("python3 is installed");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Sends raw bytes on one connection and reads one response head + body
+/// by Content-Length; for keep-alive tests that must reuse a connection.
+pub struct RawConn {
+    stream: std::net::TcpStream,
+    reader: BufReader<std::net::TcpStream>,
+}
+
+impl RawConn {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Self { stream, reader }
+    }
+
+    pub fn send(&mut self, raw: &str) {
+        self.stream.write_all(raw.as_bytes()).unwrap();
+    }
+
+    /// Reads one response with a Content-Length body: (status, head, body).
+    pub fn read_response(&mut self) -> (u16, String, String) {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).unwrap();
+            assert!(n > 0, "connection closed before a response");
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        std::io::Read::read_exact(&mut self.reader, &mut body).unwrap();
+        (status, head, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// The config fragment for one echo route with a store secret.
+pub fn echo_route(upstream: &Upstream, secret_source: &str) -> String {
+    format!(
+        r#"
+[secrets.api]
+source = "{secret_source}"
+
+[routes.echo]
+upstream = "{}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+
+[[rules]]
+agents = ["coder"]
+route = "echo"
+action = "allow"
+"#,
+        upstream.base()
+    )
+}
+
+pub fn assert_no_leak(haystack: &str, secret: &str, what: &str) {
+    assert!(
+        !haystack.contains(secret),
+        "{what} contains the secret:\n{haystack}"
+    );
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}

@@ -1,0 +1,290 @@
+//! `Upstream`: a real HTTP or HTTPS server on loopback that records every
+//! request it gets and answers by path:
+//!
+//! - `/sse`: `data: first`, then waits for [`Upstream::release`], then `data: second`;
+//! - `/split`: echoes the `authorization` value split across two chunks;
+//! - `/stall`: never answers;
+//! - `/status/NNN`: answers NNN with the echo body;
+//! - `/redirect`: 302 to another host, with the credential in the Location;
+//! - `/gzip`: a gzip-encoded body;
+//! - anything else: a JSON echo of method, URI, headers and body (like httpbin's `/anything`).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub version: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+struct Shared {
+    seen: Mutex<Vec<Seen>>,
+    release: Semaphore,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// The CA that signed an HTTPS upstream's certificate (PEM file).
+    pub ca: Option<PathBuf>,
+    shared: Arc<Shared>,
+}
+
+impl Upstream {
+    pub fn http() -> Self {
+        Self::start(None, None)
+    }
+
+    /// An HTTPS upstream for `localhost` with a CA made now, written to `dir/upstream-ca.pem`.
+    pub fn https(dir: &Path) -> Self {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test upstream CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf_params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+        let ca_path = dir.join("upstream-ca.pem");
+        std::fs::write(&ca_path, ca.pem()).unwrap();
+
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self::start(Some(Arc::new(tls)), Some(ca_path))
+    }
+
+    fn start(tls: Option<Arc<rustls::ServerConfig>>, ca: Option<PathBuf>) -> Self {
+        let shared = Arc::new(Shared {
+            seen: Mutex::new(Vec::new()),
+            release: Semaphore::new(0),
+        });
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let server_shared = shared.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(std_listener).unwrap();
+                let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let shared = server_shared.clone();
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req| handle(req, shared.clone()));
+                        let builder =
+                            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                        match acceptor {
+                            Some(acceptor) => {
+                                if let Ok(tls) = acceptor.accept(stream).await {
+                                    let _ =
+                                        builder.serve_connection(TokioIo::new(tls), service).await;
+                                }
+                            }
+                            None => {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                    });
+                }
+            });
+        });
+        Self { addr, ca, shared }
+    }
+
+    /// The origin to use as a route's `upstream`.
+    pub fn base(&self) -> String {
+        match self.ca {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://127.0.0.1:{}", self.addr.port()),
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.shared.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen().pop().expect("the upstream received a request")
+    }
+
+    /// Lets one waiting `/sse` response finish.
+    pub fn release(&self) {
+        self.shared.release.add_permits(1);
+    }
+}
+
+async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let seen = Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        version: format!("{:?}", parts.version),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: body.to_vec(),
+    };
+    shared.seen.lock().unwrap().push(seen.clone());
+    let path = parts.uri.path();
+    let auth = seen.header("authorization").unwrap_or_default().to_string();
+    let response = if path.ends_with("/sse") {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"data: first\n\n"))))
+                .await;
+            if let Ok(permit) = shared.release.acquire().await {
+                permit.forget();
+            }
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"data: second\n\n"))))
+                .await;
+        });
+        let stream = tokio_stream_from(rx);
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(BodyExt::boxed(StreamBody::new(stream)))
+            .unwrap()
+    } else if path.ends_with("/split") {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+        tokio::spawn(async move {
+            let half = auth.len() / 2;
+            let first = format!("{{\"auth\":\"{}", &auth[..half]);
+            let second = format!("{}\"}}", &auth[half..]);
+            let _ = tx.send(Ok(Frame::data(Bytes::from(first)))).await;
+            // Gives the proxy a chance to read the halves separately.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(Ok(Frame::data(Bytes::from(second)))).await;
+        });
+        Response::builder()
+            .body(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))))
+            .unwrap()
+    } else if path.ends_with("/stall") {
+        std::future::pending::<()>().await;
+        unreachable!()
+    } else if path.ends_with("/redirect") {
+        Response::builder()
+            .status(302)
+            .header(
+                "location",
+                format!("https://elsewhere.example/?auth={auth}"),
+            )
+            .header("x-echo-auth", auth.clone())
+            .body(full(format!("moved; you sent {auth}")))
+            .unwrap()
+    } else if path.ends_with("/gzip") {
+        Response::builder()
+            .header("content-encoding", "gzip")
+            .body(full(b"\x1f\x8b\x08\x00\x00\x00\x00\x00".to_vec()))
+            .unwrap()
+    } else {
+        let status = path
+            .rsplit_once("/status/")
+            .and_then(|(_, code)| code.parse::<u16>().ok())
+            .unwrap_or(200);
+        let mut headers = serde_json::Map::new();
+        for (k, v) in &seen.headers {
+            let entry = headers
+                .entry(k.clone())
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+            entry.as_array_mut().unwrap().push(v.clone().into());
+        }
+        let echo = serde_json::json!({
+            "method": seen.method,
+            "uri": seen.uri,
+            "headers": headers,
+            "body": String::from_utf8_lossy(&seen.body),
+        });
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .header("x-echo-auth", auth)
+            .body(full(echo.to_string()))
+            .unwrap()
+    };
+    Ok(response)
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    BodyExt::boxed(Full::new(bytes.into()))
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
