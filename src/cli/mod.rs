@@ -238,24 +238,10 @@ impl Paths {
         if let Some(dir) = &self.state_dir_flag {
             return Ok(StateDir::new(dir));
         }
-        if self.config.exists() || self.config_named {
-            let text = std::fs::read_to_string(&self.config)
-                .with_context(|| format!("cannot read config {}", self.config.display()))?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: {}",
-                    self.config.display(),
-                    e.message().trim().replace('\n', " ")
-                )
-            })?;
-            if let Some(dir) = table.get("state_dir") {
-                let dir = dir.as_str().with_context(|| {
-                    format!("{}: state_dir must be a string", self.config.display())
-                })?;
-                return Ok(StateDir::new(
-                    crate::config::base_dir(&self.config).join(dir),
-                ));
-            }
+        if let Some(dir) = self.raw_key("state_dir")? {
+            return Ok(StateDir::new(
+                crate::config::base_dir(&self.config).join(dir),
+            ));
         }
         if let Some(dir) = std::env::var_os(STATE_DIR_ENV).filter(|d| !d.is_empty()) {
             return Ok(StateDir::new(PathBuf::from(dir)));
@@ -264,6 +250,28 @@ impl Paths {
             .filter(|h| !h.is_empty())
             .context("cannot find a state dir: set --state-dir, state_dir in the config, or $SIDEKEY_STATE_DIR")?;
         Ok(StateDir::new(Path::new(&home).join(".local/share/sidekey")))
+    }
+
+    /// One top-level string key of the config file, read without validating
+    /// the rest; `None` when there is no config or no such key.
+    fn raw_key(&self, key: &str) -> anyhow::Result<Option<String>> {
+        if !self.config.exists() && !self.config_named {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&self.config)
+            .with_context(|| format!("cannot read config {}", self.config.display()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {}",
+                self.config.display(),
+                e.message().trim().replace('\n', " ")
+            )
+        })?;
+        match table.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(value)) => Ok(Some(value.clone())),
+            Some(_) => bail!("{}: {key} must be a string", self.config.display()),
+        }
     }
 
     /// The state dir of a config already loaded (same order as [`Self::state_dir`]).

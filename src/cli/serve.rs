@@ -240,13 +240,14 @@ pub(super) fn explain(paths: &Paths, agent: &str, method: &str, url: &str) -> an
     Ok(())
 }
 
+/// The running proxy's admin socket. Read leniently, like the state dir, so
+/// that `reload` can report what is wrong with a config being edited.
 fn admin_socket(paths: &Paths) -> anyhow::Result<std::path::PathBuf> {
-    if paths.config.exists() {
-        let config = Config::load(&paths.config)?;
-        if let Some(admin) = config.admin.clone() {
-            return Ok(admin);
-        }
-        return Ok(paths.state_dir_of(&config)?.admin_socket());
+    if let Some(admin) = paths.raw_key("admin")? {
+        let Some(path) = admin.strip_prefix("unix:") else {
+            bail!("{}: admin must be \"unix:PATH\"", paths.config.display());
+        };
+        return Ok(crate::config::base_dir(&paths.config).join(path));
     }
     Ok(paths.state_dir()?.admin_socket())
 }

@@ -1,1 +1,194 @@
+use std::time::Duration;
 
+use crate::gateway::decode_claims;
+use crate::support::*;
+
+const WITHIN: Duration = Duration::from_secs(3);
+
+fn bearer(upstream: &Upstream) -> Option<String> {
+    upstream.last().header("authorization").map(str::to_string)
+}
+
+#[test]
+fn a_rotated_store_secret_is_used_without_restart() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "store"));
+    env.set_secret("api", "sk-old-value-1");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = || {
+        client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+    };
+    assert_eq!(get().status(), 200);
+    assert_eq!(bearer(&upstream).as_deref(), Some("Bearer sk-old-value-1"));
+
+    env.set_secret("api", "sk-new-value-2");
+    eventually(WITHIN, || {
+        assert_eq!(get().status(), 200);
+        (bearer(&upstream).as_deref() == Some("Bearer sk-new-value-2")).then_some(())
+    });
+    // The old value is scrubbed no more, the new one is.
+    let body = get().text().unwrap();
+    assert_no_leak(&body, "sk-new-value-2", "response");
+}
+
+#[test]
+fn a_rotated_file_secret_is_used_without_restart() {
+    let upstream = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "file-secret-one\n").unwrap();
+    let env = TestEnv::new(&echo_route(&upstream, &format!("file:{}", file.display())));
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = || {
+        client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+    };
+    assert_eq!(get().status(), 200);
+    assert_eq!(bearer(&upstream).as_deref(), Some("Bearer file-secret-one"));
+
+    // Rewritten in place, as an editor or a secret agent might.
+    std::fs::write(&file, "file-secret-two-longer\n").unwrap();
+    eventually(WITHIN, || {
+        get();
+        (bearer(&upstream).as_deref() == Some("Bearer file-secret-two-longer")).then_some(())
+    });
+    // Removed: fail closed.
+    std::fs::remove_file(&file).unwrap();
+    eventually(WITHIN, || (get().status() == 503).then_some(()));
+}
+
+#[test]
+fn revocation_stops_the_next_request_on_an_open_keep_alive_connection() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "store"));
+    env.set_secret("api", "sk-revoke-test");
+    let token = env.token_with(&["coder", "--session", "run-1"]);
+    let other = env.token_with(&["coder", "--session", "run-2"]);
+    let sidekey = env.spawn();
+    let mut conn = RawConn::connect(sidekey.addr);
+    let request =
+        format!("GET /echo/x HTTP/1.1\r\nHost: sidekey\r\nAuthorization: Bearer {token}\r\n\r\n");
+    conn.send(&request);
+    assert_eq!(conn.read_response().0, 200);
+
+    env.ok(&["token", "revoke", "--session", "run-1"], None);
+    let head = eventually(WITHIN, || {
+        conn.send(&request);
+        let (status, head, _) = conn.read_response();
+        (status == 401).then_some(head)
+    });
+    assert!(head.contains("x-sidekey-error: token_revoked"), "{head}");
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&other)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200, "another session is unaffected");
+
+    // Revoking the agent covers every token issued so far, and survives restart.
+    env.ok(&["token", "revoke", "--agent", "coder"], None);
+    drop(sidekey);
+    let sidekey = env.spawn();
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&other)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["x-sidekey-error"], "token_revoked");
+    let fresh = env.token("coder");
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&fresh)
+        .send()
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "a token issued after the revocation works"
+    );
+    let id = decode_claims(&fresh)["jti"].as_str().unwrap().to_string();
+    assert!(
+        !env.audit_text().contains(&fresh),
+        "whole token in the audit log"
+    );
+    assert!(env.audit_text().contains(&id), "token id in the audit log");
+}
+
+#[test]
+fn reload_refuses_a_broken_config_and_applies_a_valid_one() {
+    let upstream = Upstream::http();
+    let route = echo_route(&upstream, "store");
+    let env = TestEnv::new(&route);
+    env.set_secret("api", "sk-reload");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = || {
+        client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+    };
+    assert_eq!(get().status(), 200);
+
+    // Broken via SIGHUP: refused, the old config keeps serving.
+    env.write_config(&format!("{route}\n[[rules]]\nagents = []\n"));
+    sidekey.signal("HUP");
+    eventually(WITHIN, || {
+        sidekey.stderr().contains("reload refused").then_some(())
+    });
+    assert_eq!(get().status(), 200);
+
+    // Broken via `sidekey reload`: exit 1 with the problem, old config serving.
+    let out = env.run(&["reload"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rules[1]"));
+    assert_eq!(get().status(), 200);
+
+    // A valid change applies at once.
+    env.write_config(&format!(
+        "{route}\n[[rules]]\nagents = [\"coder\"]\nroute = \"echo\"\naction = \"deny\"\n"
+    ));
+    env.ok(&["reload"], None);
+    let res = get();
+    assert_eq!(res.status(), 403);
+    assert_eq!(res.headers()["x-sidekey-error"], "policy_denied");
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "store"));
+    env.set_secret("api", "sk-graceful");
+    let token = env.token("coder");
+    let mut sidekey = env.spawn();
+    let addr = sidekey.addr;
+    let mut res = client()
+        .get(sidekey.url("/echo/sse"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    let mut first = [0u8; 13];
+    std::io::Read::read_exact(&mut res, &mut first).unwrap();
+    assert_eq!(&first, b"data: first\n\n");
+
+    sidekey.signal("TERM");
+    eventually(WITHIN, || {
+        std::net::TcpStream::connect(addr).is_err().then_some(())
+    });
+    upstream.release();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut res, &mut rest).unwrap();
+    assert_eq!(rest, "data: second\n\n");
+    assert_eq!(sidekey.wait_exit(Duration::from_secs(10)), Some(0));
+}

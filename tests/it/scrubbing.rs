@@ -1,1 +1,109 @@
+use std::io::Read;
 
+use crate::support::*;
+
+const SECRET: &str = "sk-live-scrub-9a8b7c6d5e";
+
+fn setup() -> (Upstream, TestEnv, String, Sidekey) {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "store"));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    (upstream, env, token, sidekey)
+}
+
+#[test]
+fn an_echoed_secret_comes_back_redacted_in_body_and_headers() {
+    let (upstream, env, token, sidekey) = setup();
+    let (status, text) = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        &sidekey.url("/echo/anything?x=1"),
+    ]);
+    assert_eq!(status, 200);
+    assert_eq!(
+        upstream.last().header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    assert_no_leak(&text, SECRET, "response");
+    assert!(text.contains("x-echo-auth: Bearer [REDACTED]"), "{text}");
+    assert!(text.contains("\"Bearer [REDACTED]\""), "{text}");
+    let record = env.audit().pop().unwrap();
+    assert_eq!(record["redactions"], 2, "{record}");
+    assert!(record["bytes_out"].as_u64().unwrap() > 0);
+    assert_no_leak(&sidekey.stderr(), SECRET, "stderr");
+}
+
+#[test]
+fn a_secret_split_across_two_chunks_is_still_redacted() {
+    let (_upstream, _env, token, sidekey) = setup();
+    for _ in 0..3 {
+        let out = python(
+            "r = requests.get(sys.argv[1], headers={'Authorization': 'Bearer ' + sys.argv[2]}, stream=True)\n\
+             body = b''.join(r.iter_content(chunk_size=None))\n\
+             print(r.status_code)\n\
+             print(body.decode())",
+            &[&sidekey.url("/echo/split"), &token],
+        );
+        assert!(out.starts_with("200\n"), "{out}");
+        assert!(out.contains("{\"auth\":\"Bearer [REDACTED]\"}"), "{out}");
+        assert_no_leak(&out, SECRET, "streamed response");
+        // No piece of the secret longer than its halves survives either.
+        assert_no_leak(&out, &SECRET[..SECRET.len() / 2 + 2], "streamed response");
+    }
+}
+
+#[test]
+fn error_pages_and_redirects_are_scrubbed_and_not_followed() {
+    let (upstream, _env, token, sidekey) = setup();
+    let auth = format!("Authorization: Bearer {token}");
+    let (status, text) = curl(&["-H", &auth, &sidekey.url("/echo/status/500")]);
+    assert_eq!(status, 500);
+    assert_no_leak(&text, SECRET, "error page");
+    assert!(text.contains("[REDACTED]"));
+
+    let before = upstream.count();
+    let (status, text) = curl(&["-H", &auth, &sidekey.url("/echo/redirect")]);
+    assert_eq!(status, 302, "{text}");
+    assert_no_leak(&text, SECRET, "redirect");
+    assert_no_leak(&text, "sk-live-scrub", "redirect (URL-encoded prefix)");
+    assert!(
+        text.contains("location: https://elsewhere.example/"),
+        "{text}"
+    );
+    assert_eq!(
+        upstream.count(),
+        before + 1,
+        "sidekey must not follow redirects"
+    );
+}
+
+#[test]
+fn the_first_sse_event_arrives_before_the_upstream_finishes() {
+    let (upstream, _env, token, sidekey) = setup();
+    let mut res = client()
+        .get(sidekey.url("/echo/sse"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    // The upstream holds the second event until released, so reading the
+    // first one proves it was not buffered behind the end of the stream.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(b"data: first\n\n") {
+        let n = res.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "stream ended early: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    upstream.release();
+    let mut rest = String::new();
+    res.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "data: second\n\n");
+}
