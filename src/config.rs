@@ -150,6 +150,20 @@ pub enum Slot {
     },
 }
 
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Header {
+                name,
+                prefix,
+                suffix,
+            } => write!(f, "header `{name}: {prefix}{{secret}}{suffix}`"),
+            Self::Query { param } => write!(f, "query parameter `{param}`"),
+            Self::Basic { username } => write!(f, "basic auth as user `{username}`"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Allow,

@@ -6,8 +6,10 @@
 
 pub mod revocation;
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
@@ -83,7 +85,15 @@ impl std::fmt::Debug for Issuer {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    /// Tokens whose signature already checked out, by their exact text, so
+    /// an agent's keep-alive traffic pays for one signature check, not one
+    /// per request. Expiry is still checked on every use; revocation is the
+    /// caller's, also on every use.
+    verified: Mutex<HashMap<Box<str>, Claims>>,
 }
+
+/// Bounds the cache; when full it starts over, which only costs re-checks.
+const VERIFIED_CACHE: usize = 4096;
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -163,7 +173,11 @@ impl Verifier {
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "iss", "sub"]);
         validation.validate_aud = false;
-        Ok(Self { key, validation })
+        Ok(Self {
+            key,
+            validation,
+            verified: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Checks signature, issuer and expiry. Revocation is the caller's next step.
@@ -178,11 +192,31 @@ impl Verifier {
         {
             return Err(TokenError::Invalid);
         }
-        match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
-            Ok(data) => Ok(data.claims),
-            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => Err(TokenError::Expired),
-            Err(_) => Err(TokenError::Invalid),
+        let cached = self.lock_cache().get(token).cloned();
+        if let Some(claims) = cached {
+            if claims.exp < now_ms() / 1000 {
+                return Err(TokenError::Expired);
+            }
+            return Ok(claims);
         }
+        let claims = match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
+            Ok(data) => data.claims,
+            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => {
+                return Err(TokenError::Expired);
+            }
+            Err(_) => return Err(TokenError::Invalid),
+        };
+        let mut cache = self.lock_cache();
+        if cache.len() >= VERIFIED_CACHE {
+            cache.clear();
+        }
+        cache.insert(token.into(), claims.clone());
+        Ok(claims)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Claims>> {
+        // The map holds no invariant a panicking holder could break.
+        self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
