@@ -112,10 +112,8 @@ pub fn verify(
     user: Option<&str>,
 ) -> Result<Agent, IdentityError> {
     let claims = verifier.verify(token)?;
-    if let Some(user) = user.filter(|u| !u.is_empty()) {
-        if user != claims.sub {
-            return Err(IdentityError::AgentMismatch);
-        }
+    if user.is_some_and(|u| !u.is_empty() && u != claims.sub) {
+        return Err(IdentityError::AgentMismatch);
     }
     let revocations = revocations.map_err(|()| IdentityError::RevocationsUnavailable)?;
     if revocations.is_revoked(&claims) {

@@ -210,10 +210,10 @@ fn load_secrets(config: &Config, state: &StateDir, master_key: Option<&MasterKey
     // Basic credentials come back base64-encoded with their user name.
     let mut usernames: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for route in config.routes.values() {
-        if let Some(inject) = &route.inject {
-            if let Slot::Basic { username } = &inject.slot {
-                usernames.entry(&inject.secret).or_default().push(username);
-            }
+        if let Some(inject) = &route.inject
+            && let Slot::Basic { username } = &inject.slot
+        {
+            usernames.entry(&inject.secret).or_default().push(username);
         }
     }
     let mut patterns = Vec::new();

@@ -302,15 +302,15 @@ impl Proxy {
         // The agent's connection has its own version; hyper picks the framing.
         parts.version = http::Version::default();
         inject::strip_hop_by_hop(&mut parts.headers);
-        if !scrubber.is_empty() {
-            if let Some(encoding) = parts.headers.get(header::CONTENT_ENCODING) {
-                let encoding = encoding.to_str().unwrap_or("unknown").trim();
-                if !encoding.eq_ignore_ascii_case("identity") && !body.is_end_stream() {
-                    return Err(ProxyError::Unscrubbable {
-                        host,
-                        encoding: encoding.to_string(),
-                    });
-                }
+        if let Some(encoding) = parts.headers.get(header::CONTENT_ENCODING)
+            && !scrubber.is_empty()
+        {
+            let encoding = encoding.to_str().unwrap_or("unknown").trim();
+            if !encoding.eq_ignore_ascii_case("identity") && !body.is_end_stream() {
+                return Err(ProxyError::Unscrubbable {
+                    host,
+                    encoding: encoding.to_string(),
+                });
             }
         }
         outcome.redactions += scrub_headers(&mut parts.headers, &scrubber) as u64;
@@ -366,10 +366,11 @@ pub(crate) fn scrub_headers(headers: &mut HeaderMap, scrubber: &Scrubber) -> usi
     let mut count = 0;
     for value in headers.values_mut() {
         if let Some((scrubbed, n)) = scrubber.scrub_all(value.as_bytes()) {
-            if let Ok(clean) = HeaderValue::from_bytes(&scrubbed) {
-                *value = clean;
-                count += n;
-            }
+            // Replacing bytes of a valid value with `[REDACTED]` keeps it
+            // valid; should it not, the whole value goes rather than the secret stay.
+            *value = HeaderValue::from_bytes(&scrubbed)
+                .unwrap_or_else(|_| HeaderValue::from_static("[REDACTED]"));
+            count += n;
         }
     }
     count

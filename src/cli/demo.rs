@@ -63,10 +63,10 @@ pub(super) fn run(listen: SocketAddr) -> anyhow::Result<()> {
 
         let body = r#"{"prompt":"hello"}"#;
         let (status, reply) = send(running.addr, &token, body).await?;
-        let sent = vec![
-            format!("POST /echo/anything"),
+        let sent = [
+            "POST /echo/anything".to_string(),
             format!("authorization: Bearer {}", shorten(&token)),
-            format!("content-type: application/json"),
+            "content-type: application/json".to_string(),
             body.to_string(),
         ];
         let received: Vec<String> = seen
@@ -80,8 +80,8 @@ pub(super) fn run(listen: SocketAddr) -> anyhow::Result<()> {
         println!("sidekey demo: the agent calls an API without ever holding its key");
         println!();
         println!(
-            "{:COLUMN$}  {}",
-            "1. what the agent sent (its token)", "2. what the upstream received (the key)"
+            "{:COLUMN$}  2. what the upstream received (the key)",
+            "1. what the agent sent (its token)"
         );
         println!("{:COLUMN$}  {}", "-".repeat(34), "-".repeat(38));
         for i in 0..sent.len().max(received.len()) {

@@ -252,49 +252,39 @@ fn admin_socket(paths: &Paths) -> anyhow::Result<std::path::PathBuf> {
     Ok(paths.state_dir()?.admin_socket())
 }
 
-pub(super) fn status(paths: &Paths) -> anyhow::Result<()> {
+/// One request to the running proxy's admin socket.
+fn ask(
+    paths: &Paths,
+    method: Method,
+    path: &str,
+) -> anyhow::Result<(http::StatusCode, serde_json::Value)> {
     let socket = admin_socket(paths)?;
-    let reply = runtime()?.block_on(admin::call(&socket, Method::GET, "/v1/status"));
-    match reply {
-        None => Err(anyhow::anyhow!(
+    match runtime()?.block_on(admin::call(&socket, method, path)) {
+        None => bail!(
             "no sidekey is running ({} does not answer)",
             socket.display()
-        )
-        .into()),
-        Some(Err(e)) => Err(anyhow::anyhow!("admin socket {}: {e}", socket.display()).into()),
-        Some(Ok((_, body))) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&body).unwrap_or_default()
-            );
-            Ok(())
-        }
+        ),
+        Some(Err(e)) => bail!("admin socket {}: {e}", socket.display()),
+        Some(Ok(reply)) => Ok(reply),
     }
 }
 
+pub(super) fn status(paths: &Paths) -> anyhow::Result<()> {
+    let (_, body) = ask(paths, Method::GET, "/v1/status")?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&body).unwrap_or_default()
+    );
+    Ok(())
+}
+
 pub(super) fn reload(paths: &Paths) -> anyhow::Result<()> {
-    let socket = admin_socket(paths)?;
-    let reply = runtime()?.block_on(admin::call(&socket, Method::POST, "/v1/reload"));
-    match reply {
-        None => Err(anyhow::anyhow!(
-            "no sidekey is running ({} does not answer)",
-            socket.display()
-        )
-        .into()),
-        Some(Err(e)) => Err(anyhow::anyhow!("admin socket {}: {e}", socket.display()).into()),
-        Some(Ok((status, body))) if status.is_success() => {
-            eprintln!("config reloaded");
-            let _ = body;
-            Ok(())
-        }
-        Some(Ok((_, body))) => {
-            let error = body["error"]
-                .as_str()
-                .unwrap_or("unknown error")
-                .to_string();
-            eprintln!("{error}");
-            eprintln!("reload refused; the running proxy keeps its current config");
-            Err(SilentExit(1).into())
-        }
+    let (status, body) = ask(paths, Method::POST, "/v1/reload")?;
+    if status.is_success() {
+        eprintln!("config reloaded");
+        return Ok(());
     }
+    eprintln!("{}", body["error"].as_str().unwrap_or("unknown error"));
+    eprintln!("reload refused; the running proxy keeps its current config");
+    Err(SilentExit(1).into())
 }

@@ -35,7 +35,7 @@ pub(super) fn revoke(paths: &Paths, which: RevokeArgs) -> anyhow::Result<()> {
         (Some(id), None, None) => Revoke::Id(id),
         (None, Some(session), None) => Revoke::Session(session),
         (None, None, Some(agent)) => Revoke::Agent(agent),
-        _ => return Err(anyhow::anyhow!("give exactly one of --id, --session, --agent").into()),
+        _ => anyhow::bail!("give exactly one of --id, --session, --agent"),
     };
     let (kind, name) = match &revoke {
         Revoke::Id(v) => ("token", v),

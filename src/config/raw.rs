@@ -705,8 +705,3 @@ fn check_rule(
         allow_private: raw.allow_private,
     })
 }
-
-#[cfg(test)]
-pub(super) fn parse_upstream_for_test(text: &str) -> Result<Upstream, String> {
-    parse_upstream(text)
-}

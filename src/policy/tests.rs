@@ -70,7 +70,15 @@ host = "*.github.com"
 action = "allow"
 "#,
     );
-    let cases: &[(&str, &str, Method, &str, bool, Option<&str>)] = &[
+    type Case = (
+        &'static str,
+        &'static str,
+        Method,
+        &'static str,
+        bool,
+        Option<&'static str>,
+    );
+    let cases: &[Case] = &[
         (
             "coder",
             "openai",

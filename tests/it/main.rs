@@ -1,5 +1,5 @@
 //! The integration tests: the real `sidekey` binary, real clients (curl,
-#![allow(unreachable_pub, missing_debug_implementations)]
+#![allow(unreachable_pub, missing_debug_implementations, clippy::unwrap_used)]
 //! Python requests, reqwest), real upstreams on loopback.
 
 mod support;
