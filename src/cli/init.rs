@@ -57,12 +57,14 @@ pub(crate) fn init_state(state: &StateDir) -> anyhow::Result<Vec<&'static str>> 
 }
 
 fn example_config(state: &StateDir, paths: &Paths) -> String {
-    let base = crate::config::base_dir(&paths.config);
-    let state_dir = state
-        .root()
-        .strip_prefix(base)
+    // `state_dir` in the file is relative to the file, not to where `init` ran.
+    let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let state_abs = absolute(state.root());
+    let base_abs = absolute(crate::config::base_dir(&paths.config));
+    let state_dir = state_abs
+        .strip_prefix(&base_abs)
         .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| state.root().display().to_string());
+        .unwrap_or_else(|_| state_abs.display().to_string());
     format!(
         r#"# sidekey.toml: written by `sidekey init`. Reference: SPEC.md section 4.
 # Check it with `sidekey check`, try a request with `sidekey explain`.
