@@ -35,20 +35,13 @@ pub enum IdentityError {
     RevocationsUnavailable,
 }
 
-/// Where the token was found; the injector overwrites that place anyway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Presented {
-    ProxyAuthorization,
-    Slot,
-}
-
 /// Finds the agent token: `Proxy-Authorization` if present (and then only
 /// there), else the route's credential slot.
 pub fn find_token(
     headers: &HeaderMap,
     query: Option<&str>,
     slot: Option<&Slot>,
-) -> Result<(String, Option<String>, Presented), IdentityError> {
+) -> Result<(String, Option<String>), IdentityError> {
     let proxy_auth: Vec<_> = headers.get_all(PROXY_AUTHORIZATION).iter().collect();
     if !proxy_auth.is_empty() {
         if proxy_auth.len() > 1 {
@@ -56,7 +49,7 @@ pub fn find_token(
         }
         let value = proxy_auth[0].to_str().map_err(|_| IdentityError::Missing)?;
         let (user, token) = parse_authorization(value).ok_or(IdentityError::Missing)?;
-        return Ok((token, user, Presented::ProxyAuthorization));
+        return Ok((token, user));
     }
     let mut found: Vec<(String, Option<String>)> = Vec::new();
     match slot {
@@ -97,7 +90,7 @@ pub fn find_token(
         0 => Err(IdentityError::Missing),
         1 => {
             let (token, user) = found.remove(0);
-            Ok((token, user, Presented::Slot))
+            Ok((token, user))
         }
         _ => Err(IdentityError::Ambiguous),
     }
@@ -191,11 +184,7 @@ mod tests {
         let h = headers(&[("proxy-authorization", &format!("Basic {basic}"))]);
         assert_eq!(
             find_token(&h, None, Some(&bearer_slot())).unwrap(),
-            (
-                "tok".into(),
-                Some("coder".into()),
-                Presented::ProxyAuthorization
-            )
+            ("tok".into(), Some("coder".into()))
         );
         let h = headers(&[("authorization", "bearer tok")]);
         assert_eq!(find_token(&h, None, Some(&bearer_slot())).unwrap().0, "tok");

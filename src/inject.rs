@@ -80,8 +80,45 @@ pub fn headers(
         Slot::Query { .. } => return Ok(()),
     };
     headers.remove(&name);
+    // `x_api_key` reaches CGI, WSGI and PHP apps as the same variable as
+    // `x-api-key`; a copy under that spelling must not survive either.
+    let underscored: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().replace('_', "-") == name.as_str())
+        .cloned()
+        .collect();
+    for other in underscored {
+        headers.remove(other);
+    }
     headers.insert(name, value);
     Ok(())
+}
+
+/// Removes every header value that carries the agent's token, wherever the
+/// agent put it: the token is worthless upstream and must not travel there.
+pub fn strip_token(headers: &mut HeaderMap, token: &str) {
+    let carrying = |v: &HeaderValue| {
+        v.as_bytes()
+            .windows(token.len())
+            .any(|w| w == token.as_bytes())
+    };
+    let names: Vec<HeaderName> = headers
+        .iter()
+        .filter(|(_, v)| carrying(v))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in names {
+        let kept: Vec<HeaderValue> = headers
+            .get_all(&name)
+            .iter()
+            .filter(|v| !carrying(v))
+            .cloned()
+            .collect();
+        headers.remove(&name);
+        for value in kept {
+            headers.append(name.clone(), value);
+        }
+    }
 }
 
 fn header_value(value: &str, secret_name: &str) -> Result<HeaderValue, InjectError> {
@@ -92,29 +129,44 @@ fn header_value(value: &str, secret_name: &str) -> Result<HeaderValue, InjectErr
     Ok(value)
 }
 
-/// Rebuilds a query string with the slot parameter set to the secret and
-/// every agent-sent copy of it removed (compared without regard to case,
-/// since some upstreams read parameters that way).
-pub fn query(original: Option<&str>, slot: &Slot, secret: &Secret) -> Option<String> {
-    let Slot::Query { param } = slot else {
-        return original.map(str::to_string);
-    };
-    let mut out = String::new();
-    if let Some(original) = original {
-        for raw in original.split('&').filter(|p| !p.is_empty()) {
-            let same = query_pairs(raw)
-                .next()
-                .is_some_and(|(name, _)| name.eq_ignore_ascii_case(param));
-            if !same {
-                out.push_str(raw);
-                out.push('&');
-            }
+/// Rebuilds a query string without any pair that carries the agent's token
+/// and, when `credential` names a query slot, with that parameter set to the
+/// secret and every agent-sent copy removed (compared without regard to
+/// case, and also after `;`, since some upstreams read parameters that way).
+pub fn query(
+    original: Option<&str>,
+    token: &str,
+    credential: Option<(&Slot, &Secret)>,
+) -> Option<String> {
+    let slot = credential.and_then(|(slot, secret)| match slot {
+        Slot::Query { param } => Some((param.as_str(), secret)),
+        _ => None,
+    });
+    let mut kept: Vec<&str> = Vec::new();
+    for raw in original
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let drop = raw.split(';').any(|part| {
+            query_pairs(part).next().is_some_and(|(name, value)| {
+                value.contains(token) || slot.is_some_and(|(p, _)| name.eq_ignore_ascii_case(p))
+            })
+        });
+        if !drop {
+            kept.push(raw);
         }
     }
-    out.extend(utf8_percent_encode(param, QUERY_VALUE));
-    out.push('=');
-    out.extend(utf8_percent_encode(secret.expose(), QUERY_VALUE));
-    Some(out)
+    let mut out = kept.join("&");
+    if let Some((param, secret)) = slot {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        out.extend(utf8_percent_encode(param, QUERY_VALUE));
+        out.push('=');
+        out.extend(utf8_percent_encode(secret.expose(), QUERY_VALUE));
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 #[cfg(test)]
@@ -137,19 +189,46 @@ mod tests {
     }
 
     #[test]
+    fn token_and_underscore_spellings_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("x_api_key", HeaderValue::from_static("agent-own"));
+        h.append("x-other", HeaderValue::from_static("Bearer tok123"));
+        h.append("x-other", HeaderValue::from_static("keep"));
+        strip_token(&mut h, "tok123");
+        let slot = Slot::Header {
+            name: HeaderName::from_static("x-api-key"),
+            prefix: String::new(),
+            suffix: String::new(),
+        };
+        headers(&mut h, &slot, "s", &Secret::new("sk".into())).unwrap();
+        assert!(!h.contains_key("x_api_key"));
+        assert_eq!(
+            h.get_all("x-other").iter().collect::<Vec<_>>(),
+            vec!["keep"]
+        );
+        assert_eq!(h["x-api-key"], "sk");
+    }
+
+    #[test]
     fn query_slot_replaces_agent_copies() {
         let slot = Slot::Query {
             param: "key".into(),
         };
         let secret = Secret::new("a b&c".into());
+        let with = Some((&slot, &secret));
         assert_eq!(
-            query(Some("key=tok&x=1&KEY=2&k%65y=3"), &slot, &secret).as_deref(),
+            query(Some("key=tok&x=1&KEY=2&k%65y=3&y=1;key=4"), "tok", with).as_deref(),
             Some("x=1&key=a%20b%26c")
         );
+        assert_eq!(query(None, "tok", with).as_deref(), Some("key=a%20b%26c"));
+        let basic = Slot::Basic {
+            username: "u".into(),
+        };
         assert_eq!(
-            query(None, &slot, &secret).as_deref(),
-            Some("key=a%20b%26c")
+            query(Some("a=1&t=xtokx"), "tok", Some((&basic, &secret))).as_deref(),
+            Some("a=1")
         );
+        assert_eq!(query(Some("t=tok"), "tok", None), None);
     }
 
     #[test]

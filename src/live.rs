@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -41,6 +41,10 @@ pub struct Snapshot {
 pub struct SecretView {
     pub table: SecretTable,
     pub scrubber: Arc<Scrubber>,
+    /// The config version whose sources were read; a request uses a view
+    /// only with that same version, so a secret name reused by a reload can
+    /// never lend the old source's value to the new route.
+    config: Arc<Config>,
 }
 
 #[derive(Debug)]
@@ -53,6 +57,16 @@ pub struct Live {
     secrets: ArcSwap<SecretView>,
     /// `Err` when the list cannot be read: no token is trusted then.
     revocations: ArcSwap<Result<Revocations, String>>,
+    /// What the watched files looked like when last read. Taken before
+    /// reading, so a change made during a read is seen on the next poll; the
+    /// lock also keeps a reload and the watcher from interleaving.
+    seen: Mutex<Stamps>,
+}
+
+#[derive(Debug, Default)]
+struct Stamps {
+    secrets: Vec<Option<FileStamp>>,
+    revocations: Option<FileStamp>,
 }
 
 impl Live {
@@ -64,6 +78,10 @@ impl Live {
         let master_key = MasterKey::load(&state).ok();
         let config_path = config.file.clone();
         let snapshot = build_snapshot(config, &state, listen_override, None)?;
+        let stamps = Stamps {
+            secrets: secret_stamps(&snapshot.config, &state),
+            revocations: fingerprint(&state.revocations()),
+        };
         let secrets = load_secrets(&snapshot.config, &state, master_key.as_ref());
         let revocations = Revocations::read(&state.revocations()).map_err(|e| e.to_string());
         Ok(Self {
@@ -74,15 +92,30 @@ impl Live {
             snapshot: ArcSwap::from_pointee(snapshot),
             secrets: ArcSwap::from_pointee(secrets),
             revocations: ArcSwap::from_pointee(revocations),
+            seen: Mutex::new(stamps),
         })
+    }
+
+    /// The current config version with the secrets read for it. `None` only
+    /// if a reload keeps them apart for longer than a few yields.
+    pub fn current(&self) -> Option<(Arc<Snapshot>, Arc<SecretView>)> {
+        for _ in 0..100 {
+            let snapshot = self.snapshot.load_full();
+            let secrets = self.secrets.load_full();
+            if Arc::ptr_eq(&snapshot.config, &secrets.config) {
+                return Some((snapshot, secrets));
+            }
+            std::thread::yield_now();
+        }
+        None
+    }
+
+    fn lock_seen(&self) -> std::sync::MutexGuard<'_, Stamps> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.snapshot.load()
-    }
-
-    pub fn secrets(&self) -> arc_swap::Guard<Arc<SecretView>> {
-        self.secrets.load()
     }
 
     pub fn revocations(&self) -> arc_swap::Guard<Arc<Result<Revocations, String>>> {
@@ -92,6 +125,7 @@ impl Live {
     /// Re-reads the config file. An invalid file is refused and the current
     /// version keeps serving.
     pub fn reload(&self) -> Result<(), ConfigError> {
+        let mut seen = self.lock_seen();
         let config = Config::load(&self.config_path)?;
         let current = self.snapshot.load();
         if config.listen != current.config.listen && self.listen_override.is_none() {
@@ -106,6 +140,7 @@ impl Live {
             self.listen_override,
             Some(&current.audit),
         )?;
+        seen.secrets = secret_stamps(&snapshot.config, &self.state);
         let secrets = load_secrets(&snapshot.config, &self.state, self.master_key.as_ref());
         self.snapshot.store(Arc::new(snapshot));
         self.secrets.store(Arc::new(secrets));
@@ -115,43 +150,47 @@ impl Live {
 
     /// Polls the files behind secrets and revocations until the process ends.
     pub async fn watch(self: Arc<Self>) {
-        let mut secrets_seen = self.secret_fingerprint();
-        let mut revocations_seen = fingerprint(&self.state.revocations());
         let mut interval = tokio::time::interval(POLL);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            let now = self.secret_fingerprint();
-            if now != secrets_seen {
-                secrets_seen = now;
-                let config = self.snapshot.load().config.clone();
-                let view = load_secrets(&config, &self.state, self.master_key.as_ref());
-                self.secrets.store(Arc::new(view));
-                tracing::info!("secrets reloaded");
-            }
-            let now = fingerprint(&self.state.revocations());
-            if now != revocations_seen {
-                revocations_seen = now;
-                let list = Revocations::read(&self.state.revocations());
-                if let Err(e) = &list {
-                    tracing::error!(error = %e, "revocation list unreadable; refusing all agent tokens");
-                }
-                self.revocations
-                    .store(Arc::new(list.map_err(|e| e.to_string())));
-            }
+            self.poll();
         }
     }
 
-    fn secret_fingerprint(&self) -> Vec<Option<FileStamp>> {
+    /// One look at the watched files; re-reads what changed.
+    fn poll(&self) {
+        let mut seen = self.lock_seen();
         let config = self.snapshot.load().config.clone();
-        let mut stamps = vec![fingerprint(&self.state.store())];
-        for source in config.secrets.values() {
-            if let SecretSource::File(path) = source {
-                stamps.push(fingerprint(path));
-            }
+        let now = secret_stamps(&config, &self.state);
+        if now != seen.secrets {
+            seen.secrets = now;
+            let view = load_secrets(&config, &self.state, self.master_key.as_ref());
+            self.secrets.store(Arc::new(view));
+            tracing::info!("secrets reloaded");
         }
-        stamps
+        let now = fingerprint(&self.state.revocations());
+        if now != seen.revocations {
+            seen.revocations = now;
+            let list = Revocations::read(&self.state.revocations());
+            if let Err(e) = &list {
+                tracing::error!(error = %e, "revocation list unreadable; refusing all agent tokens");
+            }
+            self.revocations
+                .store(Arc::new(list.map_err(|e| e.to_string())));
+        }
     }
+}
+
+/// The store and every `file:` source of `config`.
+fn secret_stamps(config: &Config, state: &StateDir) -> Vec<Option<FileStamp>> {
+    let mut stamps = vec![fingerprint(&state.store())];
+    for source in config.secrets.values() {
+        if let SecretSource::File(path) = source {
+            stamps.push(fingerprint(path));
+        }
+    }
+    stamps
 }
 
 /// Enough of a file's metadata to notice a rewrite or a rename over it.
@@ -202,7 +241,11 @@ fn build_snapshot(
     })
 }
 
-fn load_secrets(config: &Config, state: &StateDir, master_key: Option<&MasterKey>) -> SecretView {
+fn load_secrets(
+    config: &Arc<Config>,
+    state: &StateDir,
+    master_key: Option<&MasterKey>,
+) -> SecretView {
     let table = SecretTable::load(&config.secrets, state, master_key);
     for (name, reason) in table.failures() {
         tracing::warn!(secret = name, reason, "secret unavailable");
@@ -223,8 +266,20 @@ fn load_secrets(config: &Config, state: &StateDir, master_key: Option<&MasterKey
             patterns.extend(variants(secret, Some(user)));
         }
     }
-    SecretView {
-        table,
-        scrubber: Arc::new(Scrubber::new(patterns)),
+    match Scrubber::new(patterns) {
+        Ok(scrubber) => SecretView {
+            table,
+            scrubber: Arc::new(scrubber),
+            config: config.clone(),
+        },
+        Err(e) => {
+            // Fail closed: without a scrubber no credential may be used.
+            tracing::error!(error = %e, "cannot build the response scrubber; all secrets unavailable");
+            SecretView {
+                table: SecretTable::default(),
+                scrubber: Arc::new(Scrubber::default()),
+                config: config.clone(),
+            }
+        }
     }
 }

@@ -76,6 +76,9 @@ pub struct Request<'a> {
     pub host: &'a str,
     pub port: u16,
     pub method: &'a Method,
+    /// Methods the agent asked the upstream to use instead
+    /// (`X-HTTP-Method-Override` and kin); each must be allowed too.
+    pub overrides: &'a [Method],
     pub path: &'a NormalPath,
 }
 
@@ -125,22 +128,41 @@ impl Policy {
 }
 
 fn matches(rule: &Rule, req: &Request<'_>) -> bool {
+    let deny = rule.action == Action::Deny;
     let target = match &rule.target {
         Target::Route(name) => req.route == Some(name.as_str()),
+        // SECURITY: a host rule may deny a route's destination but never
+        // allows it: only a rule naming the route grants its credential.
         Target::Host { pattern, port } => {
-            pattern.matches(req.host) && port.is_none_or(|p| p == req.port)
+            (deny || req.route.is_none())
+                && pattern.matches(req.host)
+                && port.is_none_or(|p| p == req.port)
         }
     };
-    target
-        && rule.agents.contains(req.agent)
-        && rule
-            .methods
-            .as_ref()
-            .is_none_or(|methods| methods.contains(req.method))
-        && rule
-            .paths
-            .as_ref()
-            .is_none_or(|paths| paths.iter().any(|p| p.matches(req.path)))
+    if !target || !rule.agents.contains(req.agent) {
+        return false;
+    }
+    let methods_match = match &rule.methods {
+        None => true,
+        // A deny matches if any method involved is denied; an allow only if
+        // every one is allowed.
+        Some(methods) if deny => std::iter::once(req.method)
+            .chain(req.overrides)
+            .any(|m| methods.contains(m)),
+        Some(methods) => std::iter::once(req.method)
+            .chain(req.overrides)
+            .all(|m| methods.contains(m)),
+    };
+    methods_match
+        && rule.paths.as_ref().is_none_or(|paths| {
+            paths.iter().any(|p| {
+                if deny {
+                    p.matches_loosely(req.path)
+                } else {
+                    p.matches(req.path)
+                }
+            })
+        })
 }
 
 #[cfg(test)]

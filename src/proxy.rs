@@ -30,7 +30,7 @@ use crate::audit::{AuditEvent, timestamp};
 use crate::config::{OnFailure, Route};
 use crate::identity::{self, Agent};
 use crate::inject;
-use crate::live::{Live, Snapshot};
+use crate::live::{Live, SecretView, Snapshot};
 use crate::policy::{self, path::normalize};
 use crate::scrub::Scrubber;
 use crate::token::{Verifier, random_id};
@@ -71,8 +71,11 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let request_id = random_id("req");
-        let snapshot = self.live.snapshot().clone();
         let mode = mode_of(&req);
+        let Some((snapshot, secrets)) = self.live.current() else {
+            return ProxyError::SecretUnavailable("config and secrets out of step".into())
+                .into_response(mode, &request_id);
+        };
         let mut event = AuditEvent {
             ts: timestamp(),
             request_id: request_id.clone(),
@@ -90,7 +93,10 @@ impl Proxy {
             redactions: 0,
         };
         let result = match mode {
-            Mode::Reverse => self.reverse(&snapshot, req, &mut event, &mut outcome).await,
+            Mode::Reverse => {
+                self.reverse(&snapshot, &secrets, req, &mut event, &mut outcome)
+                    .await
+            }
             _ => Err(ProxyError::BadRequest(
                 "forward proxying (absolute-form and CONNECT) is not supported yet; \
                  use the reverse gateway: http://<sidekey>/<route>/<path>"
@@ -126,6 +132,7 @@ impl Proxy {
     async fn reverse(
         &self,
         snapshot: &Snapshot,
+        secrets: &SecretView,
         req: Request<Incoming>,
         event: &mut AuditEvent,
         outcome: &mut Outcome,
@@ -135,7 +142,7 @@ impl Proxy {
         let route = snapshot.config.routes.get(route_name).cloned();
 
         // 1. identity
-        let agent = match route.as_ref() {
+        let (agent, token) = match route.as_ref() {
             Some(route) => {
                 let slot = route.inject.as_ref().map(|i| &i.slot);
                 self.identify(&parts.headers, parts.uri.query(), slot)?
@@ -157,12 +164,14 @@ impl Proxy {
         event.path = format!("{}{}", route.upstream.base_path, path.decoded());
 
         // 4. policy
+        let overrides = method_overrides(&parts.headers)?;
         let decision = snapshot.policy.check(&policy::Request {
             agent: &agent.name,
             route: Some(&route.name),
             host: &route.upstream.host,
             port: route.upstream.port,
             method: &parts.method,
+            overrides: &overrides,
             path: &path,
         });
         event.rule = decision.rule.clone();
@@ -177,7 +186,6 @@ impl Proxy {
         }
 
         // 5. secret
-        let secrets = self.live.secrets().clone();
         let credential = match &route.inject {
             Some(inject) => {
                 event.secret = Some(inject.secret.clone());
@@ -195,11 +203,15 @@ impl Proxy {
         }
 
         // 6. inject
-        let query = match &credential {
-            Some((inject, secret)) => inject::query(parts.uri.query(), &inject.slot, secret),
-            None => parts.uri.query().map(str::to_string),
-        };
+        let query = inject::query(
+            parts.uri.query(),
+            &token,
+            credential
+                .as_ref()
+                .map(|(inject, secret)| (&inject.slot, secret.as_ref())),
+        );
         inject::strip_hop_by_hop(&mut parts.headers);
+        inject::strip_token(&mut parts.headers, &token);
         parts.headers.remove(header::HOST);
         if let Some((inject, secret)) = &credential {
             inject::headers(&mut parts.headers, &inject.slot, &inject.secret, secret)
@@ -241,21 +253,18 @@ impl Proxy {
             .await
     }
 
+    /// The verified agent and the token it presented.
     fn identify(
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
         slot: Option<&crate::config::Slot>,
-    ) -> Result<Agent, ProxyError> {
-        let (token, user, _) = identity::find_token(headers, query, slot)?;
+    ) -> Result<(Agent, String), ProxyError> {
+        let (token, user) = identity::find_token(headers, query, slot)?;
         let revocations = self.live.revocations();
         let list = revocations.as_ref().as_ref().map_err(|_| ());
-        Ok(identity::verify(
-            &self.verifier,
-            list,
-            &token,
-            user.as_deref(),
-        )?)
+        let agent = identity::verify(&self.verifier, list, &token, user.as_deref())?;
+        Ok((agent, token))
     }
 
     /// For a route that does not exist the token may sit in any route's slot;
@@ -266,7 +275,7 @@ impl Proxy {
         snapshot: &Snapshot,
         headers: &HeaderMap,
         query: Option<&str>,
-    ) -> Result<Agent, ProxyError> {
+    ) -> Result<(Agent, String), ProxyError> {
         let bearer = crate::config::Slot::Header {
             name: header::AUTHORIZATION,
             prefix: "Bearer ".into(),
@@ -277,16 +286,17 @@ impl Proxy {
             .routes
             .values()
             .filter_map(|r| r.inject.as_ref().map(|i| &i.slot));
-        let mut first_error = None;
+        // Report what a known route would have: a token found but refused
+        // outranks "no token", so the answer does not reveal whether the route exists.
+        let mut refusal = ProxyError::Identity(identity::IdentityError::Missing);
         for slot in std::iter::once(&bearer).chain(slots) {
             match self.identify(headers, query, Some(slot)) {
-                Ok(agent) => return Ok(agent),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+                Ok(found) => return Ok(found),
+                Err(ProxyError::Identity(identity::IdentityError::Missing)) => {}
+                Err(e) => refusal = e,
             }
         }
-        Err(first_error.unwrap_or(ProxyError::Identity(identity::IdentityError::Missing)))
+        Err(refusal)
     }
 
     async fn respond(
@@ -302,16 +312,14 @@ impl Proxy {
         // The agent's connection has its own version; hyper picks the framing.
         parts.version = http::Version::default();
         inject::strip_hop_by_hop(&mut parts.headers);
-        if let Some(encoding) = parts.headers.get(header::CONTENT_ENCODING)
-            && !scrubber.is_empty()
-        {
-            let encoding = encoding.to_str().unwrap_or("unknown").trim();
-            if !encoding.eq_ignore_ascii_case("identity") && !body.is_end_stream() {
-                return Err(ProxyError::Unscrubbable {
-                    host,
-                    encoding: encoding.to_string(),
-                });
-            }
+        let encoded = parts
+            .headers
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("unknown").split(','))
+            .any(|e| !e.trim().eq_ignore_ascii_case("identity"));
+        if encoded && !scrubber.is_empty() && !body.is_end_stream() {
+            return Err(ProxyError::Unscrubbable { host });
         }
         outcome.redactions += scrub_headers(&mut parts.headers, &scrubber) as u64;
         let no_body = head_only
@@ -376,9 +384,37 @@ pub(crate) fn scrub_headers(headers: &mut HeaderMap, scrubber: &Scrubber) -> usi
     count
 }
 
+/// Headers with which frameworks (Rails, Google APIs, ASP.NET) let a POST act
+/// as another method; the policy must see those methods too.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+fn method_overrides(headers: &HeaderMap) -> Result<Vec<Method>, ProxyError> {
+    let mut methods = Vec::new();
+    for name in METHOD_OVERRIDES {
+        for value in headers.get_all(name) {
+            let method = value
+                .to_str()
+                .ok()
+                .and_then(|v| Method::from_bytes(v.trim().to_ascii_uppercase().as_bytes()).ok())
+                .ok_or_else(|| ProxyError::BadRequest(format!("invalid {name} header")))?;
+            methods.push(method);
+        }
+    }
+    Ok(methods)
+}
+
 fn mode_of<B>(req: &Request<B>) -> Mode {
     if req.method() == Method::CONNECT {
         Mode::Connect
+    } else if req.version() == http::Version::HTTP_2 {
+        // hyper fills scheme and authority from the HTTP/2 pseudo-headers, so
+        // they do not mark a forward-proxy request there; agents speak h2 to
+        // the gateway only.
+        Mode::Reverse
     } else if req.uri().scheme().is_some() {
         Mode::Forward
     } else {

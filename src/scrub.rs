@@ -9,14 +9,15 @@
 use aho_corasick::{AhoCorasick, MatchKind};
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use zeroize::Zeroizing;
 
 use crate::secret::Secret;
 
 pub const REDACTED: &[u8] = b"[REDACTED]";
 
-/// The patterns of one set of secrets.
+/// The patterns of one set of secrets. The default scrubs nothing.
+#[derive(Default)]
 pub struct Scrubber {
     automaton: Option<AhoCorasick>,
     patterns: Vec<Zeroizing<Vec<u8>>>,
@@ -29,15 +30,47 @@ impl std::fmt::Debug for Scrubber {
     }
 }
 
-/// The forms in which `secret` may appear in a response.
+/// RFC 3986 unreserved characters stay; as `encodeURIComponent` and most
+/// URL builders encode a query value.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+/// JavaScript's `encodeURIComponent` also keeps `!*'()`.
+const JS_COMPONENT: &AsciiSet = &UNRESERVED
+    .remove(b'!')
+    .remove(b'*')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')');
+/// Python's `quote()` keeps `/` as well.
+const PY_QUOTE: &AsciiSet = &UNRESERVED.remove(b'/');
+
+/// The forms in which `secret` may come back in a response: raw; percent-
+/// encoded the ways common libraries do it, with upper- and lower-case hex,
+/// and form-encoded; JSON-escaped (with and without `\/`); base64 of the
+/// value alone; and, for Basic credentials, base64 of `user:secret`.
 pub fn variants(secret: &Secret, basic_username: Option<&str>) -> Vec<Zeroizing<Vec<u8>>> {
     let raw = secret.expose();
     let mut out = vec![Zeroizing::new(raw.as_bytes().to_vec())];
-    let encoded: String = utf8_percent_encode(raw, NON_ALPHANUMERIC).collect();
-    out.push(Zeroizing::new(encoded.into_bytes()));
-    let json = serde_json::to_string(raw).unwrap_or_default();
+    for set in [NON_ALPHANUMERIC, UNRESERVED, JS_COMPONENT, PY_QUOTE] {
+        let upper = Zeroizing::new(utf8_percent_encode(raw, set).collect::<String>());
+        out.push(Zeroizing::new(upper.replace("%20", "+").into_bytes()));
+        out.push(Zeroizing::new(lower_hex(&upper).into_bytes()));
+        out.push(Zeroizing::new(upper.as_bytes().to_vec()));
+    }
+    let json = Zeroizing::new(serde_json::to_string(raw).unwrap_or_default());
     if json.len() > 2 {
-        out.push(Zeroizing::new(json.as_bytes()[1..json.len() - 1].to_vec()));
+        let inner = &json[1..json.len() - 1];
+        out.push(Zeroizing::new(inner.as_bytes().to_vec()));
+        out.push(Zeroizing::new(inner.replace('/', "\\/").into_bytes()));
+    }
+    for engine in [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ] {
+        out.push(Zeroizing::new(engine.encode(raw).into_bytes()));
     }
     if let Some(user) = basic_username {
         let pair = Zeroizing::new(format!("{user}:{raw}"));
@@ -47,8 +80,29 @@ pub fn variants(secret: &Secret, basic_username: Option<&str>) -> Vec<Zeroizing<
     out
 }
 
+/// `%2F` -> `%2f`, leaving everything else alone.
+fn lower_hex(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut chars = encoded.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '%' {
+            for _ in 0..2 {
+                if let Some(h) = chars.next() {
+                    out.push(h.to_ascii_lowercase());
+                }
+            }
+        }
+    }
+    out
+}
+
 impl Scrubber {
-    pub fn new(patterns: impl IntoIterator<Item = Zeroizing<Vec<u8>>>) -> Self {
+    /// Fails only if the automaton cannot be built; callers must then treat
+    /// every secret as unavailable rather than serve unscrubbed.
+    pub fn new(
+        patterns: impl IntoIterator<Item = Zeroizing<Vec<u8>>>,
+    ) -> Result<Self, aho_corasick::BuildError> {
         let mut patterns: Vec<Zeroizing<Vec<u8>>> =
             patterns.into_iter().filter(|p| !p.is_empty()).collect();
         patterns.sort_by(|a, b| a.as_slice().cmp(b.as_slice()));
@@ -57,16 +111,17 @@ impl Scrubber {
         let automaton = if patterns.is_empty() {
             None
         } else {
-            AhoCorasick::builder()
-                .match_kind(MatchKind::LeftmostLongest)
-                .build(patterns.iter().map(|p| p.as_slice()))
-                .ok()
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(patterns.iter().map(|p| p.as_slice()))?,
+            )
         };
-        Self {
+        Ok(Self {
             automaton,
             patterns,
             longest,
-        }
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -182,6 +237,7 @@ mod tests {
                 .iter()
                 .map(|p| Zeroizing::new(p.as_bytes().to_vec())),
         )
+        .unwrap()
     }
 
     fn chunked(s: &Scrubber, input: &[u8], cuts: &[usize]) -> (Vec<u8>, usize) {
@@ -226,13 +282,18 @@ mod tests {
 
     #[test]
     fn variants_cover_encodings() {
-        let secret = Secret::new("a/b\"c".into());
-        let s = Scrubber::new(variants(&secret, Some("user")));
+        let secret = Secret::new("a/b\"c+d e".into());
+        let s = Scrubber::new(variants(&secret, Some("user"))).unwrap();
         for form in [
-            "a/b\"c".to_string(),
-            "a%2Fb%22c".to_string(),
-            "a/b\\\"c".to_string(),
-            base64::engine::general_purpose::STANDARD.encode("user:a/b\"c"),
+            "a/b\"c+d e".to_string(),
+            "a%2Fb%22c%2Bd%20e".to_string(),
+            "a%2fb%22c%2bd%20e".to_string(),
+            "a%2Fb%22c%2Bd+e".to_string(),
+            "a/b%22c%2Bd%20e".to_string(),
+            "a/b\\\"c+d e".to_string(),
+            "a\\/b\\\"c+d e".to_string(),
+            base64::engine::general_purpose::STANDARD.encode("a/b\"c+d e"),
+            base64::engine::general_purpose::STANDARD.encode("user:a/b\"c+d e"),
         ] {
             let (out, n) = whole(&s, format!("<{form}>").as_bytes());
             assert_eq!(n, 1, "{form}");

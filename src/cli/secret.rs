@@ -81,10 +81,13 @@ pub(super) fn remove(paths: &Paths, name: &str) -> anyhow::Result<()> {
     check_name("secret", name)?;
     let state = paths.state_dir()?;
     let key = MasterKey::load(&state)?;
-    let removed = Store::update(&state, &key, |store| store.entries.remove(name).is_some())?;
-    if !removed {
+    if !Store::read(&state.store(), &key)?
+        .entries
+        .contains_key(name)
+    {
         bail!("no secret named {name:?} in the store");
     }
+    Store::update(&state, &key, |store| store.entries.remove(name))?;
     eprintln!("secret {name:?} removed");
     Ok(())
 }

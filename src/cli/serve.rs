@@ -151,9 +151,19 @@ pub(super) fn explain(paths: &Paths, agent: &str, method: &str, url: &str) -> an
     let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
         bail!("give an absolute URL, e.g. http://127.0.0.1:8080/openai/v1/chat/completions");
     };
+    super::check_name("agent", agent)?;
     let https = scheme.eq_ignore_ascii_case("https");
     let host = normalize_host(authority.host());
+    if authority.port().is_some() && authority.port_u16().is_none() {
+        bail!("invalid port in {url:?}");
+    }
     let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+    // Only a URL on sidekey's own address is a gateway URL; any other host
+    // is a destination in its own right, whatever its path looks like.
+    let gateway = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip == config.listen.ip() || ip.is_unspecified());
 
     // An upstream URL names its route by origin; a gateway URL by its first segment.
     let by_origin = config.routes.values().find(|r| {
@@ -168,7 +178,7 @@ pub(super) fn explain(paths: &Paths, agent: &str, method: &str, url: &str) -> an
             Some(route.clone()),
             &uri.path()[route.upstream.base_path.len()..],
         ),
-        None => {
+        None if gateway => {
             let trimmed = uri.path().trim_start_matches('/');
             let (name, rest) = match trimmed.find('/') {
                 Some(i) => (&trimmed[..i], &trimmed[i..]),
@@ -176,9 +186,10 @@ pub(super) fn explain(paths: &Paths, agent: &str, method: &str, url: &str) -> an
             };
             match config.routes.get(name) {
                 Some(route) => ("reverse", Some(route.clone()), rest),
-                None => ("forward", None, uri.path()),
+                None => ("reverse", None, uri.path()),
             }
         }
+        None => ("forward", None, uri.path()),
     };
     let rest = if rest.is_empty() { "/" } else { rest };
     println!("agent:    {agent}");
@@ -211,6 +222,7 @@ pub(super) fn explain(paths: &Paths, agent: &str, method: &str, url: &str) -> an
         host: &dest_host,
         port: dest_port,
         method: &method,
+        overrides: &[],
         path: &path,
     });
     let rule = decision.rule.as_deref().unwrap_or("none (default deny)");

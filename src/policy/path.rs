@@ -39,7 +39,12 @@ pub enum PathError {
     NotUtf8,
     #[error("path contains a control character")]
     Control,
+    #[error("path has more than {MAX_SEGMENTS} segments")]
+    TooLong,
 }
+
+/// No real API nests deeper; the cap bounds the work one request can cause.
+pub const MAX_SEGMENTS: usize = 256;
 
 /// A decoded, normalised path: no `.`/`..` segments, no empty inner segments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +92,9 @@ pub fn normalize(raw: &str) -> Result<NormalPath, PathError> {
         return Err(PathError::EncodedSeparator);
     }
     let pieces: Vec<&str> = rest.split('/').collect();
+    if pieces.len() > MAX_SEGMENTS {
+        return Err(PathError::TooLong);
+    }
     let last = pieces.len() - 1;
     let mut segments = Vec::with_capacity(pieces.len());
     for (i, piece) in pieces.iter().enumerate() {
@@ -179,26 +187,64 @@ impl PathPattern {
         &self.text
     }
 
+    /// Exact match, for allow rules: an allow grants only what it names.
     pub fn matches(&self, path: &NormalPath) -> bool {
-        match_segments(&self.segments, path.segments())
+        match_segments(&self.segments, path.segments(), false)
+    }
+
+    /// Loose match, for deny rules: a deny also covers the spellings that
+    /// some servers read as the same resource (a `;param`, a trailing slash,
+    /// other letter case), so a denied path cannot be reached by respelling it.
+    pub fn matches_loosely(&self, path: &NormalPath) -> bool {
+        let mut loose: Vec<&str> = path
+            .segments()
+            .iter()
+            .map(|s| s.split(';').next().unwrap_or_default())
+            .collect();
+        if loose.last().is_some_and(|s| s.is_empty()) {
+            loose.pop();
+        }
+        match_segments(&self.segments, &loose, true)
     }
 }
 
-fn match_segments(globs: &[Glob], segments: &[String]) -> bool {
-    match globs.split_first() {
-        None => segments.is_empty(),
-        Some((Glob::Any, rest)) => {
-            (0..=segments.len()).any(|skip| match_segments(rest, &segments[skip..]))
+/// Matches in O(globs × segments): `reachable[j]` says whether the globs
+/// seen so far can consume exactly the first `j` segments. Backtracking over
+/// several `**` would be exponential in the worst case, and the path is the
+/// agent's to choose.
+fn match_segments<S: AsRef<str>>(globs: &[Glob], segments: &[S], fold_case: bool) -> bool {
+    let n = segments.len();
+    let mut reachable = vec![false; n + 1];
+    reachable[0] = true;
+    for glob in globs {
+        let mut next = vec![false; n + 1];
+        match glob {
+            Glob::Any => {
+                let mut any = false;
+                for j in 0..=n {
+                    any |= reachable[j];
+                    next[j] = any;
+                }
+            }
+            Glob::Segment(parts) => {
+                for j in 0..n {
+                    if reachable[j] && match_glob(parts, segments[j].as_ref(), fold_case) {
+                        next[j + 1] = true;
+                    }
+                }
+            }
         }
-        Some((Glob::Segment(parts), rest)) => match segments.split_first() {
-            Some((segment, tail)) => match_glob(parts, segment) && match_segments(rest, tail),
-            None => false,
-        },
+        reachable = next;
     }
+    reachable[n]
 }
 
 /// Matches one segment against literal parts separated by `*`.
-fn match_glob(parts: &[String], segment: &str) -> bool {
+fn match_glob(parts: &[String], segment: &str, fold_case: bool) -> bool {
+    if fold_case {
+        let parts: Vec<String> = parts.iter().map(|p| p.to_lowercase()).collect();
+        return match_glob(&parts, &segment.to_lowercase(), false);
+    }
     if parts.len() == 1 {
         return parts[0] == segment;
     }
@@ -306,6 +352,36 @@ mod tests {
             }
         }
         assert!(matches("/v1/**", "/v1/%2e/x"));
+    }
+
+    #[test]
+    fn loose_matching_covers_respellings_for_deny() {
+        let deny = PathPattern::parse("/v1/models/secret").unwrap();
+        for path in [
+            "/v1/models/secret/",
+            "/v1/models/secret;x",
+            "/v1/Models/SECRET",
+            "/v1;a/models/secret",
+        ] {
+            let path = normalize(path).unwrap();
+            assert!(deny.matches_loosely(&path), "{path:?}");
+            assert!(!deny.matches(&path), "{path:?}");
+        }
+    }
+
+    #[test]
+    fn many_double_stars_stay_linear() {
+        let pattern = PathPattern::parse("/**/a/**/a/**/a/**/end").unwrap();
+        let path = normalize(&"/a".repeat(MAX_SEGMENTS - 1)).unwrap();
+        let started = std::time::Instant::now();
+        assert!(!pattern.matches(&path));
+        assert!(!pattern.matches_loosely(&path));
+        // Not a timing assertion on speed, only a guard against exponential blow-up.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(
+            normalize(&"/a".repeat(MAX_SEGMENTS + 1)),
+            Err(PathError::TooLong)
+        );
     }
 
     #[test]

@@ -34,6 +34,7 @@ fn decide(policy: &Policy, agent: &str, route: &str, method: Method, path: &str)
         host,
         port: 443,
         method: &method,
+        overrides: &[],
         path: &path,
     })
 }
@@ -66,7 +67,7 @@ action = "allow"
 [[rules]]
 name = "github-anywhere"
 agents = ["*"]
-host = "*.github.com"
+host = "github.com"
 action = "allow"
 "#,
     );
@@ -144,8 +145,32 @@ action = "allow"
             false,
             None,
         ),
-        // a host rule does not match a route's apex host
+        // a host allow rule never grants a route, even on its host
         ("ci", "git", Method::GET, "/x", false, None),
+        (
+            "coder",
+            "openai",
+            Method::POST,
+            "/v1/models/secret/",
+            false,
+            Some("no-admin"),
+        ),
+        (
+            "coder",
+            "openai",
+            Method::POST,
+            "/v1/models/secret;x",
+            false,
+            Some("no-admin"),
+        ),
+        (
+            "coder",
+            "openai",
+            Method::POST,
+            "/v1/models/Secret",
+            false,
+            Some("no-admin"),
+        ),
     ];
     for (agent, route, method, path, allowed, rule) in cases {
         let d = decide(&p, agent, route, method.clone(), path);
@@ -175,4 +200,33 @@ fn host_patterns() {
     for bad in ["", "*.", "a..b", "ex ample.com", "*.*.com", "a/b"] {
         assert!(HostPattern::parse(bad).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn method_overrides_must_be_allowed_too() {
+    let p = policy(
+        r#"
+[[rules]]
+agents = ["coder"]
+route = "openai"
+methods = ["POST"]
+action = "allow"
+"#,
+    );
+    let path = path::normalize("/v1/x").unwrap();
+    let req = |overrides: &[Method]| {
+        p.check(&Request {
+            agent: "coder",
+            route: Some("openai"),
+            host: "api.openai.com",
+            port: 443,
+            method: &Method::POST,
+            overrides,
+            path: &path,
+        })
+        .allowed
+    };
+    assert!(req(&[]));
+    assert!(req(&[Method::POST]));
+    assert!(!req(&[Method::DELETE]));
 }

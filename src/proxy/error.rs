@@ -59,8 +59,8 @@ pub enum ProxyError {
     Upstream { host: String, cause: String },
     #[error("upstream {host} did not answer in time")]
     UpstreamTimeout { host: String },
-    #[error("upstream {host} sent a {encoding}-encoded body, which cannot be scrubbed")]
-    Unscrubbable { host: String, encoding: String },
+    #[error("upstream {host} sent an encoded (compressed) body, which cannot be scrubbed")]
+    Unscrubbable { host: String },
 }
 
 impl ProxyError {

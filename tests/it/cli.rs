@@ -683,8 +683,6 @@ fn explain_shows_the_decision_and_rule_without_sending() {
 }
 
 #[test]
-#[ignore = "bug: explain treats any URL whose first path segment names a route as a gateway URL, \
-            whatever its host, so a request to another host is shown with the route's credential"]
 fn explain_does_not_route_a_foreign_host_by_its_first_path_segment() {
     let upstream = Upstream::http();
     let env = TestEnv::new(&format!(

@@ -575,3 +575,124 @@ pub fn decode_claims(token: &str) -> serde_json::Value {
         .unwrap();
     serde_json::from_slice(&bytes).unwrap()
 }
+
+#[test]
+fn agent_tricks_to_smuggle_or_steer_are_neutralised() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.api]
+source = "store"
+[routes.keyed]
+upstream = "{base}"
+allow_private = true
+inject = {{ header = "x-api-key", secret = "api" }}
+[routes.other]
+upstream = "{base}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+
+[[rules]]
+agents = ["coder"]
+route = "keyed"
+methods = ["POST", "GET"]
+action = "allow"
+[[rules]]
+name = "open-egress"
+agents = ["*"]
+host = "*"
+action = "allow"
+[[rules]]
+agents = ["*"]
+route = "keyed"
+paths = ["/admin/**"]
+action = "deny"
+"#,
+        base = upstream.base()
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let proxy_auth = format!("Proxy-Authorization: Bearer {token}");
+
+    // The token sent in a second place and an underscore spelling of the
+    // slot never reach the upstream.
+    let (status, _) = curl(&[
+        "-H",
+        &proxy_auth,
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-H",
+        "x_api_key: agent-own-key",
+        &sidekey.url(&format!("/keyed/v1/x?a=1&t={token}")),
+    ]);
+    assert_eq!(status, 200);
+    let seen = upstream.last();
+    assert_eq!(seen.header_all("x-api-key"), vec![SECRET]);
+    assert!(seen.header("x_api_key").is_none(), "{:?}", seen.headers);
+    assert!(
+        !seen.uri.contains(&token) && seen.uri == "/v1/x?a=1",
+        "{}",
+        seen.uri
+    );
+    assert!(
+        !seen.headers.iter().any(|(_, v)| v.contains(&token)),
+        "{:?}",
+        seen.headers
+    );
+
+    // A method override must be allowed like the method itself.
+    let (status, text) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &proxy_auth,
+        "-H",
+        "X-HTTP-Method-Override: DELETE",
+        &sidekey.url("/keyed/v1/x"),
+    ]);
+    assert_eq!(status, 403, "{text}");
+
+    // A deny cannot be dodged by respelling the path.
+    for path in [
+        "/keyed/admin/users;x",
+        "/keyed/Admin/users",
+        "/keyed/admin;a/users/",
+    ] {
+        let (status, text) = curl(&["--path-as-is", "-H", &proxy_auth, &sidekey.url(path)]);
+        assert_eq!(status, 403, "{path}: {text}");
+    }
+
+    // A host rule for "any destination" never grants a credentialed route.
+    let stranger = env.token("stranger");
+    let (status, _) = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {stranger}"),
+        &sidekey.url("/other/v1/x"),
+    ]);
+    assert_eq!(status, 403);
+
+    // HTTP/2 with prior knowledge reaches the gateway too.
+    let (status, text) = curl(&[
+        "--http2-prior-knowledge",
+        "-H",
+        &proxy_auth,
+        &sidekey.url("/keyed/v1/h2"),
+    ]);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(upstream.last().header("x-api-key"), Some(SECRET));
+
+    // A forged token gets the same answer whether or not the route exists.
+    let junk = "x-api-key: eyJhbGciOiJFZERTQSJ9.e30.AAAA";
+    let (known, known_text) = curl(&["-H", junk, &sidekey.url("/keyed/v1/x")]);
+    let (unknown, unknown_text) = curl(&["-H", junk, &sidekey.url("/nosuch/v1/x")]);
+    assert_eq!((known, unknown), (401, 401));
+    let message = |t: &str| {
+        t.split("\"message\":")
+            .nth(1)
+            .map(|m| m.split(',').next().unwrap().to_string())
+    };
+    assert_eq!(message(&known_text), message(&unknown_text));
+    assert_no_leak(&sidekey.stderr(), SECRET, "stderr");
+    assert_no_leak(&env.audit_text(), &token, "audit");
+}
