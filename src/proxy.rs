@@ -63,18 +63,17 @@ impl Proxy {
         Self { live, verifier }
     }
 
-    pub fn live(&self) -> &Arc<Live> {
-        &self.live
-    }
-
     /// Serves one agent request. Any step may end it; every outcome is audited.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let request_id = random_id("req");
         let mode = mode_of(&req);
         let Some((snapshot, secrets)) = self.live.current() else {
-            return ProxyError::SecretUnavailable("config and secrets out of step".into())
-                .into_response(mode, &request_id);
+            let mut response =
+                ProxyError::SecretUnavailable("config and secrets out of step".into())
+                    .into_response(mode, &request_id);
+            set_request_id(&mut response, &request_id);
+            return response;
         };
         let mut event = AuditEvent {
             ts: timestamp(),
@@ -123,9 +122,7 @@ impl Proxy {
                 response = ProxyError::AuditUnavailable.into_response(mode, &request_id);
             }
         }
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert("x-sidekey-request-id", value);
-        }
+        set_request_id(&mut response, &request_id);
         response
     }
 
@@ -363,6 +360,12 @@ impl Proxy {
             parts,
             Scrubbed::new(body, scrubber).boxed(),
         ))
+    }
+}
+
+fn set_request_id(response: &mut Response<Body>, request_id: &str) {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert("x-sidekey-request-id", value);
     }
 }
 
