@@ -17,11 +17,24 @@ use crate::secret::Secret;
 pub const REDACTED: &[u8] = b"[REDACTED]";
 
 /// The patterns of one set of secrets. The default scrubs nothing.
-#[derive(Default)]
 pub struct Scrubber {
     automaton: Option<AhoCorasick>,
     patterns: Vec<Zeroizing<Vec<u8>>>,
     longest: usize,
+    /// Bytes some pattern starts with, so the end-of-chunk check skips
+    /// every position that cannot begin a secret.
+    starts: Box<[bool; 256]>,
+}
+
+impl Default for Scrubber {
+    fn default() -> Self {
+        Self {
+            automaton: None,
+            patterns: Vec::new(),
+            longest: 0,
+            starts: Box::new([false; 256]),
+        }
+    }
 }
 
 impl std::fmt::Debug for Scrubber {
@@ -108,6 +121,10 @@ impl Scrubber {
         patterns.sort_by(|a, b| a.as_slice().cmp(b.as_slice()));
         patterns.dedup_by(|a, b| a.as_slice() == b.as_slice());
         let longest = patterns.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut starts = Box::new([false; 256]);
+        for p in &patterns {
+            starts[usize::from(p[0])] = true;
+        }
         let automaton = if patterns.is_empty() {
             None
         } else {
@@ -121,6 +138,7 @@ impl Scrubber {
             automaton,
             patterns,
             longest,
+            starts,
         })
     }
 
@@ -153,6 +171,9 @@ impl Scrubber {
         let from = buf.len().saturating_sub(self.longest.saturating_sub(1));
         (from..buf.len())
             .find(|&start| {
+                if !self.starts[usize::from(buf[start])] {
+                    return false;
+                }
                 let tail = &buf[start..];
                 self.patterns
                     .iter()
