@@ -21,6 +21,7 @@ pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod egress;
 pub mod identity;
 pub mod inject;
 pub mod listen;

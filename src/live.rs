@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError, Problem, Slot};
 use crate::policy::Policy;
-use crate::proxy::upstream::{self, UpstreamClient};
+use crate::proxy::upstream::Clients;
 use crate::scrub::{Scrubber, variants};
 use crate::secret::source::{SecretSource, SecretTable};
 use crate::secret::store::MasterKey;
@@ -32,7 +32,7 @@ pub const POLL: Duration = Duration::from_millis(200);
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub policy: Policy,
-    pub client: UpstreamClient,
+    pub clients: Clients,
     pub audit: Arc<AuditLog>,
 }
 
@@ -221,7 +221,7 @@ fn build_snapshot(
     if let Some(listen) = listen_override {
         config.listen = listen;
     }
-    let client = upstream::build(&config).map_err(|e| ConfigError {
+    let clients = Clients::build(&config).map_err(|e| ConfigError {
         file: config.file.display().to_string(),
         problems: vec![Problem {
             at: "tls".into(),
@@ -236,7 +236,7 @@ fn build_snapshot(
     Ok(Snapshot {
         policy: Policy::new(&config),
         config: Arc::new(config),
-        client,
+        clients,
         audit,
     })
 }

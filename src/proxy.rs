@@ -28,6 +28,7 @@ use hyper::body::Incoming;
 
 use crate::audit::{AuditEvent, timestamp};
 use crate::config::{OnFailure, Route};
+use crate::egress::Reach;
 use crate::identity::{self, Agent};
 use crate::inject;
 use crate::live::{Live, SecretView, Snapshot};
@@ -230,12 +231,23 @@ impl Proxy {
         )
         .boxed();
 
-        // 7. send
+        // 7. send, to an address sidekey resolved and checked itself
         let host = route.upstream.host.clone();
+        let reach = if route.allow_private {
+            Reach::Any
+        } else {
+            Reach::Public
+        };
+        // A route's IP literal is the operator naming that very address (the
+        // connector does not resolve literals); a name must resolve publicly
+        // unless the route sets allow_private.
         outcome.forwarded = true;
         let sent = tokio::time::timeout(
             snapshot.config.limits.upstream_timeout,
-            snapshot.client.request(Request::from_parts(parts, body)),
+            snapshot
+                .clients
+                .get(reach)
+                .request(Request::from_parts(parts, body)),
         )
         .await;
         let response = match sent {
@@ -472,6 +484,12 @@ fn upstream_error(
     while let Some(e) = source {
         if e.is::<http_body_util::LengthLimitError>() {
             return ProxyError::BodyTooLarge(max_body);
+        }
+        // The guarded resolver refused every address of the name.
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            return ProxyError::Forbidden(io.to_string());
         }
         source = e.source();
     }

@@ -49,6 +49,8 @@ pub enum ProxyError {
     BadPath(#[from] PathError),
     #[error("denied by {}", rule.as_deref().unwrap_or("default deny"))]
     Denied { rule: Option<String> },
+    #[error("destination refused: {0}")]
+    Forbidden(String),
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
     #[error("{0}")]
@@ -72,7 +74,7 @@ impl ProxyError {
             Self::Identity(_) => "unauthenticated",
             Self::RouteNotFound(_) => "route_not_found",
             Self::BadRequest(_) | Self::BadPath(_) => "bad_request",
-            Self::Denied { .. } => "policy_denied",
+            Self::Denied { .. } | Self::Forbidden(_) => "policy_denied",
             Self::BodyTooLarge(_) => "request_too_large",
             Self::SecretUnavailable(_) => "secret_unavailable",
             Self::AuditUnavailable => "audit_unavailable",
@@ -87,7 +89,7 @@ impl ProxyError {
             Self::Identity(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
-            Self::Denied { .. } => StatusCode::FORBIDDEN,
+            Self::Denied { .. } | Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::SecretUnavailable(_) | Self::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream { .. } | Self::Unscrubbable { .. } => StatusCode::BAD_GATEWAY,
@@ -105,6 +107,7 @@ impl ProxyError {
             | Self::BadRequest(_)
             | Self::BadPath(_)
             | Self::Denied { .. }
+            | Self::Forbidden(_)
             | Self::BodyTooLarge(_) => Fault::Caller,
             Self::Upstream { .. } | Self::UpstreamTimeout { .. } | Self::Unscrubbable { .. } => {
                 Fault::Upstream

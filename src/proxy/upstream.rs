@@ -10,10 +10,35 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 
 use crate::config::Config;
+use crate::egress::{GuardedResolver, Reach};
 
 use super::body::Body;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Body>;
+
+/// One pooled client per reach, so a connection opened for a destination
+/// allowed to be private is never reused for one that is not.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    public: UpstreamClient,
+    any: UpstreamClient,
+}
+
+impl Clients {
+    pub fn build(config: &Config) -> Result<Self, ClientError> {
+        Ok(Self {
+            public: build(config, Reach::Public)?,
+            any: build(config, Reach::Any)?,
+        })
+    }
+
+    pub fn get(&self, reach: Reach) -> &UpstreamClient {
+        match reach {
+            Reach::Public => &self.public,
+            Reach::Any => &self.any,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -59,14 +84,14 @@ pub fn root_store(config: &Config) -> Result<RootCertStore, ClientError> {
     Ok(roots)
 }
 
-pub fn build(config: &Config) -> Result<UpstreamClient, ClientError> {
+fn build(config: &Config, reach: Reach) -> Result<UpstreamClient, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?
         .with_root_certificates(root_store(config)?)
         .with_no_client_auth();
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver { reach });
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.limits.connect_timeout));

@@ -696,3 +696,48 @@ action = "deny"
     assert_no_leak(&sidekey.stderr(), SECRET, "stderr");
     assert_no_leak(&env.audit_text(), &token, "audit");
 }
+
+#[test]
+fn a_route_name_resolving_to_loopback_is_refused_without_allow_private() {
+    let upstream = Upstream::http();
+    let base = format!("http://localhost:{}", upstream.addr.port());
+    let config = |allow: bool| {
+        format!(
+            r#"
+[secrets.api]
+source = "store"
+[routes.echo]
+upstream = "{base}"
+allow_private = {allow}
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+[[rules]]
+agents = ["coder"]
+route = "echo"
+action = "allow"
+"#
+        )
+    };
+    let env = TestEnv::new(&config(false));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(res.headers()["x-sidekey-error"], "policy_denied");
+    assert!(res.text().unwrap().contains("loopback"));
+    assert_eq!(upstream.count(), 0);
+
+    env.write_config(&config(true));
+    env.ok(&["reload"], None);
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(upstream.count(), 1);
+}
