@@ -83,10 +83,13 @@ pub struct Request<'a> {
 }
 
 /// The outcome, with the rule that decided it (`None`: no rule matched).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Decision {
     pub allowed: bool,
     pub rule: Option<String>,
+    /// The allowing rule lets its destination resolve to private addresses:
+    /// it sets `allow_private`, or it names the destination IP literally.
+    pub private_ok: bool,
 }
 
 /// The rules of one config version.
@@ -113,6 +116,7 @@ impl Policy {
                     return Decision {
                         allowed: false,
                         rule: Some(rule.label.clone()),
+                        private_ok: false,
                     };
                 }
                 Action::Allow => {
@@ -123,6 +127,11 @@ impl Policy {
         Decision {
             allowed: allow.is_some(),
             rule: allow.map(|r| r.label.clone()),
+            private_ok: allow.is_some_and(|r| {
+                r.allow_private
+                    || matches!(&r.target, Target::Host { pattern: HostPattern::Exact(h), .. }
+                        if h == req.host && h.parse::<std::net::IpAddr>().is_ok())
+            }),
         }
     }
 }

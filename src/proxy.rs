@@ -13,6 +13,7 @@
 
 pub mod body;
 pub mod error;
+mod reverse;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use crate::egress::Reach;
 use crate::identity::{self, Agent};
 use crate::inject;
 use crate::live::{Live, SecretView, Snapshot};
-use crate::policy::{self, path::normalize};
+use crate::policy;
 use crate::scrub::Scrubber;
 use crate::token::{Verifier, random_id};
 
@@ -59,6 +60,91 @@ struct Outcome {
     redactions: u64,
 }
 
+/// One request on its way through: the versions it uses and what its audit
+/// record will say.
+struct Flow<'a> {
+    snapshot: &'a Snapshot,
+    secrets: &'a SecretView,
+    event: AuditEvent,
+    outcome: Outcome,
+}
+
+impl Flow<'_> {
+    fn set_agent(&mut self, agent: &Agent) {
+        self.event.agent = Some(agent.name.clone());
+        self.event.session = Some(agent.session.clone());
+        self.event.token_id = Some(agent.token_id.clone());
+    }
+
+    /// Step 4: the policy decision, recorded; a refusal is an error.
+    fn authorize(
+        &mut self,
+        agent: &Agent,
+        route: Option<&str>,
+        host: &str,
+        port: u16,
+        parts: &http::request::Parts,
+        path: &policy::NormalPath,
+    ) -> Result<policy::Decision, ProxyError> {
+        let overrides = method_overrides(&parts.headers)?;
+        let decision = self.snapshot.policy.check(&policy::Request {
+            agent: &agent.name,
+            route,
+            host,
+            port,
+            method: &parts.method,
+            overrides: &overrides,
+            path,
+        });
+        self.event.rule = decision.rule.clone();
+        if !decision.allowed {
+            return Err(ProxyError::Denied {
+                rule: decision.rule,
+            });
+        }
+        Ok(decision)
+    }
+}
+
+/// Where an authorized request goes and what it carries.
+struct Plan {
+    /// The route whose credential is injected; `None` sends none.
+    route: Option<Arc<Route>>,
+    https: bool,
+    host: String,
+    port: u16,
+    /// The route's path prefix; empty without a route.
+    base_path: String,
+    path: policy::NormalPath,
+    reach: Reach,
+    /// The agent token, removed from wherever it appears.
+    token: String,
+}
+
+impl Plan {
+    fn uri(&self, query: Option<&str>) -> Result<Uri, ProxyError> {
+        let upstream = crate::config::Upstream {
+            https: self.https,
+            host: self.host.clone(),
+            port: self.port,
+            base_path: String::new(),
+        };
+        let mut target = upstream.origin();
+        target.push_str(&self.base_path);
+        // `/route` alone goes to the base path itself.
+        if !(self.path.segments().is_empty() && !self.base_path.is_empty()) {
+            target.push_str(&self.path.encoded());
+        }
+        if let Some(query) = query {
+            target.push('?');
+            target.push_str(query);
+        }
+        target.parse().map_err(|_| {
+            ProxyError::BadRequest("the request cannot be forwarded as a valid URL".into())
+        })
+    }
+}
+
 impl Proxy {
     pub fn new(live: Arc<Live>, verifier: Verifier) -> Self {
         Self { live, verifier }
@@ -76,7 +162,7 @@ impl Proxy {
             set_request_id(&mut response, &request_id);
             return response;
         };
-        let mut event = AuditEvent {
+        let event = AuditEvent {
             ts: timestamp(),
             request_id: request_id.clone(),
             mode: mode.as_str(),
@@ -86,17 +172,19 @@ impl Proxy {
             reason: "ok",
             ..AuditEvent::default()
         };
-        let mut outcome = Outcome {
-            forwarded: false,
-            bytes_in: Arc::new(AtomicU64::new(0)),
-            bytes_out: 0,
-            redactions: 0,
+        let mut flow = Flow {
+            snapshot: &snapshot,
+            secrets: &secrets,
+            event,
+            outcome: Outcome {
+                forwarded: false,
+                bytes_in: Arc::new(AtomicU64::new(0)),
+                bytes_out: 0,
+                redactions: 0,
+            },
         };
         let result = match mode {
-            Mode::Reverse => {
-                self.reverse(&snapshot, &secrets, req, &mut event, &mut outcome)
-                    .await
-            }
+            Mode::Reverse => self.reverse(&mut flow, req).await,
             _ => Err(ProxyError::BadRequest(
                 "forward proxying (absolute-form and CONNECT) is not supported yet; \
                  use the reverse gateway: http://<sidekey>/<route>/<path>"
@@ -106,11 +194,14 @@ impl Proxy {
         let mut response = match result {
             Ok(response) => response,
             Err(e) => {
-                event.reason = e.code();
+                flow.event.reason = e.code();
                 log_refusal(&e, &request_id);
                 e.into_response(mode, &request_id)
             }
         };
+        let Flow {
+            mut event, outcome, ..
+        } = flow;
         event.decision = if outcome.forwarded { "allow" } else { "deny" };
         event.status = response.status().as_u16();
         event.bytes_in = outcome.bytes_in.load(Ordering::Relaxed);
@@ -127,67 +218,24 @@ impl Proxy {
         response
     }
 
-    async fn reverse(
+    /// Steps 5 to 8, shared by every mode once the request is authorized:
+    /// secret, inject, send to the planned destination, scrub.
+    async fn deliver(
         &self,
-        snapshot: &Snapshot,
-        secrets: &SecretView,
-        req: Request<Incoming>,
-        event: &mut AuditEvent,
-        outcome: &mut Outcome,
+        flow: &mut Flow<'_>,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        plan: Plan,
     ) -> Result<Response<Body>, ProxyError> {
-        let (mut parts, body) = req.into_parts();
-        let (route_name, rest) = split_route(parts.uri.path());
-        let route = snapshot.config.routes.get(route_name).cloned();
-
-        // 1. identity
-        let (agent, token) = match route.as_ref() {
-            Some(route) => {
-                let slot = route.inject.as_ref().map(|i| &i.slot);
-                self.identify(&parts.headers, parts.uri.query(), slot)?
-            }
-            None => self.identify_unrouted(snapshot, &parts.headers, parts.uri.query())?,
-        };
-        event.agent = Some(agent.name.clone());
-        event.session = Some(agent.session.clone());
-        event.token_id = Some(agent.token_id.clone());
-
-        // 2. route
-        let route = route.ok_or_else(|| ProxyError::RouteNotFound(route_name.to_string()))?;
-        event.route = Some(route.name.clone());
-        event.host = Some(route.upstream.host.clone());
-        event.port = Some(route.upstream.port);
-
-        // 3. path
-        let path = normalize(rest)?;
-        event.path = format!("{}{}", route.upstream.base_path, path.decoded());
-
-        // 4. policy
-        let overrides = method_overrides(&parts.headers)?;
-        let decision = snapshot.policy.check(&policy::Request {
-            agent: &agent.name,
-            route: Some(&route.name),
-            host: &route.upstream.host,
-            port: route.upstream.port,
-            method: &parts.method,
-            overrides: &overrides,
-            path: &path,
-        });
-        event.rule = decision.rule.clone();
-        if !decision.allowed {
-            return Err(ProxyError::Denied {
-                rule: decision.rule,
-            });
-        }
-        let max_body = snapshot.config.limits.max_body_bytes;
+        let max_body = flow.snapshot.config.limits.max_body_bytes;
         if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
             return Err(ProxyError::BodyTooLarge(max_body));
         }
-
         // 5. secret
-        let credential = match &route.inject {
+        let credential = match plan.route.as_ref().and_then(|r| r.inject.as_ref()) {
             Some(inject) => {
-                event.secret = Some(inject.secret.clone());
-                let secret = secrets.table.get(&inject.secret).map_err(|e| {
+                flow.event.secret = Some(inject.secret.clone());
+                let secret = flow.secrets.table.get(&inject.secret).map_err(|e| {
                     tracing::error!(error = %e, "secret unavailable");
                     ProxyError::SecretUnavailable(e.to_string())
                 })?;
@@ -195,7 +243,8 @@ impl Proxy {
             }
             None => None,
         };
-        if snapshot.audit.on_failure() == OnFailure::Deny && !snapshot.audit.is_healthy() {
+        if flow.snapshot.audit.on_failure() == OnFailure::Deny && !flow.snapshot.audit.is_healthy()
+        {
             // Do not spend a credential on a request that cannot be audited.
             return Err(ProxyError::AuditUnavailable);
         }
@@ -203,50 +252,42 @@ impl Proxy {
         // 6. inject
         let query = inject::query(
             parts.uri.query(),
-            &token,
+            &plan.token,
             credential
                 .as_ref()
                 .map(|(inject, secret)| (&inject.slot, secret.as_ref())),
         );
         inject::strip_hop_by_hop(&mut parts.headers);
-        inject::strip_token(&mut parts.headers, &token);
+        inject::strip_token(&mut parts.headers, &plan.token);
         parts.headers.remove(header::HOST);
         if let Some((inject, secret)) = &credential {
             inject::headers(&mut parts.headers, &inject.slot, &inject.secret, secret)
                 .map_err(|e| ProxyError::SecretUnavailable(e.to_string()))?;
         }
-        if !secrets.scrubber.is_empty() {
+        if !flow.secrets.scrubber.is_empty() {
             // A compressed echo would hide the secret from the scrubber.
             parts.headers.insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
             );
         }
-        parts.uri = upstream_uri(&route, &path, query.as_deref())?;
+        parts.uri = plan.uri(query.as_deref())?;
         parts.version = http::Version::HTTP_11;
         let head_only = parts.method == Method::HEAD;
         let body = Counted::new(
             Limited::new(body, max_body as usize),
-            outcome.bytes_in.clone(),
+            flow.outcome.bytes_in.clone(),
         )
         .boxed();
 
         // 7. send, to an address sidekey resolved and checked itself
-        let host = route.upstream.host.clone();
-        let reach = if route.allow_private {
-            Reach::Any
-        } else {
-            Reach::Public
-        };
-        // A route's IP literal is the operator naming that very address (the
-        // connector does not resolve literals); a name must resolve publicly
-        // unless the route sets allow_private.
-        outcome.forwarded = true;
+        let host = plan.host.clone();
+        flow.outcome.forwarded = true;
         let sent = tokio::time::timeout(
-            snapshot.config.limits.upstream_timeout,
-            snapshot
+            flow.snapshot.config.limits.upstream_timeout,
+            flow.snapshot
                 .clients
-                .get(reach)
+                .get(plan.reach)
                 .request(Request::from_parts(parts, body)),
         )
         .await;
@@ -257,8 +298,8 @@ impl Proxy {
         };
 
         // 8. scrub
-        let scrubber = secrets.scrubber.clone();
-        self.respond(snapshot, response, scrubber, head_only, host, outcome)
+        let scrubber = flow.secrets.scrubber.clone();
+        self.respond(flow, response, scrubber, head_only, host)
             .await
     }
 
@@ -276,47 +317,15 @@ impl Proxy {
         Ok((agent, token))
     }
 
-    /// For a route that does not exist the token may sit in any route's slot;
-    /// trying them all lets an authenticated agent learn it typed a wrong
-    /// route (404) while a stranger still learns nothing (401).
-    fn identify_unrouted(
-        &self,
-        snapshot: &Snapshot,
-        headers: &HeaderMap,
-        query: Option<&str>,
-    ) -> Result<(Agent, String), ProxyError> {
-        let bearer = crate::config::Slot::Header {
-            name: header::AUTHORIZATION,
-            prefix: "Bearer ".into(),
-            suffix: String::new(),
-        };
-        let slots = snapshot
-            .config
-            .routes
-            .values()
-            .filter_map(|r| r.inject.as_ref().map(|i| &i.slot));
-        // Report what a known route would have: a token found but refused
-        // outranks "no token", so the answer does not reveal whether the route exists.
-        let mut refusal = ProxyError::Identity(identity::IdentityError::Missing);
-        for slot in std::iter::once(&bearer).chain(slots) {
-            match self.identify(headers, query, Some(slot)) {
-                Ok(found) => return Ok(found),
-                Err(ProxyError::Identity(identity::IdentityError::Missing)) => {}
-                Err(e) => refusal = e,
-            }
-        }
-        Err(refusal)
-    }
-
     async fn respond(
         &self,
-        snapshot: &Snapshot,
+        flow: &mut Flow<'_>,
         response: Response<Incoming>,
         scrubber: Arc<Scrubber>,
         head_only: bool,
         host: String,
-        outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError> {
+        let outcome = &mut flow.outcome;
         let (mut parts, body) = response.into_parts();
         // The agent's connection has its own version; hyper picks the framing.
         parts.version = http::Version::default();
@@ -341,7 +350,7 @@ impl Proxy {
         let length = declared_length(&parts.headers);
         if length.is_some_and(|len| len <= WHOLE_BODY_LIMIT) {
             let collected =
-                tokio::time::timeout(snapshot.config.limits.upstream_timeout, body.collect())
+                tokio::time::timeout(flow.snapshot.config.limits.upstream_timeout, body.collect())
                     .await
                     .map_err(|_| ProxyError::UpstreamTimeout { host: host.clone() })?
                     .map_err(|e| ProxyError::Upstream {
@@ -437,42 +446,11 @@ fn mode_of<B>(req: &Request<B>) -> Mode {
     }
 }
 
-/// `/openai/v1/chat` -> (`openai`, `/v1/chat`); `/openai` -> (`openai`, `/`).
-fn split_route(path: &str) -> (&str, &str) {
-    let rest = path.strip_prefix('/').unwrap_or(path);
-    match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    }
-}
-
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-}
-
-fn upstream_uri(
-    route: &Route,
-    path: &policy::NormalPath,
-    query: Option<&str>,
-) -> Result<Uri, ProxyError> {
-    let upstream = &route.upstream;
-    let mut target = upstream.origin();
-    target.push_str(&upstream.base_path);
-    if path.segments().is_empty() && !upstream.base_path.is_empty() {
-        // `/route` alone goes to the base path itself.
-    } else {
-        target.push_str(&path.encoded());
-    }
-    if let Some(query) = query {
-        target.push('?');
-        target.push_str(query);
-    }
-    target.parse().map_err(|_| {
-        ProxyError::BadRequest("the request cannot be forwarded as a valid URL".into())
-    })
 }
 
 fn upstream_error(
