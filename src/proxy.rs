@@ -132,7 +132,7 @@ impl Plan {
         let mut target = upstream.origin();
         target.push_str(&self.base_path);
         // `/route` alone goes to the base path itself.
-        if !(self.path.segments().is_empty() && !self.base_path.is_empty()) {
+        if !self.path.segments().is_empty() || self.base_path.is_empty() {
             target.push_str(&self.path.encoded());
         }
         if let Some(query) = query {
