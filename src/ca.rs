@@ -92,3 +92,91 @@ pub fn bundle_pem(state: &StateDir) -> Result<String, CaError> {
     out.push_str(&ca);
     Ok(out)
 }
+
+/// Mints leaf certificates for intercepted hosts, signed by the state dir's
+/// CA, and keeps them so a repeat handshake costs no key generation.
+pub struct LeafMinter {
+    issuer: rcgen::Issuer<'static, KeyPair>,
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+    cache: std::sync::Mutex<LeafCache>,
+}
+
+impl std::fmt::Debug for LeafMinter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeafMinter")
+    }
+}
+
+/// Hosts beyond this many are minted again when next seen.
+const LEAF_CACHE: usize = 1024;
+
+#[derive(Default)]
+struct LeafCache {
+    configs: std::collections::HashMap<String, std::sync::Arc<rustls::ServerConfig>>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl LeafMinter {
+    pub fn load(state: &StateDir) -> Result<Self, CaError> {
+        let key_path = state.ca_key();
+        let read = |path: &std::path::Path| {
+            fs::read_to_string(path).map_err(|e| CaError::Read {
+                path: path.display().to_string(),
+                cause: crate::config::describe_io(&e),
+            })
+        };
+        let key_pem = Zeroizing::new(read(&key_path)?);
+        let cert_pem = read(&state.ca_cert())?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Generate(e.to_string()))?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&cert_pem, key)
+            .map_err(|e| CaError::Generate(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            provider: std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+            cache: std::sync::Mutex::new(LeafCache::default()),
+        })
+    }
+
+    /// The TLS server config presenting a certificate for `host`.
+    pub fn server_config(
+        &self,
+        host: &str,
+    ) -> Result<std::sync::Arc<rustls::ServerConfig>, CaError> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(config) = cache.configs.get(host) {
+            return Ok(config.clone());
+        }
+        let config = std::sync::Arc::new(self.mint(host)?);
+        if cache.order.len() >= LEAF_CACHE
+            && let Some(oldest) = cache.order.pop_front()
+        {
+            cache.configs.remove(&oldest);
+        }
+        cache.order.push_back(host.to_string());
+        cache.configs.insert(host.to_string(), config.clone());
+        Ok(config)
+    }
+
+    fn mint(&self, host: &str) -> Result<rustls::ServerConfig, CaError> {
+        let gen_err = |e: rcgen::Error| CaError::Generate(e.to_string());
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let mut params = CertificateParams::new(vec![host.to_string()]).map_err(gen_err)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, host.to_string());
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(30);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| CaError::Generate(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key_der)
+            .map_err(|e| CaError::Generate(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}

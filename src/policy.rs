@@ -136,6 +136,68 @@ impl Policy {
     }
 }
 
+/// What a CONNECT may become, decided before any byte of the tunnel flows.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConnectDecision {
+    pub allowed: bool,
+    pub rule: Option<String>,
+    /// Some rule constrains methods or paths, so the tunnel must be
+    /// intercepted to enforce them even without a credential.
+    pub inspect: bool,
+    pub private_ok: bool,
+}
+
+impl Policy {
+    /// Decides a CONNECT to `host:port` (on `route` if it is a route's
+    /// origin) for `agent`. Methods and paths cannot be seen yet: a deny
+    /// that names none refuses the tunnel; any rule that names some makes
+    /// it inspected, and each request inside is decided again.
+    pub fn check_connect(
+        &self,
+        agent: &str,
+        route: Option<&str>,
+        host: &str,
+        port: u16,
+    ) -> ConnectDecision {
+        let mut out = ConnectDecision::default();
+        for rule in &self.rules {
+            let deny = rule.action == Action::Deny;
+            let target = match &rule.target {
+                Target::Route(name) => route == Some(name.as_str()),
+                Target::Host { pattern, port: p } => {
+                    (deny || route.is_none())
+                        && pattern.matches(host)
+                        && p.is_none_or(|p| p == port)
+                }
+            };
+            if !target || !rule.agents.contains(agent) {
+                continue;
+            }
+            let narrowed = rule.methods.is_some() || rule.paths.is_some();
+            match (deny, narrowed) {
+                (true, false) => {
+                    return ConnectDecision {
+                        rule: Some(rule.label.clone()),
+                        ..ConnectDecision::default()
+                    };
+                }
+                (true, true) => out.inspect = true,
+                (false, _) => {
+                    out.inspect |= narrowed;
+                    if !out.allowed {
+                        out.allowed = true;
+                        out.rule = Some(rule.label.clone());
+                        out.private_ok = rule.allow_private
+                            || matches!(&rule.target, Target::Host { pattern: HostPattern::Exact(h), .. }
+                                if h == host && h.parse::<std::net::IpAddr>().is_ok());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 fn matches(rule: &Rule, req: &Request<'_>) -> bool {
     let deny = rule.action == Action::Deny;
     let target = match &rule.target {

@@ -13,6 +13,7 @@
 
 pub mod body;
 pub mod error;
+mod forward;
 mod reverse;
 pub mod upstream;
 
@@ -28,6 +29,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::audit::{AuditEvent, timestamp};
+use crate::ca::LeafMinter;
 use crate::config::{OnFailure, Route};
 use crate::egress::Reach;
 use crate::identity::{self, Agent};
@@ -50,6 +52,7 @@ const WHOLE_BODY_LIMIT: u64 = 64 * 1024;
 pub struct Proxy {
     live: Arc<Live>,
     verifier: Verifier,
+    minter: LeafMinter,
 }
 
 /// What a request produced, for the audit record.
@@ -146,15 +149,31 @@ impl Plan {
 }
 
 impl Proxy {
-    pub fn new(live: Arc<Live>, verifier: Verifier) -> Self {
-        Self { live, verifier }
+    pub fn new(live: Arc<Live>, verifier: Verifier, minter: LeafMinter) -> Self {
+        Self {
+            live,
+            verifier,
+            minter,
+        }
     }
 
     /// Serves one agent request. Any step may end it; every outcome is audited.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        self.handle_in(req, None).await
+    }
+
+    /// Serves a request on the listener, or inside an intercepted tunnel.
+    async fn handle_in(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        tunnel: Option<&forward::Tunnel>,
+    ) -> Response<Body> {
         let started = Instant::now();
         let request_id = random_id("req");
-        let mode = mode_of(&req);
+        let mode = match tunnel {
+            Some(_) => Mode::Intercept,
+            None => mode_of(&req),
+        };
         let Some((snapshot, secrets)) = self.live.current() else {
             let mut response =
                 ProxyError::SecretUnavailable("config and secrets out of step".into())
@@ -183,13 +202,11 @@ impl Proxy {
                 redactions: 0,
             },
         };
-        let result = match mode {
-            Mode::Reverse => self.reverse(&mut flow, req).await,
-            _ => Err(ProxyError::BadRequest(
-                "forward proxying (absolute-form and CONNECT) is not supported yet; \
-                 use the reverse gateway: http://<sidekey>/<route>/<path>"
-                    .into(),
-            )),
+        let result = match (mode, tunnel) {
+            (_, Some(tunnel)) => self.intercept(&mut flow, req, tunnel).await,
+            (Mode::Connect, None) => self.connect(&mut flow, req).await,
+            (Mode::Forward, None) => self.forward(&mut flow, req).await,
+            _ => self.reverse(&mut flow, req).await,
         };
         let mut response = match result {
             Ok(response) => response,
@@ -311,9 +328,18 @@ impl Proxy {
         slot: Option<&crate::config::Slot>,
     ) -> Result<(Agent, String), ProxyError> {
         let (token, user) = identity::find_token(headers, query, slot)?;
+        self.verify_token(token, user.as_deref())
+    }
+
+    /// Signature, expiry and revocation, checked on every request.
+    fn verify_token(
+        &self,
+        token: String,
+        user: Option<&str>,
+    ) -> Result<(Agent, String), ProxyError> {
         let revocations = self.live.revocations();
         let list = revocations.as_ref().as_ref().map_err(|_| ());
-        let agent = identity::verify(&self.verifier, list, &token, user.as_deref())?;
+        let agent = identity::verify(&self.verifier, list, &token, user)?;
         Ok((agent, token))
     }
 

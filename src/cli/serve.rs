@@ -64,7 +64,8 @@ pub(crate) async fn start(
         tokio::spawn(live.clone().watch()),
         tokio::spawn(admin::serve(admin, live.clone(), status)),
     ];
-    let proxy = Arc::new(Proxy::new(live.clone(), verifier));
+    let minter = crate::ca::LeafMinter::load(&live.state)?;
+    let proxy = Arc::new(Proxy::new(live.clone(), verifier, minter));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let server = tokio::spawn(crate::listen::serve(listener, proxy, limits, shutdown_rx));
     Ok(Running {

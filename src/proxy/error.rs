@@ -49,6 +49,8 @@ pub enum ProxyError {
     BadPath(#[from] PathError),
     #[error("denied by {}", rule.as_deref().unwrap_or("default deny"))]
     Denied { rule: Option<String> },
+    #[error("misdirected: {0}")]
+    Misdirected(String),
     #[error("destination refused: {0}")]
     Forbidden(String),
     #[error("request body larger than {0} bytes")]
@@ -73,6 +75,7 @@ impl ProxyError {
             Self::Identity(IdentityError::Token(TokenError::Revoked)) => "token_revoked",
             Self::Identity(_) => "unauthenticated",
             Self::RouteNotFound(_) => "route_not_found",
+            Self::Misdirected(_) => "misdirected",
             Self::BadRequest(_) | Self::BadPath(_) => "bad_request",
             Self::Denied { .. } | Self::Forbidden(_) => "policy_denied",
             Self::BodyTooLarge(_) => "request_too_large",
@@ -88,6 +91,7 @@ impl ProxyError {
             Self::Identity(_) if mode == Mode::Reverse => StatusCode::UNAUTHORIZED,
             Self::Identity(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::Denied { .. } | Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -104,6 +108,7 @@ impl ProxyError {
             | Self::AuditUnavailable => Fault::Sidekey,
             Self::Identity(_)
             | Self::RouteNotFound(_)
+            | Self::Misdirected(_)
             | Self::BadRequest(_)
             | Self::BadPath(_)
             | Self::Denied { .. }

@@ -242,18 +242,38 @@ pub fn client() -> reqwest::blocking::Client {
         .unwrap()
 }
 
-/// Runs curl with `args`; returns (status code, headers+body text).
+/// Runs curl with `args` straight to the server; returns (status code, headers+body text).
 pub fn curl(args: &[&str]) -> (u16, String) {
+    let mut all = vec!["--noproxy", "*"];
+    all.extend_from_slice(args);
+    curl_raw(&all)
+}
+
+/// Runs curl through `proxy` (an `http://user:token@host:port` URL).
+pub fn curl_via(proxy: &str, args: &[&str]) -> (u16, String) {
+    let mut all = vec!["--proxy", proxy];
+    all.extend_from_slice(args);
+    curl_raw(&all)
+}
+
+/// The status of the last response curl printed (after any CONNECT reply).
+fn curl_raw(args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
-        .args(["-sS", "--noproxy", "*", "-i", "--max-time", "30"])
+        .args(["-sS", "-i", "--max-time", "30"])
         .args(args)
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("ALL_PROXY")
         .output()
         .expect("curl is installed");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
     let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
+        .match_indices("HTTP/")
+        .filter(|(i, _)| *i == 0 || text[..*i].ends_with('\n'))
+        .filter_map(|(i, _)| text[i..].split_whitespace().nth(1)?.parse().ok())
+        .last()
         .unwrap_or(0);
     (status, text)
 }

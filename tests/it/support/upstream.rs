@@ -72,6 +72,11 @@ impl Upstream {
 
     /// An HTTPS upstream for `localhost` with a CA made now, written to `dir/upstream-ca.pem`.
     pub fn https(dir: &Path) -> Self {
+        Self::https_for(dir, &["localhost", "127.0.0.1"])
+    }
+
+    /// An HTTPS upstream whose certificate names only `names`.
+    pub fn https_for(dir: &Path, names: &[&str]) -> Self {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -80,9 +85,8 @@ impl Upstream {
             .push(rcgen::DnType::CommonName, "test upstream CA");
         let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
         let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf_params =
-            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let leaf_params = rcgen::CertificateParams::new(names).unwrap();
         let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
         let ca_path = dir.join("upstream-ca.pem");
         std::fs::write(&ca_path, ca.pem()).unwrap();

@@ -1,0 +1,328 @@
+//! The forward proxy: absolute-form `GET http://host/path` and `CONNECT
+//! host:port`, for clients configured with `HTTP(S)_PROXY`.
+//!
+//! Identity comes only from `Proxy-Authorization`. A CONNECT is decided and
+//! audited before any tunnel byte flows: to a route's origin it is
+//! intercepted (TLS terminated with a minted leaf, each request inside
+//! checked and injected); allowed by a host rule without methods or paths it
+//! is tunnelled blind to an address sidekey resolved and checked itself.
+
+use std::sync::Arc;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::body::{Body, empty};
+use super::{Flow, Plan, Proxy, ProxyError, Response};
+use crate::config::Route;
+use crate::egress::{self, Reach};
+use crate::identity;
+use crate::live::Snapshot;
+use crate::policy::{normalize_host, path::normalize};
+
+/// What every request inside one intercepted tunnel shares.
+#[derive(Debug)]
+pub(super) struct Tunnel {
+    /// The token from the CONNECT, verified again on every request so that
+    /// revocation and expiry end a long-lived tunnel's next request.
+    token: String,
+    user: Option<String>,
+    host: String,
+    port: u16,
+}
+
+impl Proxy {
+    /// `GET http://host/path`: a route's `http://` origin gets its
+    /// credential; a destination allowed by a host rule gets none.
+    pub(super) async fn forward(
+        &self,
+        flow: &mut Flow<'_>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (parts, body) = req.into_parts();
+        let (agent, token) = self.identify(&parts.headers, None, None)?;
+        flow.set_agent(&agent);
+        if parts.uri.scheme_str() != Some("http") {
+            return Err(ProxyError::BadRequest(
+                "only http:// URLs are forwarded; https goes through CONNECT".into(),
+            ));
+        }
+        let (host, port) = destination(&parts.uri, 80)?;
+        let route = route_for_origin(flow.snapshot, false, &host, port, parts.uri.path());
+        self.plan_and_deliver(flow, parts, body, agent, token, host, port, false, route)
+            .await
+    }
+
+    /// `CONNECT host:port`, decided now; the tunnel is served after the 200.
+    pub(super) async fn connect(
+        self: &Arc<Self>,
+        flow: &mut Flow<'_>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (token, user) = identity::find_token(req.headers(), None, None)?;
+        let (agent, token) = self.verify_token(token, user.as_deref())?;
+        flow.set_agent(&agent);
+        let (host, port) = destination(req.uri(), 443)?;
+        flow.event.host = Some(host.clone());
+        flow.event.port = Some(port);
+        flow.event.path = String::new();
+        let route = route_for_origin(flow.snapshot, true, &host, port, "/");
+        flow.event.route = route.as_ref().map(|r| r.name.clone());
+        let decision = flow.snapshot.policy.check_connect(
+            &agent.name,
+            route.as_ref().map(|r| r.name.as_str()),
+            &host,
+            port,
+        );
+        flow.event.rule = decision.rule.clone();
+        if !decision.allowed {
+            return Err(ProxyError::Denied {
+                rule: decision.rule,
+            });
+        }
+        flow.outcome.forwarded = true;
+        if route.is_none() && !decision.inspect {
+            let reach = if decision.private_ok {
+                Reach::Any
+            } else {
+                Reach::Public
+            };
+            let upstream = connect_checked(&host, port, reach).await?;
+            tokio::spawn(async move {
+                match hyper::upgrade::on(req).await {
+                    Ok(upgraded) => {
+                        let mut agent_side = TokioIo::new(upgraded);
+                        let mut upstream = upstream;
+                        let _ = tokio::io::copy_bidirectional(&mut agent_side, &mut upstream).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                }
+            });
+            return Ok(Response::new(empty()));
+        }
+        let tunnel = Arc::new(Tunnel {
+            token,
+            user,
+            host,
+            port,
+        });
+        self.spawn_tunnel(req, tunnel);
+        Ok(Response::new(empty()))
+    }
+
+    /// Serves the tunnel once hyper hands over the stream. A plain function,
+    /// not `async`, so the tunnel's future (which serves requests through
+    /// `handle_in` again) is not part of `handle_in`'s own type.
+    fn spawn_tunnel(self: &Arc<Self>, req: Request<Incoming>, tunnel: Arc<Tunnel>) {
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => proxy.serve_tunnel(upgraded, tunnel).await,
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+    }
+
+    /// Terminates the agent's TLS with a leaf for the CONNECT host and serves
+    /// HTTP/1.1 or HTTP/2 inside, each request through [`Proxy::intercept`].
+    async fn serve_tunnel(
+        self: Arc<Self>,
+        upgraded: hyper::upgrade::Upgraded,
+        tunnel: Arc<Tunnel>,
+    ) {
+        let config = match self.minter.server_config(&tunnel.host) {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::error!(host = %tunnel.host, error = %e, "cannot mint a leaf certificate");
+                return;
+            }
+        };
+        let tls = match tokio_rustls::TlsAcceptor::from(config)
+            .accept(TokioIo::new(upgraded))
+            .await
+        {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::info!(host = %tunnel.host, error = %e, "agent TLS handshake failed (does it trust the sidekey CA?)");
+                return;
+            }
+        };
+        let service = service_fn(move |req| {
+            let proxy = self.clone();
+            let tunnel = tunnel.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle_in(req, Some(&tunnel)).await) }
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(tls), service)
+            .await;
+    }
+
+    /// One request inside an intercepted tunnel.
+    pub(super) async fn intercept(
+        &self,
+        flow: &mut Flow<'_>,
+        req: Request<Incoming>,
+        tunnel: &Tunnel,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (parts, body) = req.into_parts();
+        let (agent, token) = self.verify_token(tunnel.token.clone(), tunnel.user.as_deref())?;
+        flow.set_agent(&agent);
+        // SECURITY: the request must be for the host the tunnel was opened
+        // (and decided) for; anything else would steer the credential.
+        let named = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .ok_or_else(|| ProxyError::BadRequest("no Host header".into()))?;
+        let authority: http::uri::Authority = named
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("invalid Host header".into()))?;
+        let host = normalize_host(authority.host());
+        let port = authority.port_u16().unwrap_or(443);
+        if host != tunnel.host || port != tunnel.port {
+            return Err(ProxyError::Misdirected(format!(
+                "{named} is not {}:{}, the host this tunnel was opened for",
+                tunnel.host, tunnel.port
+            )));
+        }
+        let route = route_for_origin(flow.snapshot, true, &host, port, parts.uri.path());
+        self.plan_and_deliver(flow, parts, body, agent, token, host, port, true, route)
+            .await
+    }
+
+    /// Steps 3 and 4 for a destination named by host and port, then delivery.
+    async fn plan_and_deliver(
+        &self,
+        flow: &mut Flow<'_>,
+        parts: http::request::Parts,
+        body: Incoming,
+        agent: crate::identity::Agent,
+        token: String,
+        host: String,
+        port: u16,
+        https: bool,
+        route: Option<Arc<Route>>,
+    ) -> Result<Response<Body>, ProxyError> {
+        flow.event.host = Some(host.clone());
+        flow.event.port = Some(port);
+        flow.event.route = route.as_ref().map(|r| r.name.clone());
+        let base_path = route
+            .as_ref()
+            .map(|r| r.upstream.base_path.clone())
+            .unwrap_or_default();
+        let path = normalize(&parts.uri.path()[base_path.len()..])?;
+        flow.event.path = format!("{base_path}{}", path.decoded());
+        let decision = flow.authorize(
+            &agent,
+            route.as_ref().map(|r| r.name.as_str()),
+            &host,
+            port,
+            &parts,
+            &path,
+        )?;
+        let private_ok = match &route {
+            Some(route) => route.allow_private || host_is_literal(&host),
+            None => decision.private_ok,
+        };
+        let reach = if private_ok {
+            Reach::Any
+        } else {
+            Reach::Public
+        };
+        // The connector does not resolve IP literals, so they are checked here.
+        egress::check_literal(&host, reach, false).map_err(ProxyError::Forbidden)?;
+        let plan = Plan {
+            route,
+            https,
+            host,
+            port,
+            base_path,
+            path,
+            reach,
+            token,
+        };
+        self.deliver(flow, parts, body, plan).await
+    }
+}
+
+fn host_is_literal(host: &str) -> bool {
+    host.parse::<std::net::IpAddr>().is_ok()
+}
+
+/// The host and port a forward request or CONNECT names.
+fn destination(uri: &http::Uri, default_port: u16) -> Result<(String, u16), ProxyError> {
+    let authority = uri
+        .authority()
+        .ok_or_else(|| ProxyError::BadRequest("no destination host".into()))?;
+    if authority.as_str().contains('@') {
+        return Err(ProxyError::BadRequest(
+            "user info in the destination".into(),
+        ));
+    }
+    if authority.port().is_some() && authority.port_u16().is_none() {
+        return Err(ProxyError::BadRequest("invalid destination port".into()));
+    }
+    let host = normalize_host(authority.host());
+    if host.is_empty() {
+        return Err(ProxyError::BadRequest("no destination host".into()));
+    }
+    Ok((host, authority.port_u16().unwrap_or(default_port)))
+}
+
+/// The route whose upstream is this origin (and whose base path the request is under).
+fn route_for_origin(
+    snapshot: &Snapshot,
+    https: bool,
+    host: &str,
+    port: u16,
+    path: &str,
+) -> Option<Arc<Route>> {
+    snapshot
+        .config
+        .routes
+        .values()
+        .find(|r| {
+            let u = &r.upstream;
+            u.https == https
+                && u.host == host
+                && u.port == port
+                && (u.base_path.is_empty()
+                    || path == u.base_path
+                    || path.starts_with(&format!("{}/", u.base_path)))
+        })
+        .cloned()
+}
+
+/// Opens a blind tunnel's upstream connection to an address checked by
+/// [`egress::resolve`] (no second lookup between check and connect).
+async fn connect_checked(
+    host: &str,
+    port: u16,
+    reach: Reach,
+) -> Result<tokio::net::TcpStream, ProxyError> {
+    let addrs = egress::resolve(host, port, reach).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            ProxyError::Forbidden(e.to_string())
+        } else {
+            ProxyError::Upstream {
+                host: host.to_string(),
+                cause: format!("cannot resolve: {e}"),
+            }
+        }
+    })?;
+    tokio::net::TcpStream::connect(&addrs[..])
+        .await
+        .map_err(|e| ProxyError::Upstream {
+            host: host.to_string(),
+            cause: format!("connection failed: {e}"),
+        })
+}

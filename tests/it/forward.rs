@@ -1,0 +1,356 @@
+use crate::support::*;
+
+const SECRET: &str = "sk-live-forward-77c1e0";
+
+/// A proxy URL carrying the agent's identity, as HTTPS_PROXY would.
+fn proxy_url(sidekey: &Sidekey, agent: &str, token: &str) -> String {
+    format!("http://{agent}:{token}@{}", sidekey.addr)
+}
+
+fn ca_file(env: &TestEnv) -> String {
+    let path = env.path("sidekey-ca.pem");
+    std::fs::write(&path, env.ok(&["ca", "cert"], None)).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn absolute_form_http_injects_for_a_route_and_forwards_host_rules_without_credential() {
+    let upstream = Upstream::http();
+    let open = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.api]
+source = "store"
+[routes.echo]
+upstream = "{}"
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+[[rules]]
+agents = ["coder"]
+route = "echo"
+methods = ["GET"]
+action = "allow"
+[[rules]]
+agents = ["coder"]
+host = "127.0.0.1"
+port = {}
+action = "allow"
+"#,
+        upstream.base(),
+        open.addr.port()
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let proxy = proxy_url(&sidekey, "coder", &token);
+
+    // curl -x, with the agent's own Authorization overwritten
+    let (status, text) = curl_via(
+        &proxy,
+        &[
+            "-H",
+            "Authorization: Bearer placeholder",
+            &format!("{}/v1/x?q=1", upstream.base()),
+        ],
+    );
+    assert_eq!(status, 200, "{text}");
+    let seen = upstream.last();
+    assert_eq!(
+        seen.header_all("authorization"),
+        vec![format!("Bearer {SECRET}")]
+    );
+    assert_eq!(seen.uri, "/v1/x?q=1");
+    assert!(seen.header("proxy-authorization").is_none());
+    assert_no_leak(&text, SECRET, "response");
+
+    // Python requests through HTTP_PROXY
+    let out = python(
+        "r = requests.get(sys.argv[1], proxies={'http': sys.argv[2]})\nprint(r.status_code)\nprint(r.text)",
+        &[&format!("{}/py", upstream.base()), &proxy],
+    );
+    assert!(out.starts_with("200\n"), "{out}");
+    assert_no_leak(&out, SECRET, "python response");
+    assert_eq!(
+        upstream.last().header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+
+    // A host rule forwards without any credential; the agent's own header stays.
+    let (status, _) = curl_via(
+        &proxy,
+        &[
+            "-H",
+            "Authorization: Bearer own",
+            &format!("{}/open", open.base()),
+        ],
+    );
+    assert_eq!(status, 200);
+    assert_eq!(open.last().header("authorization"), Some("Bearer own"));
+
+    // Method not allowed on the route; no proxy credentials; a denied destination.
+    let (status, text) = curl_via(
+        &proxy,
+        &["-X", "DELETE", &format!("{}/v1/x", upstream.base())],
+    );
+    assert_eq!(status, 403, "{text}");
+    let (status, text) = curl_via(
+        &format!("http://{}", sidekey.addr),
+        &[&format!("{}/v1/x", upstream.base())],
+    );
+    assert_eq!(status, 407, "{text}");
+    assert!(
+        text.to_lowercase().contains("proxy-authenticate: basic"),
+        "{text}"
+    );
+    assert!(text.contains("x-sidekey-error: unauthenticated"));
+    let (status, _) = curl_via(&proxy, &["http://127.0.0.1:9/elsewhere"]);
+    assert_eq!(status, 403);
+    let modes: Vec<_> = env.audit().iter().map(|r| r["mode"].clone()).collect();
+    assert!(modes.iter().all(|m| m == "forward"), "{modes:?}");
+}
+
+#[test]
+fn connect_to_a_route_origin_is_intercepted_and_injected() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https(dir.path());
+    let env = TestEnv::new(&format!(
+        r#"
+[tls]
+upstream_ca = ["{ca}"]
+[secrets.api]
+source = "store"
+[routes.api]
+upstream = "{base}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+[[rules]]
+agents = ["coder"]
+route = "api"
+paths = ["/v1/**"]
+action = "allow"
+"#,
+        ca = upstream.ca.as_ref().unwrap().display(),
+        base = upstream.base()
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let proxy = proxy_url(&sidekey, "coder", &token);
+    let ca = ca_file(&env);
+    let url = format!("{}/v1/echo", upstream.base());
+
+    for version in ["--http1.1", "--http2"] {
+        let (status, text) = curl_via(
+            &proxy,
+            &[
+                version,
+                "--cacert",
+                &ca,
+                "-H",
+                "Authorization: Bearer fake",
+                &url,
+            ],
+        );
+        assert_eq!(status, 200, "{version}: {text}");
+        assert!(text.contains("Bearer [REDACTED]"), "{text}");
+        assert_no_leak(&text, SECRET, "intercepted response");
+        let seen = upstream.last();
+        assert_eq!(
+            seen.header_all("authorization"),
+            vec![format!("Bearer {SECRET}")]
+        );
+    }
+    assert_eq!(
+        upstream.last().version,
+        "HTTP/2.0",
+        "sidekey speaks h2 upstream"
+    );
+
+    // Python requests with HTTPS_PROXY and the CA bundle.
+    let bundle = env.path("bundle.pem");
+    std::fs::write(&bundle, env.ok(&["ca", "bundle"], None)).unwrap();
+    let out = python(
+        "r = requests.get(sys.argv[1], proxies={'https': sys.argv[2]}, verify=sys.argv[3])\nprint(r.status_code)",
+        &[&url, &proxy, &bundle.display().to_string()],
+    );
+    assert_eq!(out.trim(), "200");
+
+    // Inside the tunnel: a path the rule does not allow, and a Host that is
+    // not the CONNECT host.
+    let (status, _) = curl_via(
+        &proxy,
+        &["--cacert", &ca, &format!("{}/admin", upstream.base())],
+    );
+    assert_eq!(status, 403);
+    let before = upstream.count();
+    let (status, text) = curl_via(&proxy, &["--cacert", &ca, "-H", "Host: evil.example", &url]);
+    assert_eq!(status, 421, "{text}");
+    assert!(text.contains("x-sidekey-error: misdirected"), "{text}");
+    assert_eq!(upstream.count(), before);
+
+    let audit = env.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["mode"] == "connect" && r["decision"] == "allow" && r["status"] == 200)
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["mode"] == "intercept" && r["reason"] == "misdirected")
+    );
+    assert_no_leak(&env.audit_text(), SECRET, "audit");
+    assert_no_leak(&sidekey.stderr(), SECRET, "stderr");
+}
+
+#[test]
+fn connect_is_refused_without_identity_or_rule_and_host_rules_tunnel_blind() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https(dir.path());
+    let upstream_ca = upstream.ca.as_ref().unwrap().display().to_string();
+    let port = upstream.addr.port();
+    let env = TestEnv::new(&format!(
+        r#"
+[tls]
+upstream_ca = ["{upstream_ca}"]
+[[rules]]
+agents = ["coder"]
+host = "localhost"
+port = {port}
+allow_private = true
+action = "allow"
+[[rules]]
+agents = ["reader"]
+host = "localhost"
+allow_private = true
+methods = ["GET"]
+action = "allow"
+"#
+    ));
+    let coder = env.token("coder");
+    let other = env.token("other");
+    let reader = env.token("reader");
+    let sidekey = env.spawn();
+    let url = format!("https://localhost:{port}/blind");
+
+    // Blind: the agent sees the upstream's own certificate, and no credential is added.
+    let (status, text) = curl_via(
+        &proxy_url(&sidekey, "coder", &coder),
+        &["--cacert", &upstream_ca, &url],
+    );
+    assert_eq!(status, 200, "{text}");
+    assert!(upstream.last().header("authorization").is_none());
+
+    // No rule for this agent: 403 at CONNECT; no identity: 407.
+    let (status, text) = curl_via(
+        &proxy_url(&sidekey, "other", &other),
+        &["--cacert", &upstream_ca, &url],
+    );
+    assert_eq!(status, 403, "{text}");
+    let (status, _) = curl_via(
+        &format!("http://{}", sidekey.addr),
+        &["--cacert", &upstream_ca, &url],
+    );
+    assert_eq!(status, 407);
+
+    // A host rule with methods is intercepted (sidekey's CA) so they can be enforced.
+    let ca = ca_file(&env);
+    let reader_proxy = proxy_url(&sidekey, "reader", &reader);
+    let (status, text) = curl_via(&reader_proxy, &["--cacert", &ca, &url]);
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = curl_via(&reader_proxy, &["--cacert", &ca, "-X", "POST", &url]);
+    assert_eq!(status, 403, "{text}");
+
+    let audit = env.audit();
+    let connects: Vec<_> = audit.iter().filter(|r| r["mode"] == "connect").collect();
+    assert!(
+        connects
+            .iter()
+            .any(|r| r["status"] == 403 && r["agent"] == "other")
+    );
+    assert!(connects.iter().any(|r| r["status"] == 407));
+}
+
+#[test]
+fn ssrf_addresses_are_refused_unless_named() {
+    let upstream = Upstream::http();
+    let port = upstream.addr.port();
+    let env = TestEnv::new(
+        r#"
+[[rules]]
+agents = ["coder"]
+host = "*"
+action = "allow"
+[[rules]]
+agents = ["named"]
+host = "127.0.0.1"
+action = "allow"
+"#,
+    );
+    let token = env.token("coder");
+    let named = env.token("named");
+    let sidekey = env.spawn();
+    let proxy = proxy_url(&sidekey, "coder", &token);
+    for target in [
+        format!("http://2130706433:{port}/"),
+        format!("http://0x7f000001:{port}/"),
+        format!("http://127.1:{port}/"),
+        format!("http://[::ffff:127.0.0.1]:{port}/"),
+        format!("http://127.0.0.1:{port}/"),
+        format!("http://localhost:{port}/"),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+        "http://[::1]:9/".to_string(),
+    ] {
+        let (status, text) = curl_via(&proxy, &["--path-as-is", &target]);
+        assert_eq!(status, 403, "{target}: {text}");
+    }
+    let (status, text) = curl_via(&proxy, &["-p", &format!("https://localhost:{port}/")]);
+    assert!(text.contains("403"), "CONNECT to loopback: {status} {text}");
+    assert_eq!(upstream.count(), 0, "nothing reached the loopback upstream");
+
+    // A rule that names the address itself allows it.
+    let (status, _) = curl_via(
+        &proxy_url(&sidekey, "named", &named),
+        &[&format!("http://127.0.0.1:{port}/ok")],
+    );
+    assert_eq!(status, 200);
+    assert_eq!(upstream.count(), 1);
+}
+
+#[test]
+fn an_upstream_certificate_for_another_name_gets_502() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https_for(dir.path(), &["other.example"]);
+    let env = TestEnv::new(&format!(
+        r#"
+[tls]
+upstream_ca = ["{ca}"]
+[secrets.api]
+source = "store"
+[routes.api]
+upstream = "https://localhost:{port}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+[[rules]]
+agents = ["coder"]
+route = "api"
+action = "allow"
+"#,
+        ca = upstream.ca.as_ref().unwrap().display(),
+        port = upstream.addr.port()
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let ca = ca_file(&env);
+    let (status, text) = curl_via(
+        &proxy_url(&sidekey, "coder", &token),
+        &[
+            "--cacert",
+            &ca,
+            &format!("https://localhost:{}/x", upstream.addr.port()),
+        ],
+    );
+    assert_eq!(status, 502, "{text}");
+    assert!(text.contains("upstream_unreachable"));
+    assert_eq!(upstream.count(), 0);
+}
