@@ -15,6 +15,7 @@ pub mod body;
 pub mod error;
 mod forward;
 mod reverse;
+mod upgrade;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -274,9 +275,16 @@ impl Proxy {
                 .as_ref()
                 .map(|(inject, secret)| (&inject.slot, secret.as_ref())),
         );
+        let upgrade = upgrade::requested(&parts.headers);
+        let agent_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         inject::strip_hop_by_hop(&mut parts.headers);
         inject::strip_token(&mut parts.headers, &plan.token);
         parts.headers.remove(header::HOST);
+        if let Some(protocol) = upgrade.clone() {
+            upgrade::restore(&mut parts.headers, protocol);
+        }
         if let Some((inject, secret)) = &credential {
             inject::headers(&mut parts.headers, &inject.slot, &inject.secret, secret)
                 .map_err(|e| ProxyError::SecretUnavailable(e.to_string()))?;
@@ -300,15 +308,17 @@ impl Proxy {
         // 7. send, to an address sidekey resolved and checked itself
         let host = plan.host.clone();
         flow.outcome.forwarded = true;
+        let clients = &flow.snapshot.clients;
+        let client = match upgrade {
+            Some(_) => clients.http1(plan.reach),
+            None => clients.get(plan.reach),
+        };
         let sent = tokio::time::timeout(
             flow.snapshot.config.limits.upstream_timeout,
-            flow.snapshot
-                .clients
-                .get(plan.reach)
-                .request(Request::from_parts(parts, body)),
+            client.request(Request::from_parts(parts, body)),
         )
         .await;
-        let response = match sent {
+        let mut response = match sent {
             Err(_) => return Err(ProxyError::UpstreamTimeout { host }),
             Ok(Err(e)) => return Err(upstream_error(host, max_body, &e)),
             Ok(Ok(response)) => response,
@@ -316,6 +326,25 @@ impl Proxy {
 
         // 8. scrub
         let scrubber = flow.secrets.scrubber.clone();
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let (Some(agent_side), Some(protocol)) = (agent_upgrade, upgrade)
+        {
+            let upstream_side = hyper::upgrade::on(&mut response);
+            let (mut parts, _) = response.into_parts();
+            inject::strip_hop_by_hop(&mut parts.headers);
+            flow.outcome.redactions += scrub_headers(&mut parts.headers, &scrubber) as u64;
+            let accepted = parts
+                .headers
+                .get(header::UPGRADE)
+                .cloned()
+                .unwrap_or(protocol);
+            parts.headers.insert(header::UPGRADE, accepted);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            upgrade::splice(agent_side, upstream_side, scrubber);
+            return Ok(Response::from_parts(parts, body::empty()));
+        }
         self.respond(flow, response, scrubber, head_only, host)
             .await
     }

@@ -188,9 +188,28 @@ impl Scrubber {
 pub struct ScrubStream {
     carry: Vec<u8>,
     redactions: usize,
+    /// Replace each match with as many `*` as it has bytes, for streams whose
+    /// framing counts bytes (WebSocket frames), instead of `[REDACTED]`.
+    masking: bool,
 }
 
 impl ScrubStream {
+    /// A stream that keeps every length: matches become `*` of the same length.
+    pub fn masking() -> Self {
+        Self {
+            masking: true,
+            ..Self::default()
+        }
+    }
+
+    fn replace(&self, out: &mut BytesMut, len: usize) {
+        if self.masking {
+            out.extend(std::iter::repeat_n(b'*', len));
+        } else {
+            out.extend_from_slice(REDACTED);
+        }
+    }
+
     pub fn redactions(&self) -> usize {
         self.redactions
     }
@@ -218,7 +237,7 @@ impl ScrubStream {
                 break;
             }
             out.extend_from_slice(&buf[pos..m.start()]);
-            out.extend_from_slice(REDACTED);
+            self.replace(&mut out, m.len());
             pos = m.end();
             self.redactions += 1;
         }
@@ -237,13 +256,19 @@ impl ScrubStream {
     /// Flushes what was held back at the end of the body.
     pub fn finish(&mut self, scrubber: &Scrubber) -> Bytes {
         let carry = std::mem::take(&mut self.carry);
-        match scrubber.scrub_all(&carry) {
-            Some((out, count)) => {
-                self.redactions += count;
-                Bytes::from(out)
-            }
-            None => Bytes::from(carry),
+        let Some(automaton) = scrubber.automaton.as_ref() else {
+            return Bytes::from(carry);
+        };
+        let mut out = BytesMut::with_capacity(carry.len());
+        let mut pos = 0;
+        for m in automaton.find_iter(&carry) {
+            out.extend_from_slice(&carry[pos..m.start()]);
+            self.replace(&mut out, m.len());
+            pos = m.end();
+            self.redactions += 1;
         }
+        out.extend_from_slice(&carry[pos..]);
+        out.freeze()
     }
 }
 
@@ -299,6 +324,16 @@ mod tests {
         assert_eq!(&stream.push(&s, Bytes::from_static(b"ve"))[..], b"");
         assert_eq!(&stream.push(&s, Bytes::from_static(b"!"))[..], b"sk-live!");
         assert_eq!(&stream.finish(&s)[..], b"");
+    }
+
+    #[test]
+    fn masking_keeps_lengths() {
+        let s = scrubber(&["secret"]);
+        let mut stream = ScrubStream::masking();
+        let mut out = stream.push(&s, Bytes::from_static(b"a secr")).to_vec();
+        out.extend_from_slice(&stream.push(&s, Bytes::from_static(b"et b")));
+        out.extend_from_slice(&stream.finish(&s));
+        assert_eq!(out, b"a ****** b");
     }
 
     #[test]

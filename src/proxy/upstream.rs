@@ -17,18 +17,23 @@ use super::body::Body;
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Body>;
 
 /// One pooled client per reach, so a connection opened for a destination
-/// allowed to be private is never reused for one that is not.
+/// allowed to be private is never reused for one that is not; and HTTP/1.1
+/// only twins for upgrades (WebSocket), which HTTP/2 does not carry.
 #[derive(Debug, Clone)]
 pub struct Clients {
     public: UpstreamClient,
     any: UpstreamClient,
+    public_http1: UpstreamClient,
+    any_http1: UpstreamClient,
 }
 
 impl Clients {
     pub fn build(config: &Config) -> Result<Self, ClientError> {
         Ok(Self {
-            public: build(config, Reach::Public)?,
-            any: build(config, Reach::Any)?,
+            public: build(config, Reach::Public, true)?,
+            any: build(config, Reach::Any, true)?,
+            public_http1: build(config, Reach::Public, false)?,
+            any_http1: build(config, Reach::Any, false)?,
         })
     }
 
@@ -36,6 +41,14 @@ impl Clients {
         match reach {
             Reach::Public => &self.public,
             Reach::Any => &self.any,
+        }
+    }
+
+    /// For requests that upgrade the connection.
+    pub fn http1(&self, reach: Reach) -> &UpstreamClient {
+        match reach {
+            Reach::Public => &self.public_http1,
+            Reach::Any => &self.any_http1,
         }
     }
 }
@@ -84,7 +97,7 @@ pub fn root_store(config: &Config) -> Result<RootCertStore, ClientError> {
     Ok(roots)
 }
 
-fn build(config: &Config, reach: Reach) -> Result<UpstreamClient, ClientError> {
+fn build(config: &Config, reach: Reach, h2: bool) -> Result<UpstreamClient, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -95,11 +108,14 @@ fn build(config: &Config, reach: Reach) -> Result<UpstreamClient, ClientError> {
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.limits.connect_timeout));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
+        .https_or_http();
+    let connector = if h2 {
+        builder.enable_all_versions().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
     Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

@@ -107,3 +107,56 @@ fn the_first_sse_event_arrives_before_the_upstream_finishes() {
     res.read_to_string(&mut rest).unwrap();
     assert_eq!(rest, "data: second\n\n");
 }
+
+#[test]
+fn websocket_upgrade_carries_the_credential_and_masks_it_in_frames() {
+    use std::io::{BufRead, BufReader, Write};
+    let (upstream, _env, token, sidekey) = setup();
+    let stream = std::net::TcpStream::connect(sidekey.addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    writer
+        .write_all(
+            format!(
+                "GET /echo/ws HTTP/1.1\r\nHost: sidekey\r\nAuthorization: Bearer {token}\r\n\
+                 Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        head.push_str(&line);
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let seen = upstream.last();
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    assert!(seen.header("sec-websocket-extensions").is_none());
+
+    // The greeting frame echoes the credential: it arrives masked, same length.
+    let greeting = format!("hello Bearer {}", "*".repeat(SECRET.len()));
+    let mut frame = vec![0u8; 2 + greeting.len()];
+    reader.read_exact(&mut frame).unwrap();
+    assert_eq!(frame[0], 0x81);
+    assert_eq!(usize::from(frame[1]), greeting.len());
+    assert_eq!(String::from_utf8_lossy(&frame[2..]), greeting);
+
+    // Bytes flow both ways.
+    writer.write_all(b"ping-1234").unwrap();
+    let mut echo = [0u8; 9];
+    reader.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping-1234");
+}

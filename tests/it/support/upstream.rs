@@ -136,13 +136,14 @@ impl Upstream {
                         match acceptor {
                             Some(acceptor) => {
                                 if let Ok(tls) = acceptor.accept(stream).await {
-                                    let _ =
-                                        builder.serve_connection(TokioIo::new(tls), service).await;
+                                    let _ = builder
+                                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                                        .await;
                                 }
                             }
                             None => {
                                 let _ = builder
-                                    .serve_connection(TokioIo::new(stream), service)
+                                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
                                     .await;
                             }
                         }
@@ -179,7 +180,15 @@ impl Upstream {
     }
 }
 
-async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<Body>, Infallible> {
+    let upgrade = req
+        .uri()
+        .path()
+        .ends_with("/ws")
+        .then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -205,7 +214,33 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
     shared.seen.lock().unwrap().push(seen.clone());
     let path = parts.uri.path();
     let auth = seen.header("authorization").unwrap_or_default().to_string();
-    let response = if path.ends_with("/sse") {
+    let response = if let Some(upgrade) = upgrade {
+        // WebSocket: greet with a text frame carrying the credential it got
+        // (a hostile upstream), then echo raw bytes.
+        let greeting = format!("hello {auth}");
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut io = TokioIo::new(upgraded);
+            let mut frame = vec![0x81, greeting.len() as u8];
+            frame.extend_from_slice(greeting.as_bytes());
+            if io.write_all(&frame).await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Response::builder()
+            .status(101)
+            .header("upgrade", "websocket")
+            .header("connection", "upgrade")
+            .body(full(Bytes::new()))
+            .unwrap()
+    } else if path.ends_with("/sse") {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
         tokio::spawn(async move {
             let _ = tx

@@ -1,0 +1,71 @@
+//! Upgraded connections (WebSocket): the credential rides on the upgrade
+//! request; afterwards bytes flow both ways, and the upstream's bytes are
+//! scrubbed with same-length masking so frame lengths stay valid.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http::header::{self, HeaderValue};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::scrub::{ScrubStream, Scrubber};
+
+/// The protocol an agent asks to upgrade to, if it does (`Connection:
+/// upgrade` with an `Upgrade` header).
+pub(super) fn requested(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Puts the upgrade back after hop-by-hop headers were stripped. Compression
+/// extensions are refused: compressed frames would hide a secret from the scrubber.
+pub(super) fn restore(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::UPGRADE, protocol);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.remove("sec-websocket-extensions");
+}
+
+/// Joins the two upgraded connections until either side closes.
+pub(super) fn splice(agent: OnUpgrade, upstream: OnUpgrade, scrubber: Arc<Scrubber>) {
+    tokio::spawn(async move {
+        let (agent, upstream) = match tokio::try_join!(agent, upstream) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let (mut agent_read, mut agent_write) = tokio::io::split(TokioIo::new(agent));
+        let (mut up_read, mut up_write) = tokio::io::split(TokioIo::new(upstream));
+        let outbound = async {
+            let _ = tokio::io::copy(&mut agent_read, &mut up_write).await;
+            let _ = up_write.shutdown().await;
+        };
+        let inbound = async {
+            let mut stream = ScrubStream::masking();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match up_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let out = stream.push(&scrubber, Bytes::copy_from_slice(&buf[..n]));
+                if agent_write.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+            let _ = agent_write.write_all(&stream.finish(&scrubber)).await;
+            let _ = agent_write.shutdown().await;
+        };
+        tokio::join!(outbound, inbound);
+    });
+}
