@@ -67,6 +67,9 @@ pub struct Limits {
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
+    /// A connection with no request in progress and no bytes moving for
+    /// this long is closed.
+    pub idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub max_connections: usize,
@@ -79,6 +82,7 @@ impl Default for Limits {
             max_body_bytes: 64 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
             header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
             connect_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(120),
             max_connections: 4096,

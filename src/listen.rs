@@ -1,5 +1,7 @@
 //! Binding, the accept loop, limits on connections, and graceful shutdown.
 
+mod activity;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::Limits;
 use crate::proxy::Proxy;
+use activity::{Activity, Watched};
 
 /// Serves agents on `listener` until `shutdown` turns true, then waits up to
 /// the grace period for in-flight requests.
@@ -51,20 +54,38 @@ pub async fn serve(
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, max = limits.max_connections, "connection refused: too many open connections");
-            drop(stream);
+            refuse(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let activity = Activity::new();
+        let service = {
+            let activity = activity.clone();
+            service_fn(move |req| {
+                let proxy = proxy.clone();
+                let busy = activity.busy();
+                async move {
+                    let response = proxy.handle(req).await;
+                    drop(busy);
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            })
+        };
+        let io = TokioIo::new(Watched::new(stream, activity.clone()));
+        let conn = builder.serve_connection_with_upgrades(io, service);
         let conn = graceful.watch(conn.into_owned());
+        let idle_timeout = limits.idle_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            tokio::select! {
+                result = conn => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = activity.idle_for(idle_timeout) => {
+                    tracing::debug!(%peer, "idle connection closed");
+                }
             }
             drop(permit);
         });
@@ -77,6 +98,19 @@ pub async fn serve(
             tracing::warn!("grace period over; closing remaining connections");
         }
     }
+}
+
+/// Tells a client over the connection cap why it is turned away, without
+/// waiting on it: one best-effort write, then close.
+fn refuse(stream: tokio::net::TcpStream) {
+    const BODY: &str = r#"{"error":{"code":"too_many_connections","message":"sidekey is at its connection limit (limits.max_connections); retry later","request_id":""}}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         x-sidekey-error: too_many_connections\r\nretry-after: 1\r\nconnection: close\r\n\
+         content-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
 }
 
 /// Binds the agent listener, with a message that says what to do on failure.

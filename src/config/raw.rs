@@ -37,6 +37,7 @@ struct RawLimits {
     max_body_bytes: Option<u64>,
     max_header_bytes: Option<usize>,
     header_timeout: Option<String>,
+    idle_timeout: Option<String>,
     connect_timeout: Option<String>,
     upstream_timeout: Option<String>,
     max_connections: Option<usize>,
@@ -239,6 +240,11 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
             "limits.header_timeout",
             limits.header_timeout.as_deref(),
             defaults.header_timeout,
+        ),
+        idle_timeout: c.duration(
+            "limits.idle_timeout",
+            limits.idle_timeout.as_deref(),
+            defaults.idle_timeout,
         ),
         connect_timeout: c.duration(
             "limits.connect_timeout",

@@ -7,5 +7,6 @@ mod support;
 mod cli; // init, secret, token, check, explain, demo through the command line
 mod forward; // HTTP(S)_PROXY: absolute-form, CONNECT, interception, SSRF
 mod gateway; // the reverse gateway: injection, identity, policy, errors
+mod limits; // connection cap, idle and header timeouts, size limits
 mod live; // rotation, revocation, reload and shutdown while running
 mod scrubbing; // secrets echoed back are redacted, streamed or not

@@ -1,0 +1,114 @@
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use crate::support::*;
+
+fn env_with(limits: &str, upstream: &Upstream) -> (TestEnv, String) {
+    let env = TestEnv::new(&format!(
+        "[limits]\n{limits}\n{}",
+        echo_route(upstream, "store")
+    ));
+    env.set_secret("api", "sk-limits-secret");
+    let token = env.token("coder");
+    (env, token)
+}
+
+/// Reads until the peer closes; returns what came.
+fn read_to_close(stream: &mut std::net::TcpStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn connections_over_the_cap_get_a_clear_refusal() {
+    let upstream = Upstream::http();
+    let (env, token) = env_with("max_connections = 2", &upstream);
+    let sidekey = env.spawn();
+    let mut held: Vec<RawConn> = (0..2)
+        .map(|_| {
+            let mut conn = RawConn::connect(sidekey.addr);
+            conn.send(&format!(
+                "GET /echo/x HTTP/1.1\r\nHost: s\r\nAuthorization: Bearer {token}\r\n\r\n"
+            ));
+            assert_eq!(conn.read_response().0, 200);
+            conn
+        })
+        .collect();
+    let mut third = std::net::TcpStream::connect(sidekey.addr).unwrap();
+    let reply = read_to_close(&mut third);
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply:?}");
+    assert!(reply.contains("too_many_connections"), "{reply}");
+
+    // A slot frees when a connection closes.
+    held.pop();
+    eventually(Duration::from_secs(5), || {
+        let res = client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&token)
+            .send()
+            .ok()?;
+        (res.status() == 200).then_some(())
+    });
+}
+
+#[test]
+fn idle_connections_are_closed_and_slow_headers_time_out() {
+    let upstream = Upstream::http();
+    let (env, token) = env_with(
+        "idle_timeout = \"300ms\"\nheader_timeout = \"500ms\"",
+        &upstream,
+    );
+    let sidekey = env.spawn();
+
+    // Idle keep-alive: served, then closed once nothing moves.
+    let mut conn = std::net::TcpStream::connect(sidekey.addr).unwrap();
+    conn.write_all(
+        format!("GET /echo/x HTTP/1.1\r\nHost: s\r\nAuthorization: Bearer {token}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let reply = read_to_close(&mut conn);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+
+    // Slowloris: a head that never ends is cut, while others are served.
+    let mut slow = std::net::TcpStream::connect(sidekey.addr).unwrap();
+    slow.write_all(b"GET /echo/x HTTP/1.1\r\nHost: s\r\n")
+        .unwrap();
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let reply = read_to_close(&mut slow);
+    assert!(!reply.contains("200 OK"), "{reply}");
+}
+
+#[test]
+fn oversized_headers_and_bodies_are_refused() {
+    let upstream = Upstream::http();
+    let (env, token) = env_with("max_header_bytes = 4096\nmax_body_bytes = 100", &upstream);
+    let sidekey = env.spawn();
+    let big = "a".repeat(16 * 1024);
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&token)
+        .header("x-big", big)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 431);
+    // Chunked (no Content-Length) bodies are cut at the limit too.
+    let body = reqwest::blocking::Body::new(std::io::Cursor::new(vec![b'x'; 1000]));
+    let res = client()
+        .post(sidekey.url("/echo/x"))
+        .bearer_auth(&token)
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 413);
+    assert!(upstream.seen().iter().all(|s| s.body.len() <= 100));
+}
