@@ -180,3 +180,29 @@ impl LeafMinter {
         Ok(config)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaves_are_minted_once_per_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        assert!(create(&state).unwrap());
+        assert!(!create(&state).unwrap(), "never replaces an existing CA");
+        let minter = LeafMinter::load(&state).unwrap();
+        let first = minter.server_config("api.example.com").unwrap();
+        let again = minter.server_config("api.example.com").unwrap();
+        assert!(
+            std::sync::Arc::ptr_eq(&first, &again),
+            "a repeat costs no key generation"
+        );
+        let other = minter.server_config("127.0.0.1").unwrap();
+        assert!(!std::sync::Arc::ptr_eq(&first, &other));
+        assert_eq!(
+            first.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+    }
+}
