@@ -289,7 +289,8 @@ impl Proxy {
             inject::headers(&mut parts.headers, &inject.slot, &inject.secret, secret)
                 .map_err(|e| ProxyError::SecretUnavailable(e.to_string()))?;
         }
-        if !flow.secrets.scrubber.is_empty() {
+        let credentialed = credential.is_some();
+        if credentialed {
             // A compressed echo would hide the secret from the scrubber.
             parts.headers.insert(
                 header::ACCEPT_ENCODING,
@@ -345,7 +346,7 @@ impl Proxy {
             upgrade::splice(agent_side, upstream_side, scrubber);
             return Ok(Response::from_parts(parts, body::empty()));
         }
-        self.respond(flow, response, scrubber, head_only, host)
+        self.respond(flow, response, scrubber, head_only, credentialed, host)
             .await
     }
 
@@ -378,6 +379,7 @@ impl Proxy {
         response: Response<Incoming>,
         scrubber: Arc<Scrubber>,
         head_only: bool,
+        credentialed: bool,
         host: String,
     ) -> Result<Response<Body>, ProxyError> {
         let outcome = &mut flow.outcome;
@@ -391,10 +393,17 @@ impl Proxy {
             .iter()
             .flat_map(|v| v.to_str().unwrap_or("unknown").split(','))
             .any(|e| !e.trim().eq_ignore_ascii_case("identity"));
-        if encoded && !scrubber.is_empty() && !body.is_end_stream() {
+        if encoded && credentialed && !body.is_end_stream() {
             return Err(ProxyError::Unscrubbable { host });
         }
         outcome.redactions += scrub_headers(&mut parts.headers, &scrubber) as u64;
+        // A request that carried no credential of ours may get a compressed
+        // body; it passes as it is (the scrubber cannot read it anyway).
+        let scrubber = if encoded {
+            Arc::new(Scrubber::default())
+        } else {
+            scrubber
+        };
         let no_body = head_only
             || parts.status == StatusCode::NO_CONTENT
             || parts.status == StatusCode::NOT_MODIFIED
