@@ -85,6 +85,12 @@ action = "allow"
     );
     assert_eq!(status, 200);
     assert_eq!(open.last().header("authorization"), Some("Bearer own"));
+    // Without a credential of ours a compressed body passes untouched.
+    let (status, text) = curl_via(&proxy, &[&format!("{}/gzip", open.base())]);
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("content-encoding: gzip"), "{text}");
+    let (status, _) = curl_via(&proxy, &[&format!("{}/gzip", upstream.base())]);
+    assert_eq!(status, 502, "a credentialed request refuses what it cannot scrub");
 
     // Method not allowed on the route; no proxy credentials; a denied destination.
     let (status, text) = curl_via(
