@@ -5,14 +5,16 @@
 //!
 //! 1. [`identity`] finds and verifies the agent token, before anything else,
 //!    so an unknown caller learns nothing about routes or hosts;
-//! 2. the route is chosen from the request (the reverse gateway's first path
-//!    segment), never from agent-controlled `Host` or `X-Forwarded-*` headers;
+//! 2. the destination is the reverse gateway's route (first path segment) or
+//!    the forward request's / CONNECT's host; a credential goes only to a
+//!    route's own origin, never where `Host` or `X-Forwarded-*` point;
 //! 3. [`policy::path`] normalises the path once, and that form is both
 //!    matched and forwarded;
 //! 4. [`policy`] decides: deny wins, default deny;
 //! 5. [`secret`] gives the current value or the request fails closed;
 //! 6. [`inject`] strips every copy of the slot the agent sent, then sets it;
-//! 7. the request goes to the route's configured upstream (TLS verified);
+//! 7. [`egress`] resolves the destination and refuses private addresses; the
+//!    request goes to exactly the address checked, TLS verified;
 //! 8. [`scrub`] replaces held secrets in response headers and the streamed body;
 //! 9. [`audit`] writes one record before the response is released.
 

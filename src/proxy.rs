@@ -2,12 +2,15 @@
 //!
 //! 1. identity: find and verify the agent token (before the route, so an
 //!    unknown caller learns nothing about routes);
-//! 2. route: the first path segment names it;
+//! 2. destination: the gateway's first path segment names a route
+//!    (`reverse.rs`); a forward request or CONNECT names a host, which is a
+//!    route's when it is exactly that route's origin (`forward.rs`);
 //! 3. path: normalised once, then matched and forwarded in that same form;
-//! 4. policy: deny wins, default deny;
-//! 5. secret: the current value, or fail closed;
+//! 4. policy: deny wins, default deny (`Flow::authorize`);
+//! 5. secret: the current value, or fail closed (`Proxy::deliver` on);
 //! 6. inject: strip the caller's copies of the slot, set the credential;
-//! 7. send: to the route's upstream as configured, never to an agent-named host;
+//! 7. send: to an address `egress` resolved and checked; a credential only
+//!    ever to its route's configured origin, TLS verified;
 //! 8. scrub: every held secret replaced in headers and the streamed body;
 //! 9. audit: one record, written before the response is released.
 
