@@ -5,7 +5,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -16,22 +15,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::live::Live;
-
-/// Counters reported by `GET /v1/status`.
-#[derive(Debug)]
-pub struct Status {
-    started: Instant,
-    pub reloads: AtomicU64,
-}
-
-impl Default for Status {
-    fn default() -> Self {
-        Self {
-            started: Instant::now(),
-            reloads: AtomicU64::new(0),
-        }
-    }
-}
+use crate::metrics::Metrics;
+use crate::secret::store::now_ms;
+use crate::token::revocation::{Revocations, Revoke};
 
 /// Binds the admin socket, replacing a stale one left by a crashed process.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -52,18 +38,23 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, live: Arc<Live>, status: Arc<Status>) {
+pub async fn serve(listener: UnixListener, live: Arc<Live>, metrics: Arc<Metrics>) {
+    let reloads = Arc::new(AtomicU64::new(0));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let live = live.clone();
-        let status = status.clone();
+        let metrics = metrics.clone();
+        let reloads = reloads.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let live = live.clone();
-                let status = status.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, &live, &status)) }
+                let metrics = metrics.clone();
+                let reloads = reloads.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(route(req, &live, &metrics, &reloads).await)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -72,20 +63,30 @@ pub async fn serve(listener: UnixListener, live: Arc<Live>, status: Arc<Status>)
     }
 }
 
-fn route(req: Request<Incoming>, live: &Live, status: &Status) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/v1/status") => json(
-            StatusCode::OK,
-            serde_json::json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "uptime_secs": status.started.elapsed().as_secs(),
-                "config": live.snapshot().config.file.display().to_string(),
-                "reloads": status.reloads.load(Ordering::Relaxed),
-            }),
-        ),
-        (&Method::POST, "/v1/reload") => match live.reload() {
+async fn route(
+    req: Request<Incoming>,
+    live: &Live,
+    metrics: &Metrics,
+    reloads: &AtomicU64,
+) -> Response<Full<Bytes>> {
+    match (req.method().clone(), req.uri().path()) {
+        (Method::GET, "/v1/status") => {
+            let mut status = metrics.status();
+            status["config"] = live.snapshot().config.file.display().to_string().into();
+            status["reloads"] = reloads.load(Ordering::Relaxed).into();
+            json(StatusCode::OK, status)
+        }
+        (Method::GET, "/metrics") => {
+            let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        (Method::POST, "/v1/reload") => match live.reload() {
             Ok(()) => {
-                status.reloads.fetch_add(1, Ordering::Relaxed);
+                reloads.fetch_add(1, Ordering::Relaxed);
                 json(StatusCode::OK, serde_json::json!({"reloaded": true}))
             }
             Err(e) => {
@@ -96,10 +97,59 @@ fn route(req: Request<Incoming>, live: &Live, status: &Status) -> Response<Full<
                 )
             }
         },
+        (Method::POST, "/v1/revoke") => {
+            let body = match http_body_util::Limited::new(req.into_body(), 4096)
+                .collect()
+                .await
+            {
+                Ok(body) => body.to_bytes(),
+                Err(_) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        serde_json::json!({"error": "body too large"}),
+                    );
+                }
+            };
+            match revoke_request(&body) {
+                Ok(revoke) => match Revocations::add(&live.state, revoke, now_ms()) {
+                    Ok(()) => {
+                        // Applied now rather than at the next poll.
+                        live.poll();
+                        json(StatusCode::OK, serde_json::json!({"revoked": true}))
+                    }
+                    Err(e) => json(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        serde_json::json!({"revoked": false, "error": e.to_string()}),
+                    ),
+                },
+                Err(message) => json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": message}),
+                ),
+            }
+        }
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not found"}),
         ),
+    }
+}
+
+/// `{"id": …}`, `{"session": …}` or `{"agent": …}`: exactly one.
+fn revoke_request(body: &[u8]) -> Result<Revoke, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        id: Option<String>,
+        session: Option<String>,
+        agent: Option<String>,
+    }
+    let body: Body = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    match (body.id, body.session, body.agent) {
+        (Some(id), None, None) => Ok(Revoke::Id(id)),
+        (None, Some(session), None) => Ok(Revoke::Session(session)),
+        (None, None, Some(agent)) => Ok(Revoke::Agent(agent)),
+        _ => Err("give exactly one of id, session, agent".to_string()),
     }
 }
 
@@ -114,6 +164,7 @@ pub async fn call(
     socket: &Path,
     method: Method,
     path: &str,
+    body: Option<serde_json::Value>,
 ) -> Option<Result<(StatusCode, serde_json::Value), String>> {
     let stream = UnixStream::connect(socket).await.ok()?;
     Some(
@@ -126,7 +177,9 @@ pub async fn call(
                 .method(method)
                 .uri(path)
                 .header("host", "sidekey")
-                .body(Full::new(Bytes::new()))
+                .body(Full::new(Bytes::from(
+                    body.map(|b| b.to_string()).unwrap_or_default(),
+                )))
                 .map_err(|e| e.to_string())?;
             let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
             let status = res.status();

@@ -137,14 +137,15 @@ impl LeafMinter {
         })
     }
 
-    /// The TLS server config presenting a certificate for `host`.
+    /// The TLS server config presenting a certificate for `host`, and
+    /// whether it came from the cache.
     pub fn server_config(
         &self,
         host: &str,
-    ) -> Result<std::sync::Arc<rustls::ServerConfig>, CaError> {
+    ) -> Result<(std::sync::Arc<rustls::ServerConfig>, bool), CaError> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(config) = cache.configs.get(host) {
-            return Ok(config.clone());
+            return Ok((config.clone(), true));
         }
         let config = std::sync::Arc::new(self.mint(host)?);
         if cache.order.len() >= LEAF_CACHE
@@ -154,7 +155,7 @@ impl LeafMinter {
         }
         cache.order.push_back(host.to_string());
         cache.configs.insert(host.to_string(), config.clone());
-        Ok(config)
+        Ok((config, false))
     }
 
     fn mint(&self, host: &str) -> Result<rustls::ServerConfig, CaError> {
@@ -192,13 +193,12 @@ mod tests {
         assert!(create(&state).unwrap());
         assert!(!create(&state).unwrap(), "never replaces an existing CA");
         let minter = LeafMinter::load(&state).unwrap();
-        let first = minter.server_config("api.example.com").unwrap();
-        let again = minter.server_config("api.example.com").unwrap();
-        assert!(
-            std::sync::Arc::ptr_eq(&first, &again),
-            "a repeat costs no key generation"
-        );
-        let other = minter.server_config("127.0.0.1").unwrap();
+        let (first, cached) = minter.server_config("api.example.com").unwrap();
+        assert!(!cached);
+        let (again, cached) = minter.server_config("api.example.com").unwrap();
+        assert!(cached, "a repeat costs no key generation");
+        assert!(std::sync::Arc::ptr_eq(&first, &again));
+        let (other, _) = minter.server_config("127.0.0.1").unwrap();
         assert!(!std::sync::Arc::ptr_eq(&first, &other));
         assert_eq!(
             first.alpn_protocols,

@@ -28,6 +28,7 @@ pub mod identity;
 pub mod inject;
 pub mod listen;
 pub mod live;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod scrub;

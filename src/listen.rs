@@ -58,6 +58,8 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let open = proxy.metrics().open_connections.clone();
+        open.inc();
         let proxy = proxy.clone();
         let activity = Activity::new();
         let service = {
@@ -87,6 +89,7 @@ pub async fn serve(
                     tracing::debug!(%peer, "idle connection closed");
                 }
             }
+            open.dec();
             drop(permit);
         });
     }

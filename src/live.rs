@@ -159,7 +159,7 @@ impl Live {
     }
 
     /// One look at the watched files; re-reads what changed.
-    fn poll(&self) {
+    pub fn poll(&self) {
         let mut seen = self.lock_seen();
         let config = self.snapshot.load().config.clone();
         let now = secret_stamps(&config, &self.state);

@@ -39,6 +39,7 @@ use crate::egress::Reach;
 use crate::identity::{self, Agent};
 use crate::inject;
 use crate::live::{Live, SecretView, Snapshot};
+use crate::metrics::{Metrics, RequestLabels};
 use crate::policy;
 use crate::scrub::Scrubber;
 use crate::token::{Verifier, random_id};
@@ -57,6 +58,7 @@ pub struct Proxy {
     live: Arc<Live>,
     verifier: Verifier,
     minter: LeafMinter,
+    metrics: Arc<Metrics>,
 }
 
 /// What a request produced, for the audit record.
@@ -153,12 +155,22 @@ impl Plan {
 }
 
 impl Proxy {
-    pub fn new(live: Arc<Live>, verifier: Verifier, minter: LeafMinter) -> Self {
+    pub fn new(
+        live: Arc<Live>,
+        verifier: Verifier,
+        minter: LeafMinter,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             live,
             verifier,
             minter,
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Serves one agent request. Any step may end it; every outcome is audited.
@@ -229,7 +241,9 @@ impl Proxy {
         event.bytes_out = outcome.bytes_out;
         event.redactions = outcome.redactions;
         event.duration_ms = started.elapsed().as_millis() as u64;
+        self.count(&event, started.elapsed());
         if let Err(e) = snapshot.audit.record(&event) {
+            self.metrics.audit_errors.inc();
             tracing::error!(error = %e, request_id, "audit write failed");
             if snapshot.audit.on_failure() == OnFailure::Deny {
                 response = ProxyError::AuditUnavailable.into_response(mode, &request_id);
@@ -237,6 +251,25 @@ impl Proxy {
         }
         set_request_id(&mut response, &request_id);
         response
+    }
+
+    fn count(&self, event: &AuditEvent, elapsed: std::time::Duration) {
+        match event.reason {
+            "upstream_unreachable" | "upstream_timeout" => {
+                self.metrics.upstream_error(event.reason)
+            }
+            "secret_unavailable" => {
+                self.metrics.secret_errors.inc();
+            }
+            _ => {}
+        }
+        let labels = RequestLabels {
+            route: event.route.clone().unwrap_or_else(|| "-".into()),
+            mode: event.mode.to_string(),
+            decision: event.decision.to_string(),
+            status: event.status.to_string(),
+        };
+        self.metrics.record(labels, elapsed);
     }
 
     /// Steps 5 to 8, shared by every mode once the request is authorized:

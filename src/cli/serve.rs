@@ -10,9 +10,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{Paths, SilentExit, init_logging, runtime};
-use crate::admin::{self, Status};
+use crate::admin;
 use crate::config::{Config, Target};
 use crate::live::Live;
+use crate::metrics::Metrics;
 use crate::policy::{self, normalize_host, path::normalize};
 use crate::proxy::Proxy;
 use crate::secret::source::SecretTable;
@@ -59,13 +60,13 @@ pub(crate) async fn start(
         .context("cannot read the bound address")?;
     let admin = admin::bind(&admin_path)
         .with_context(|| format!("cannot open admin socket {}", admin_path.display()))?;
-    let status = Arc::new(Status::default());
+    let metrics = Arc::new(Metrics::default());
     let background = vec![
         tokio::spawn(live.clone().watch()),
-        tokio::spawn(admin::serve(admin, live.clone(), status)),
+        tokio::spawn(admin::serve(admin, live.clone(), metrics.clone())),
     ];
     let minter = crate::ca::LeafMinter::load(&live.state)?;
-    let proxy = Arc::new(Proxy::new(live.clone(), verifier, minter));
+    let proxy = Arc::new(Proxy::new(live.clone(), verifier, minter, metrics));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let server = tokio::spawn(crate::listen::serve(listener, proxy, limits, shutdown_rx));
     Ok(Running {
@@ -255,7 +256,7 @@ pub(super) fn explain(paths: &Paths, agent: &str, method: &str, url: &str) -> an
 
 /// The running proxy's admin socket. Read leniently, like the state dir, so
 /// that `reload` can report what is wrong with a config being edited.
-fn admin_socket(paths: &Paths) -> anyhow::Result<std::path::PathBuf> {
+pub(super) fn admin_socket(paths: &Paths) -> anyhow::Result<std::path::PathBuf> {
     if let Some(admin) = paths.raw_key("admin")? {
         let Some(path) = admin.strip_prefix("unix:") else {
             bail!("{}: admin must be \"unix:PATH\"", paths.config.display());
@@ -265,25 +266,39 @@ fn admin_socket(paths: &Paths) -> anyhow::Result<std::path::PathBuf> {
     Ok(paths.state_dir()?.admin_socket())
 }
 
-/// One request to the running proxy's admin socket.
-fn ask(
+/// One request to the running proxy's admin socket; `None` when no proxy
+/// answers there.
+pub(super) fn ask(
+    paths: &Paths,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<Option<(http::StatusCode, serde_json::Value)>> {
+    let socket = admin_socket(paths)?;
+    match runtime()?.block_on(admin::call(&socket, method, path, body)) {
+        None => Ok(None),
+        Some(Err(e)) => bail!("admin socket {}: {e}", socket.display()),
+        Some(Ok(reply)) => Ok(Some(reply)),
+    }
+}
+
+/// Like [`ask`], for commands that need a running proxy.
+fn ask_running(
     paths: &Paths,
     method: Method,
     path: &str,
 ) -> anyhow::Result<(http::StatusCode, serde_json::Value)> {
-    let socket = admin_socket(paths)?;
-    match runtime()?.block_on(admin::call(&socket, method, path)) {
+    match ask(paths, method, path, None)? {
+        Some(reply) => Ok(reply),
         None => bail!(
             "no sidekey is running ({} does not answer)",
-            socket.display()
+            admin_socket(paths)?.display()
         ),
-        Some(Err(e)) => bail!("admin socket {}: {e}", socket.display()),
-        Some(Ok(reply)) => Ok(reply),
     }
 }
 
 pub(super) fn status(paths: &Paths) -> anyhow::Result<()> {
-    let (_, body) = ask(paths, Method::GET, "/v1/status")?;
+    let (_, body) = ask_running(paths, Method::GET, "/v1/status")?;
     println!(
         "{}",
         serde_json::to_string_pretty(&body).unwrap_or_default()
@@ -292,7 +307,7 @@ pub(super) fn status(paths: &Paths) -> anyhow::Result<()> {
 }
 
 pub(super) fn reload(paths: &Paths) -> anyhow::Result<()> {
-    let (status, body) = ask(paths, Method::POST, "/v1/reload")?;
+    let (status, body) = ask_running(paths, Method::POST, "/v1/reload")?;
     if status.is_success() {
         eprintln!("config reloaded");
         return Ok(());

@@ -43,11 +43,34 @@ pub(super) fn revoke(paths: &Paths, which: RevokeArgs) -> anyhow::Result<()> {
         Revoke::Agent(v) => ("agent", v),
     };
     check_name(kind, name)?;
+    // A running proxy writes the revocation and applies it at once; with
+    // none running, the state dir is written directly and read at start.
+    let body = serde_json::json!({ kind_key(&revoke): name });
+    if let Some((status, reply)) =
+        super::serve::ask(paths, http::Method::POST, "/v1/revoke", Some(body))?
+    {
+        if !status.is_success() {
+            anyhow::bail!(
+                "the running proxy refused: {}",
+                reply["error"].as_str().unwrap_or("unknown error")
+            );
+        }
+        eprintln!("revoked {kind} {name:?}; the running proxy applies it from the next request");
+        return Ok(());
+    }
     let state = paths.state_dir()?;
     Revocations::add(&state, revoke.clone(), now_ms())?;
     eprintln!(
-        "revoked {kind} {name:?} in {}; a running proxy applies it within a second",
+        "revoked {kind} {name:?} in {} (no proxy is running)",
         state.revocations().display()
     );
     Ok(())
+}
+
+fn kind_key(revoke: &Revoke) -> &'static str {
+    match revoke {
+        Revoke::Id(_) => "id",
+        Revoke::Session(_) => "session",
+        Revoke::Agent(_) => "agent",
+    }
 }

@@ -90,12 +90,15 @@ impl Proxy {
                 Reach::Public
             };
             let upstream = connect_checked(&host, port, reach).await?;
+            let tunnels = self.metrics.active_tunnels.clone();
             tokio::spawn(async move {
                 match hyper::upgrade::on(req).await {
                     Ok(upgraded) => {
+                        tunnels.inc();
                         let mut agent_side = TokioIo::new(upgraded);
                         let mut upstream = upstream;
                         let _ = tokio::io::copy_bidirectional(&mut agent_side, &mut upstream).await;
+                        tunnels.dec();
                     }
                     Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
                 }
@@ -119,7 +122,12 @@ impl Proxy {
         let proxy = self.clone();
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
-                Ok(upgraded) => proxy.serve_tunnel(upgraded, tunnel).await,
+                Ok(upgraded) => {
+                    let tunnels = proxy.metrics.active_tunnels.clone();
+                    tunnels.inc();
+                    proxy.serve_tunnel(upgraded, tunnel).await;
+                    tunnels.dec();
+                }
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
         });
@@ -133,7 +141,14 @@ impl Proxy {
         tunnel: Arc<Tunnel>,
     ) {
         let config = match self.minter.server_config(&tunnel.host) {
-            Ok(config) => config,
+            Ok((config, cached)) => {
+                if cached {
+                    self.metrics.leaf_cache_hits.inc();
+                } else {
+                    self.metrics.leaf_cache_misses.inc();
+                }
+                config
+            }
             Err(e) => {
                 tracing::error!(host = %tunnel.host, error = %e, "cannot mint a leaf certificate");
                 return;

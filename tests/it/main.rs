@@ -4,6 +4,7 @@
 
 mod support;
 
+mod admin; // the admin socket: status, metrics, revoke
 mod cli; // init, secret, token, check, explain, demo through the command line
 mod forward; // HTTP(S)_PROXY: absolute-form, CONNECT, interception, SSRF
 mod gateway; // the reverse gateway: injection, identity, policy, errors

@@ -1,0 +1,140 @@
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use crate::support::*;
+
+const SECRET: &str = "sk-live-admin-31f";
+
+fn admin_get(env: &TestEnv, path: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--unix-socket"])
+        .arg(env.state.join("admin.sock"))
+        .arg(format!("http://sidekey{path}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn status_and_metrics_count_the_traffic_sent() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        "{}\n[[rules]]\nagents = [\"*\"]\nroute = \"echo\"\npaths = [\"/admin/**\"]\naction = \"deny\"\n",
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let mode = std::fs::metadata(env.state.join("admin.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(
+            c.get(sidekey.url("/echo/ok"))
+                .bearer_auth(&token)
+                .send()
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(c.get(sidekey.url("/echo/ok")).send().unwrap().status(), 401);
+    }
+    assert_eq!(
+        c.get(sidekey.url("/echo/admin/x"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+            .status(),
+        403
+    );
+
+    let status: serde_json::Value = serde_json::from_str(&env.ok(&["status"], None)).unwrap();
+    assert_eq!(status["requests"]["allow"], 3, "{status}");
+    assert_eq!(status["requests"]["deny"], 3, "{status}");
+    assert!(status["uptime_secs"].is_u64());
+    assert!(status["open_connections"].is_i64() || status["open_connections"].is_u64());
+
+    let text = admin_get(&env, "/metrics");
+    let parsed = python(
+        "from prometheus_client.parser import text_string_to_metric_families\n\
+         out = {}\n\
+         for family in text_string_to_metric_families(sys.argv[1]):\n\
+         \x20   for s in family.samples:\n\
+         \x20       key = s.name + ''.join(sorted(f'|{k}={v}' for k, v in s.labels.items() if k != 'le'))\n\
+         \x20       if 'le' in s.labels: continue\n\
+         \x20       out[key] = s.value\n\
+         print(json.dumps(out))",
+        &[&text],
+    );
+    let samples: serde_json::Value = serde_json::from_str(&parsed).unwrap();
+    let get = |key: &str| {
+        samples[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {key} in {samples}"))
+    };
+    assert_eq!(
+        get("sidekey_requests_total|decision=allow|mode=reverse|route=echo|status=200"),
+        3.0
+    );
+    assert_eq!(
+        get("sidekey_requests_total|decision=deny|mode=reverse|route=-|status=401"),
+        2.0
+    );
+    assert_eq!(
+        get("sidekey_requests_total|decision=deny|mode=reverse|route=echo|status=403"),
+        1.0
+    );
+    assert_eq!(get("sidekey_request_duration_seconds_count"), 6.0);
+    assert_eq!(get("sidekey_audit_write_errors_total"), 0.0);
+    assert_no_leak(&text, SECRET, "metrics");
+}
+
+#[test]
+fn revocation_through_the_admin_api_ends_an_open_tunnel_at_the_next_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https(dir.path());
+    let env = TestEnv::new(&format!(
+        "[tls]\nupstream_ca = [\"{}\"]\n{}",
+        upstream.ca.as_ref().unwrap().display(),
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token_with(&["coder", "--session", "tunnel-1"]);
+    let sidekey = env.spawn();
+    let ca = env.path("ca.pem");
+    std::fs::write(&ca, env.ok(&["ca", "cert"], None)).unwrap();
+    let proxy = format!("http://coder:{token}@{}", sidekey.addr);
+
+    // One requests.Session keeps one CONNECT tunnel open across requests;
+    // the revocation happens between two of them.
+    let out = python(
+        "import subprocess\n\
+         s = requests.Session()\n\
+         s.trust_env = False\n\
+         s.proxies = {'https': sys.argv[2]}\n\
+         s.verify = sys.argv[3]\n\
+         first = s.get(sys.argv[1])\n\
+         subprocess.run([sys.argv[4], '-c', sys.argv[5], 'token', 'revoke', '--session', 'tunnel-1'], check=True)\n\
+         second = s.get(sys.argv[1])\n\
+         print(first.status_code, second.status_code, second.headers.get('x-sidekey-error'))",
+        &[
+            &format!("{}/x", upstream.base()),
+            &proxy,
+            &ca.display().to_string(),
+            BIN,
+            &env.config.display().to_string(),
+        ],
+    );
+    assert_eq!(out.trim(), "200 407 token_revoked");
+    let audit = env.audit();
+    let connects = audit.iter().filter(|r| r["mode"] == "connect").count();
+    assert_eq!(connects, 1, "both requests went through one tunnel");
+    assert_eq!(upstream.count(), 1);
+}
