@@ -90,7 +90,10 @@ action = "allow"
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("content-encoding: gzip"), "{text}");
     let (status, _) = curl_via(&proxy, &[&format!("{}/gzip", upstream.base())]);
-    assert_eq!(status, 502, "a credentialed request refuses what it cannot scrub");
+    assert_eq!(
+        status, 502,
+        "a credentialed request refuses what it cannot scrub"
+    );
 
     // Method not allowed on the route; no proxy credentials; a denied destination.
     let (status, text) = curl_via(
