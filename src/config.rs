@@ -31,6 +31,8 @@ pub struct Config {
     /// The file it was read from; relative paths in it are relative to its directory.
     pub file: PathBuf,
     pub listen: SocketAddr,
+    /// A unix socket for agents identified by their uid; relative to the state dir.
+    pub listen_unix: Option<PathBuf>,
     /// The admin socket path, when not the default `admin.sock` in the state dir.
     pub admin: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
@@ -40,6 +42,14 @@ pub struct Config {
     pub secrets: BTreeMap<String, SecretSource>,
     pub routes: BTreeMap<String, Arc<Route>>,
     pub rules: Vec<Rule>,
+    pub agents: BTreeMap<String, AgentConfig>,
+}
+
+/// `[agents.NAME]`: ways to recognise an agent other than its token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Processes with these uids on `listen_unix` are this agent.
+    pub unix_uids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

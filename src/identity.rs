@@ -18,7 +18,30 @@ use crate::token::{TokenError, Verifier};
 pub struct Agent {
     pub name: String,
     pub session: String,
-    pub token_id: String,
+    /// The token's id; `None` for identities that come without a token.
+    pub token_id: Option<String>,
+}
+
+/// How a request proved who it is, kept so that it can be checked again on
+/// every request (inside a tunnel, revocation and expiry end the next one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presented {
+    Token {
+        token: String,
+        user: Option<String>,
+    },
+    /// The uid of the process at the other end of a unix socket (SO_PEERCRED).
+    PeerUid(u32),
+}
+
+impl Presented {
+    /// The agent token, to be removed wherever it appears; empty for none.
+    pub fn token(&self) -> &str {
+        match self {
+            Self::Token { token, .. } => token,
+            Self::PeerUid(_) => "",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -33,6 +56,8 @@ pub enum IdentityError {
     AgentMismatch,
     #[error("the revocation list cannot be read, so no token can be trusted")]
     RevocationsUnavailable,
+    #[error("uid {0} is not mapped to an agent")]
+    UnknownUid(u32),
 }
 
 /// Finds the agent token: `Proxy-Authorization` if present (and then only
@@ -115,7 +140,31 @@ pub fn verify(
     Ok(Agent {
         name: claims.sub,
         session: claims.sid,
-        token_id: claims.jti,
+        token_id: Some(claims.jti),
+    })
+}
+
+/// The agent a unix peer uid is mapped to, unless that agent is revoked.
+pub fn verify_uid(
+    uid: u32,
+    agents: &std::collections::BTreeMap<String, crate::config::AgentConfig>,
+    revocations: Result<&Revocations, ()>,
+) -> Result<Agent, IdentityError> {
+    let name = agents
+        .iter()
+        .find(|(_, a)| a.unix_uids.contains(&uid))
+        .map(|(name, _)| name.clone())
+        .ok_or(IdentityError::UnknownUid(uid))?;
+    let revocations = revocations.map_err(|()| IdentityError::RevocationsUnavailable)?;
+    // A uid identity has no issue time, so an agent revocation covers it
+    // until the revocation is removed from the list.
+    if revocations.agent_revoked(&name) {
+        return Err(TokenError::Revoked.into());
+    }
+    Ok(Agent {
+        name,
+        session: format!("uid-{uid}"),
+        token_id: None,
     })
 }
 

@@ -97,6 +97,9 @@ pub fn headers(
 /// Removes every header value that carries the agent's token, wherever the
 /// agent put it: the token is worthless upstream and must not travel there.
 pub fn strip_token(headers: &mut HeaderMap, token: &str) {
+    if token.is_empty() {
+        return;
+    }
     let carrying = |v: &HeaderValue| {
         v.as_bytes()
             .windows(token.len())
@@ -150,7 +153,8 @@ pub fn query(
     {
         let drop = raw.split(';').any(|part| {
             query_pairs(part).next().is_some_and(|(name, value)| {
-                value.contains(token) || slot.is_some_and(|(p, _)| name.eq_ignore_ascii_case(p))
+                (!token.is_empty() && value.contains(token))
+                    || slot.is_some_and(|(p, _)| name.eq_ignore_ascii_case(p))
             })
         });
         if !drop {

@@ -36,7 +36,7 @@ use crate::audit::{AuditEvent, timestamp};
 use crate::ca::LeafMinter;
 use crate::config::{OnFailure, Route};
 use crate::egress::Reach;
-use crate::identity::{self, Agent};
+use crate::identity::{self, Agent, Presented};
 use crate::inject;
 use crate::live::{Live, SecretView, Snapshot};
 use crate::metrics::{Metrics, RequestLabels};
@@ -61,6 +61,11 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
 }
 
+/// The uid of the process on the other end of a unix-socket connection,
+/// attached to each of its requests by the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerUid(pub u32);
+
 /// What a request produced, for the audit record.
 struct Outcome {
     forwarded: bool,
@@ -82,7 +87,7 @@ impl Flow<'_> {
     fn set_agent(&mut self, agent: &Agent) {
         self.event.agent = Some(agent.name.clone());
         self.event.session = Some(agent.session.clone());
-        self.event.token_id = Some(agent.token_id.clone());
+        self.event.token_id = agent.token_id.clone();
     }
 
     /// Step 4: the policy decision, recorded; a refusal is an error.
@@ -126,7 +131,7 @@ struct Plan {
     base_path: String,
     path: policy::NormalPath,
     reach: Reach,
-    /// The agent token, removed from wherever it appears.
+    /// The agent token, removed from wherever it appears ("" for none).
     token: String,
 }
 
@@ -386,27 +391,39 @@ impl Proxy {
             .await
     }
 
-    /// The verified agent and the token it presented.
+    /// The verified agent and how it proved itself: a token where the mode
+    /// looks for one, else the unix peer's uid when the request came that way.
     fn identify(
         &self,
-        headers: &HeaderMap,
+        flow: &Flow<'_>,
+        parts: &http::request::Parts,
         query: Option<&str>,
         slot: Option<&crate::config::Slot>,
-    ) -> Result<(Agent, String), ProxyError> {
-        let (token, user) = identity::find_token(headers, query, slot)?;
-        self.verify_token(token, user.as_deref())
+    ) -> Result<(Agent, Presented), ProxyError> {
+        let presented = match identity::find_token(&parts.headers, query, slot) {
+            Ok((token, user)) => Presented::Token { token, user },
+            Err(identity::IdentityError::Missing) => match parts.extensions.get::<PeerUid>() {
+                Some(PeerUid(uid)) => Presented::PeerUid(*uid),
+                None => return Err(identity::IdentityError::Missing.into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
+        let agent = self.verify(flow, &presented)?;
+        Ok((agent, presented))
     }
 
-    /// Signature, expiry and revocation, checked on every request.
-    fn verify_token(
-        &self,
-        token: String,
-        user: Option<&str>,
-    ) -> Result<(Agent, String), ProxyError> {
+    /// Signature, expiry and revocation (or the uid mapping), checked on every request.
+    fn verify(&self, flow: &Flow<'_>, presented: &Presented) -> Result<Agent, ProxyError> {
         let revocations = self.live.revocations();
         let list = revocations.as_ref().as_ref().map_err(|_| ());
-        let agent = identity::verify(&self.verifier, list, &token, user)?;
-        Ok((agent, token))
+        Ok(match presented {
+            Presented::Token { token, user } => {
+                identity::verify(&self.verifier, list, token, user.as_deref())?
+            }
+            Presented::PeerUid(uid) => {
+                identity::verify_uid(*uid, &flow.snapshot.config.agents, list)?
+            }
+        })
     }
 
     async fn respond(

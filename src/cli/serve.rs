@@ -50,11 +50,23 @@ pub(crate) async fn start(
     let verifier = Verifier::load(&state)?;
     let admin_path = config.admin.clone().unwrap_or_else(|| state.admin_socket());
     let live = Arc::new(Live::new(config, state, listen)?);
-    let (addr, limits) = {
+    let (addr, limits, unix_path) = {
         let snapshot = live.snapshot();
-        (snapshot.config.listen, snapshot.config.limits.clone())
+        let unix = snapshot
+            .config
+            .listen_unix
+            .as_ref()
+            .map(|p| live.state.root().join(p));
+        (snapshot.config.listen, snapshot.config.limits.clone(), unix)
     };
     let listener = crate::listen::bind(addr).await?;
+    let unix = match &unix_path {
+        Some(path) => Some(
+            crate::listen::bind_unix(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?,
+        ),
+        None => None,
+    };
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
@@ -68,7 +80,16 @@ pub(crate) async fn start(
     let minter = crate::ca::LeafMinter::load(&live.state)?;
     let proxy = Arc::new(Proxy::new(live.clone(), verifier, minter, metrics));
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let server = tokio::spawn(crate::listen::serve(listener, proxy, limits, shutdown_rx));
+    if let Some(path) = &unix_path {
+        tracing::info!("agents by uid on unix socket {}", path.display());
+    }
+    let server = tokio::spawn(crate::listen::serve(
+        listener,
+        unix,
+        proxy,
+        limits,
+        shutdown_rx,
+    ));
     Ok(Running {
         addr,
         live,

@@ -46,6 +46,13 @@ struct RawLimits {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawAgent {
+    #[serde(default)]
+    unix_uids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawSecret {
     source: String,
 }
@@ -140,6 +147,8 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     let base = base_dir(file).to_path_buf();
 
     let mut listen = None;
+    let mut listen_unix = None;
+    let mut agents: BTreeMap<String, RawAgent> = BTreeMap::new();
     let mut admin = None;
     let mut state_dir = None;
     let mut audit = RawAudit::default();
@@ -152,6 +161,17 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     for (key, value) in table {
         match key.as_str() {
             "listen" => listen = c.take::<String>("listen", value),
+            "listen_unix" => listen_unix = c.take::<String>("listen_unix", value),
+            "agents" => {
+                let Some(entries) = c.take::<toml::Table>("agents", value) else {
+                    continue;
+                };
+                for (name, entry) in entries {
+                    if let Some(agent) = c.take(&format!("agents.{name}"), entry) {
+                        agents.insert(name, agent);
+                    }
+                }
+            }
             "admin" => admin = c.take::<String>("admin", value),
             "state_dir" => state_dir = c.take::<String>("state_dir", value),
             "audit" => audit = c.take("audit", value).unwrap_or_default(),
@@ -303,6 +323,39 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    let mut checked_agents = BTreeMap::new();
+    let mut uid_owner: BTreeMap<u32, String> = BTreeMap::new();
+    for (name, raw) in agents {
+        if !valid_name(&name) {
+            c.fail(
+                format!("agents.{name}"),
+                "agent names use letters, digits, `-`, `_` and `.`",
+            );
+        }
+        for uid in &raw.unix_uids {
+            if let Some(other) = uid_owner.insert(*uid, name.clone()) {
+                c.fail(
+                    format!("agents.{name}.unix_uids"),
+                    format!("uid {uid} already names agent {other:?}"),
+                );
+            }
+        }
+        checked_agents.insert(
+            name,
+            super::AgentConfig {
+                unix_uids: raw.unix_uids,
+            },
+        );
+    }
+    let listen_unix = listen_unix.and_then(|path| {
+        if path.is_empty() {
+            c.fail("listen_unix", "empty path");
+            None
+        } else {
+            Some(PathBuf::from(path))
+        }
+    });
+
     let mut checked_rules = Vec::new();
     for (i, raw) in rules.into_iter().enumerate() {
         if let Some(rule) = check_rule(&mut c, i, raw, &checked_routes) {
@@ -316,6 +369,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     Ok(Config {
         file: file.to_path_buf(),
         listen,
+        listen_unix,
         admin: admin.map(|p| base.join(p)),
         state_dir,
         audit: AuditConfig { sink, on_failure },
@@ -324,6 +378,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         secrets: secret_sources,
         routes: checked_routes,
         rules: checked_rules,
+        agents: checked_agents,
     })
 }
 

@@ -18,17 +18,16 @@ use super::body::{Body, empty};
 use super::{Flow, Plan, Proxy, ProxyError, Response};
 use crate::config::Route;
 use crate::egress::{self, Reach};
-use crate::identity;
+use crate::identity::Presented;
 use crate::live::Snapshot;
 use crate::policy::{normalize_host, path::normalize};
 
 /// What every request inside one intercepted tunnel shares.
 #[derive(Debug)]
 pub(super) struct Tunnel {
-    /// The token from the CONNECT, verified again on every request so that
+    /// The CONNECT's identity, verified again on every request so that
     /// revocation and expiry end a long-lived tunnel's next request.
-    token: String,
-    user: Option<String>,
+    presented: Presented,
     host: String,
     port: u16,
 }
@@ -42,7 +41,7 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ProxyError> {
         let (parts, body) = req.into_parts();
-        let (agent, token) = self.identify(&parts.headers, None, None)?;
+        let (agent, presented) = self.identify(flow, &parts, None, None)?;
         flow.set_agent(&agent);
         if parts.uri.scheme_str() != Some("http") {
             return Err(ProxyError::BadRequest(
@@ -51,6 +50,7 @@ impl Proxy {
         }
         let (host, port) = destination(&parts.uri, 80)?;
         let route = route_for_origin(flow.snapshot, false, &host, port, parts.uri.path());
+        let token = presented.token().to_string();
         self.plan_and_deliver(flow, parts, body, agent, token, host, port, false, route)
             .await
     }
@@ -61,8 +61,10 @@ impl Proxy {
         flow: &mut Flow<'_>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ProxyError> {
-        let (token, user) = identity::find_token(req.headers(), None, None)?;
-        let (agent, token) = self.verify_token(token, user.as_deref())?;
+        let (req_parts, req_body) = req.into_parts();
+        let identified = self.identify(flow, &req_parts, None, None);
+        let req = Request::from_parts(req_parts, req_body);
+        let (agent, presented) = identified?;
         flow.set_agent(&agent);
         let (host, port) = destination(req.uri(), 443)?;
         flow.event.host = Some(host.clone());
@@ -106,8 +108,7 @@ impl Proxy {
             return Ok(Response::new(empty()));
         }
         let tunnel = Arc::new(Tunnel {
-            token,
-            user,
+            presented,
             host,
             port,
         });
@@ -182,7 +183,8 @@ impl Proxy {
         tunnel: &Tunnel,
     ) -> Result<Response<Body>, ProxyError> {
         let (parts, body) = req.into_parts();
-        let (agent, token) = self.verify_token(tunnel.token.clone(), tunnel.user.as_deref())?;
+        let agent = self.verify(flow, &tunnel.presented)?;
+        let token = tunnel.presented.token().to_string();
         flow.set_agent(&agent);
         // SECURITY: the request must be for the host the tunnel was opened
         // (and decided) for; anything else would steer the credential.

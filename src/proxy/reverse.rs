@@ -1,13 +1,11 @@
 //! The reverse gateway: `http://sidekey/<route>/<path>` for SDKs with a base URL.
 
 use http::Request;
-use http::header::HeaderMap;
 use hyper::body::Incoming;
 
 use super::{Flow, Plan, Proxy, ProxyError, Response};
 use crate::egress::Reach;
-use crate::identity::{self, Agent};
-use crate::live::Snapshot;
+use crate::identity::{self, Agent, Presented};
 use crate::policy::path::normalize;
 
 use super::body::Body;
@@ -23,12 +21,12 @@ impl Proxy {
         let route = flow.snapshot.config.routes.get(route_name).cloned();
 
         // 1. identity, from the route's own slot
-        let (agent, token) = match route.as_ref() {
+        let (agent, presented) = match route.as_ref() {
             Some(route) => {
                 let slot = route.inject.as_ref().map(|i| &i.slot);
-                self.identify(&parts.headers, parts.uri.query(), slot)?
+                self.identify(flow, &parts, parts.uri.query(), slot)?
             }
-            None => self.identify_unrouted(flow.snapshot, &parts.headers, parts.uri.query())?,
+            None => self.identify_unrouted(flow, &parts)?,
         };
         flow.set_agent(&agent);
 
@@ -64,7 +62,7 @@ impl Proxy {
             route: Some(route),
             path,
             reach,
-            token,
+            token: presented.token().to_string(),
         };
         self.deliver(flow, parts, body, plan).await
     }
@@ -74,10 +72,10 @@ impl Proxy {
     /// route (404) while a stranger still learns nothing (401).
     fn identify_unrouted(
         &self,
-        snapshot: &Snapshot,
-        headers: &HeaderMap,
-        query: Option<&str>,
-    ) -> Result<(Agent, String), ProxyError> {
+        flow: &Flow<'_>,
+        parts: &http::request::Parts,
+    ) -> Result<(Agent, Presented), ProxyError> {
+        let snapshot = flow.snapshot;
         let bearer = crate::config::Slot::Header {
             name: http::header::AUTHORIZATION,
             prefix: "Bearer ".into(),
@@ -92,7 +90,7 @@ impl Proxy {
         // outranks "no token", so the answer does not reveal whether the route exists.
         let mut refusal = ProxyError::Identity(identity::IdentityError::Missing);
         for slot in std::iter::once(&bearer).chain(slots) {
-            match self.identify(headers, query, Some(slot)) {
+            match self.identify(flow, parts, parts.uri.query(), Some(slot)) {
                 Ok(found) => return Ok(found),
                 Err(ProxyError::Identity(identity::IdentityError::Missing)) => {}
                 Err(e) => refusal = e,

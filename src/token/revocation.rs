@@ -59,6 +59,10 @@ impl Revocations {
                 .is_some_and(|&at| claims.iat_ms <= at)
     }
 
+    pub fn agent_revoked(&self, agent: &str) -> bool {
+        self.agents.contains_key(agent)
+    }
+
     /// Reads the list; a missing file is an empty list.
     pub fn read(path: &Path) -> Result<Self, RevocationError> {
         match fs::read(path) {
