@@ -214,6 +214,8 @@ pub struct Rule {
     /// `name` if given, else `rules[i]`; what audit records and `explain` show.
     pub label: String,
     pub agents: Agents,
+    /// Only these sessions of the agents, when given.
+    pub sessions: Option<Vec<String>>,
     pub target: Target,
     pub methods: Option<Vec<Method>>,
     pub paths: Option<Vec<PathPattern>>,

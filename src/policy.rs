@@ -70,6 +70,7 @@ pub fn normalize_host(host: &str) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
     pub agent: &'a str,
+    pub session: &'a str,
     /// The route the request goes to, if it goes to one.
     pub route: Option<&'a str>,
     /// Normalised destination host and port.
@@ -155,6 +156,7 @@ impl Policy {
     pub fn check_connect(
         &self,
         agent: &str,
+        session: &str,
         route: Option<&str>,
         host: &str,
         port: u16,
@@ -170,7 +172,7 @@ impl Policy {
                         && p.is_none_or(|p| p == port)
                 }
             };
-            if !target || !rule.agents.contains(agent) {
+            if !target || !rule.agents.contains(agent) || !in_sessions(rule, session) {
                 continue;
             }
             let narrowed = rule.methods.is_some() || rule.paths.is_some();
@@ -198,6 +200,12 @@ impl Policy {
     }
 }
 
+fn in_sessions(rule: &Rule, session: &str) -> bool {
+    rule.sessions
+        .as_ref()
+        .is_none_or(|sessions| sessions.iter().any(|s| s == session))
+}
+
 fn matches(rule: &Rule, req: &Request<'_>) -> bool {
     let deny = rule.action == Action::Deny;
     let target = match &rule.target {
@@ -210,7 +218,7 @@ fn matches(rule: &Rule, req: &Request<'_>) -> bool {
                 && port.is_none_or(|p| p == req.port)
         }
     };
-    if !target || !rule.agents.contains(req.agent) {
+    if !target || !rule.agents.contains(req.agent) || !in_sessions(rule, req.session) {
         return false;
     }
     let methods_match = match &rule.methods {

@@ -103,6 +103,7 @@ impl Flow<'_> {
         let overrides = method_overrides(&parts.headers)?;
         let decision = self.snapshot.policy.check(&policy::Request {
             agent: &agent.name,
+            session: &agent.session,
             route,
             host,
             port,

@@ -59,6 +59,9 @@ enum Command {
         /// The agent making the request
         #[arg(long)]
         agent: String,
+        /// Its session, for rules with `sessions`
+        #[arg(long, default_value = "")]
+        session: String,
         /// HTTP method, e.g. POST
         method: String,
         /// Reverse-gateway URL (http://127.0.0.1:8080/openai/v1/...) or upstream URL
@@ -176,7 +179,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Init => init::run(&ctx),
         Command::Run { listen } => serve::run(&ctx, listen),
         Command::Check => serve::check(&ctx),
-        Command::Explain { agent, method, url } => serve::explain(&ctx, &agent, &method, &url),
+        Command::Explain {
+            agent,
+            session,
+            method,
+            url,
+        } => serve::explain(&ctx, &agent, &session, &method, &url),
         Command::Secret(SecretCommand::Set { name }) => secret::set(&ctx, &name),
         Command::Secret(SecretCommand::List { json }) => secret::list(&ctx, json),
         Command::Secret(SecretCommand::Rm { name }) => secret::remove(&ctx, &name),

@@ -164,7 +164,13 @@ pub(super) fn check(paths: &Paths) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(super) fn explain(paths: &Paths, agent: &str, method: &str, url: &str) -> anyhow::Result<()> {
+pub(super) fn explain(
+    paths: &Paths,
+    agent: &str,
+    session: &str,
+    method: &str,
+    url: &str,
+) -> anyhow::Result<()> {
     let config = paths.config()?;
     let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
         .with_context(|| format!("invalid method {method:?}"))?;
@@ -241,6 +247,7 @@ pub(super) fn explain(paths: &Paths, agent: &str, method: &str, url: &str) -> an
     println!("path:     {}", path.decoded());
     let decision = policy::Policy::new(&config).check(&policy::Request {
         agent,
+        session,
         route: route.as_ref().map(|r| r.name.as_str()),
         host: &dest_host,
         port: dest_port,

@@ -89,6 +89,7 @@ struct RawBasic {
 struct RawRule {
     name: Option<String>,
     agents: Vec<String>,
+    sessions: Option<Vec<String>>,
     route: Option<String>,
     host: Option<String>,
     port: Option<u16>,
@@ -387,6 +388,7 @@ impl RawRule {
         Self {
             name: None,
             agents: Vec::new(),
+            sessions: None,
             route: None,
             host: None,
             port: None,
@@ -748,6 +750,22 @@ fn check_rule(
             })
             .collect()
     });
+    if let Some(sessions) = &raw.sessions {
+        if sessions.is_empty() {
+            c.fail(
+                format!("{at}.sessions"),
+                "empty list: leave it out to match every session",
+            );
+        }
+        for session in sessions {
+            if !valid_name(session) {
+                c.fail(
+                    format!("{at}.sessions"),
+                    format!("invalid session name {session:?}"),
+                );
+            }
+        }
+    }
     let label = match raw.name {
         Some(name) if valid_name(&name) => name,
         Some(name) => {
@@ -759,6 +777,7 @@ fn check_rule(
     Some(Rule {
         label,
         agents: agents?,
+        sessions: raw.sessions,
         target: target?,
         methods,
         paths,

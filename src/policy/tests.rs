@@ -30,6 +30,7 @@ fn decide(policy: &Policy, agent: &str, route: &str, method: Method, path: &str)
     };
     policy.check(&Request {
         agent,
+        session: "s-1",
         route: Some(route),
         host,
         port: 443,
@@ -217,6 +218,7 @@ action = "allow"
     let req = |overrides: &[Method]| {
         p.check(&Request {
             agent: "coder",
+            session: "s-1",
             route: Some("openai"),
             host: "api.openai.com",
             port: 443,
@@ -229,4 +231,33 @@ action = "allow"
     assert!(req(&[]));
     assert!(req(&[Method::POST]));
     assert!(!req(&[Method::DELETE]));
+}
+
+#[test]
+fn sessions_narrow_a_rule() {
+    let p = policy(
+        r#"
+[[rules]]
+agents = ["coder"]
+sessions = ["ci-run-7"]
+route = "openai"
+action = "allow"
+"#,
+    );
+    let path = path::normalize("/v1/x").unwrap();
+    let allowed = |session: &str| {
+        p.check(&Request {
+            agent: "coder",
+            session,
+            route: Some("openai"),
+            host: "api.openai.com",
+            port: 443,
+            method: &Method::POST,
+            overrides: &[],
+            path: &path,
+        })
+        .allowed
+    };
+    assert!(allowed("ci-run-7"));
+    assert!(!allowed("ci-run-8"));
 }

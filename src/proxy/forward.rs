@@ -74,6 +74,7 @@ impl Proxy {
         flow.event.route = route.as_ref().map(|r| r.name.clone());
         let decision = flow.snapshot.policy.check_connect(
             &agent.name,
+            &agent.session,
             route.as_ref().map(|r| r.name.as_str()),
             &host,
             port,

@@ -741,3 +741,50 @@ action = "allow"
     assert_eq!(res.status(), 200);
     assert_eq!(upstream.count(), 1);
 }
+
+#[test]
+fn a_rule_can_be_narrowed_to_sessions() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.api]
+source = "store"
+[routes.echo]
+upstream = "{}"
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+[[rules]]
+agents = ["coder"]
+sessions = ["ci-run-7"]
+route = "echo"
+action = "allow"
+"#,
+        upstream.base()
+    ));
+    env.set_secret("api", SECRET);
+    let inside = env.token_with(&["coder", "--session", "ci-run-7"]);
+    let outside = env.token_with(&["coder", "--session", "ci-run-8"]);
+    let sidekey = env.spawn();
+    let get = |token: &str| {
+        client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get(&inside), 200);
+    assert_eq!(get(&outside), 403);
+    let out = env.ok(
+        &[
+            "explain",
+            "--agent",
+            "coder",
+            "--session",
+            "ci-run-7",
+            "GET",
+            "http://127.0.0.1:8080/echo/x",
+        ],
+        None,
+    );
+    assert!(out.contains("decision: allow"), "{out}");
+}
