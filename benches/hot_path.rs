@@ -85,6 +85,7 @@ fn agent_headers() -> HeaderMap {
 fn request(path: &NormalPath) -> Request<'_> {
     Request {
         agent: "coder",
+        session: "s-bench",
         route: Some("openai"),
         host: "api.openai.com",
         port: 443,
