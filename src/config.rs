@@ -43,6 +43,8 @@ pub struct Config {
     pub routes: BTreeMap<String, Arc<Route>>,
     pub rules: Vec<Rule>,
     pub agents: BTreeMap<String, AgentConfig>,
+    /// `[identity.oidc]`: workload JWTs as identities.
+    pub oidc: Option<crate::identity::oidc::OidcConfig>,
 }
 
 /// `[agents.NAME]`: ways to recognise an agent other than its token.

@@ -4,6 +4,8 @@
 //! Identity comes before route lookup, so an unauthenticated caller learns
 //! nothing about which routes exist.
 
+pub mod oidc;
+
 use base64::Engine;
 use http::HeaderMap;
 use http::header::{AUTHORIZATION, PROXY_AUTHORIZATION};
@@ -58,6 +60,10 @@ pub enum IdentityError {
     RevocationsUnavailable,
     #[error("uid {0} is not mapped to an agent")]
     UnknownUid(u32),
+    #[error("the workload token names no mapped agent")]
+    UnknownWorkload,
+    #[error("the OIDC key set is unavailable, so no workload token can be trusted")]
+    KeysUnavailable,
 }
 
 /// Finds the agent token: `Proxy-Authorization` if present (and then only

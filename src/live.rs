@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError, Problem, Slot};
+use crate::identity::oidc::{JwksSource, OidcVerifier, parse_jwks, read_jwks};
 use crate::policy::Policy;
 use crate::proxy::upstream::Clients;
 use crate::scrub::{Scrubber, variants};
@@ -34,6 +35,7 @@ pub struct Snapshot {
     pub policy: Policy,
     pub clients: Clients,
     pub audit: Arc<AuditLog>,
+    pub oidc: Option<Arc<OidcVerifier>>,
 }
 
 /// The secret values of one load, with their scrubber.
@@ -67,6 +69,7 @@ pub struct Live {
 struct Stamps {
     secrets: Vec<Option<FileStamp>>,
     revocations: Option<FileStamp>,
+    jwks: Option<FileStamp>,
 }
 
 impl Live {
@@ -81,6 +84,8 @@ impl Live {
         let stamps = Stamps {
             secrets: secret_stamps(&snapshot.config, &state),
             revocations: fingerprint(&state.revocations()),
+            // The first poll reads the key set once more; harmless.
+            jwks: None,
         };
         let secrets = load_secrets(&snapshot.config, &state, master_key.as_ref());
         let revocations = Revocations::read(&state.revocations()).map_err(|e| e.to_string());
@@ -148,13 +153,27 @@ impl Live {
         Ok(())
     }
 
-    /// Polls the files behind secrets and revocations until the process ends.
+    /// Polls the files behind secrets and revocations until the process
+    /// ends, and refreshes a `jwks_url` key set every [`JWKS_REFRESH`].
     pub async fn watch(self: Arc<Self>) {
         let mut interval = tokio::time::interval(POLL);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut jwks_fetched: Option<(std::time::Instant, Arc<Config>)> = None;
         loop {
             interval.tick().await;
             self.poll();
+            let snapshot = self.snapshot.load_full();
+            let due = jwks_fetched.as_ref().is_none_or(|(at, config)| {
+                at.elapsed() >= JWKS_REFRESH || !Arc::ptr_eq(config, &snapshot.config)
+            });
+            if let Some(oidc) = &snapshot.oidc
+                && let JwksSource::Url(url) = &oidc.config().jwks
+                && due
+            {
+                let keys = fetch_jwks(&snapshot, url).await;
+                oidc.set_keys(keys);
+                jwks_fetched = Some((std::time::Instant::now(), snapshot.config.clone()));
+            }
         }
     }
 
@@ -169,6 +188,16 @@ impl Live {
             self.secrets.store(Arc::new(view));
             tracing::info!("secrets reloaded");
         }
+        let snapshot = self.snapshot.load();
+        if let Some(oidc) = &snapshot.oidc
+            && let JwksSource::File(path) = &oidc.config().jwks
+        {
+            let now = fingerprint(path);
+            if now != seen.jwks {
+                seen.jwks = now;
+                oidc.set_keys(read_jwks(path));
+            }
+        }
         let now = fingerprint(&self.state.revocations());
         if now != seen.revocations {
             seen.revocations = now;
@@ -180,6 +209,32 @@ impl Live {
                 .store(Arc::new(list.map_err(|e| e.to_string())));
         }
     }
+}
+
+/// How often a `jwks_url` key set is fetched again.
+pub const JWKS_REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Fetches a key set; the issuer is the operator's, so it may be private.
+async fn fetch_jwks(snapshot: &Snapshot, url: &str) -> Result<jsonwebtoken::jwk::JwkSet, String> {
+    use http_body_util::BodyExt;
+    let uri: http::Uri = url.parse().map_err(|_| format!("invalid URL {url}"))?;
+    let req = http::Request::get(uri)
+        .body(crate::proxy::body::empty())
+        .map_err(|e| e.to_string())?;
+    let client = snapshot.clients.get(crate::egress::Reach::Any);
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| format!("{url}: timed out"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("{url}: status {}", response.status()));
+    }
+    let body = http_body_util::Limited::new(response.into_body(), 1024 * 1024)
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .to_bytes();
+    parse_jwks(&body)
 }
 
 /// The store and every `file:` source of `config`.
@@ -233,11 +288,13 @@ fn build_snapshot(
         Some(previous) if previous.same_as(&audit) => previous.clone(),
         _ => Arc::new(audit),
     };
+    let oidc = config.oidc.clone().map(|c| Arc::new(OidcVerifier::new(c)));
     Ok(Snapshot {
         policy: Policy::new(&config),
         config: Arc::new(config),
         clients,
         audit,
+        oidc,
     })
 }
 

@@ -418,6 +418,23 @@ impl Proxy {
         let revocations = self.live.revocations();
         let list = revocations.as_ref().as_ref().map_err(|_| ());
         Ok(match presented {
+            Presented::Token { token, .. }
+                if flow.snapshot.oidc.as_ref().is_some_and(|o| o.is_for(token)) =>
+            {
+                let oidc = flow
+                    .snapshot
+                    .oidc
+                    .as_ref()
+                    .ok_or(identity::IdentityError::Missing)?;
+                let (agent, claims) = oidc.verify(token)?;
+                let list = list.map_err(|()| identity::IdentityError::RevocationsUnavailable)?;
+                if list.is_revoked(&claims) {
+                    return Err(
+                        identity::IdentityError::Token(crate::token::TokenError::Revoked).into(),
+                    );
+                }
+                agent
+            }
             Presented::Token { token, user } => {
                 identity::verify(&self.verifier, list, token, user.as_deref())?
             }

@@ -44,6 +44,29 @@ struct RawLimits {
     shutdown_grace: Option<String>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    oidc: Option<RawOidc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOidc {
+    issuer: String,
+    audience: String,
+    jwks_file: Option<String>,
+    jwks_url: Option<String>,
+    #[serde(default = "default_claim")]
+    claim: String,
+    #[serde(default)]
+    map: BTreeMap<String, String>,
+}
+
+fn default_claim() -> String {
+    "sub".to_string()
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgent {
@@ -149,6 +172,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
 
     let mut listen = None;
     let mut listen_unix = None;
+    let mut identity = RawIdentity::default();
     let mut agents: BTreeMap<String, RawAgent> = BTreeMap::new();
     let mut admin = None;
     let mut state_dir = None;
@@ -163,6 +187,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         match key.as_str() {
             "listen" => listen = c.take::<String>("listen", value),
             "listen_unix" => listen_unix = c.take::<String>("listen_unix", value),
+            "identity" => identity = c.take("identity", value).unwrap_or_default(),
             "agents" => {
                 let Some(entries) = c.take::<toml::Table>("agents", value) else {
                     continue;
@@ -357,6 +382,8 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         }
     });
 
+    let oidc = identity.oidc.and_then(|raw| check_oidc(&mut c, raw, &base));
+
     let mut checked_rules = Vec::new();
     for (i, raw) in rules.into_iter().enumerate() {
         if let Some(rule) = check_rule(&mut c, i, raw, &checked_routes) {
@@ -380,6 +407,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         routes: checked_routes,
         rules: checked_rules,
         agents: checked_agents,
+        oidc,
     })
 }
 
@@ -398,6 +426,56 @@ impl RawRule {
             allow_private: false,
         }
     }
+}
+
+fn check_oidc(
+    c: &mut Checker,
+    raw: RawOidc,
+    base: &Path,
+) -> Option<crate::identity::oidc::OidcConfig> {
+    use crate::identity::oidc::{JwksSource, OidcConfig};
+    let at = "identity.oidc";
+    if raw.issuer.is_empty() {
+        c.fail(format!("{at}.issuer"), "empty issuer");
+    }
+    if raw.audience.is_empty() {
+        c.fail(format!("{at}.audience"), "empty audience");
+    }
+    if raw.map.is_empty() {
+        c.fail(
+            format!("{at}.map"),
+            "map at least one claim value to an agent",
+        );
+    }
+    for agent in raw.map.values() {
+        if !valid_name(agent) {
+            c.fail(format!("{at}.map"), format!("invalid agent name {agent:?}"));
+        }
+    }
+    let jwks = match (raw.jwks_file, raw.jwks_url) {
+        (Some(file), None) => Some(JwksSource::File(base.join(file))),
+        (None, Some(url)) if url.starts_with("https://") || url.starts_with("http://") => {
+            Some(JwksSource::Url(url))
+        }
+        (None, Some(url)) => {
+            c.fail(
+                format!("{at}.jwks_url"),
+                format!("{url:?} is not an http(s) URL"),
+            );
+            None
+        }
+        _ => {
+            c.fail(at, "give exactly one of jwks_file and jwks_url");
+            None
+        }
+    };
+    Some(OidcConfig {
+        issuer: raw.issuer,
+        audience: raw.audience,
+        jwks: jwks?,
+        claim: raw.claim,
+        map: raw.map,
+    })
 }
 
 fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {

@@ -1,0 +1,203 @@
+//! Workload JWTs (OIDC): a Kubernetes service-account token, a SPIFFE
+//! JWT-SVID or a CI OIDC token becomes a sidekey identity, with no
+//! sidekey-issued secret at all.
+//!
+//! SECURITY: only RS256, ES256 and EdDSA are accepted, each only with a key
+//! of its own family (so `alg: none` and the HS256-with-the-public-key
+//! confusion fail), symmetric (`oct`) keys are never used, and the key set
+//! failing to load fails closed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+
+use super::{Agent, IdentityError};
+use crate::token::{Claims, TokenError};
+
+/// Clock skew tolerated on `exp` and `nbf`.
+const LEEWAY_SECS: u64 = 30;
+
+/// `[identity.oidc]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks: JwksSource,
+    /// The claim whose value names the workload.
+    pub claim: String,
+    /// Claim value -> agent name.
+    pub map: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    Url(String),
+}
+
+/// Verifies workload JWTs against the issuer's current key set.
+#[derive(Debug)]
+pub struct OidcVerifier {
+    config: OidcConfig,
+    keys: ArcSwap<Result<JwkSet, String>>,
+}
+
+impl OidcVerifier {
+    pub fn new(config: OidcConfig) -> Self {
+        let keys = match &config.jwks {
+            JwksSource::File(path) => read_jwks(path),
+            JwksSource::Url(_) => Err("the key set has not been fetched yet".to_string()),
+        };
+        Self {
+            config,
+            keys: ArcSwap::from_pointee(keys),
+        }
+    }
+
+    pub fn config(&self) -> &OidcConfig {
+        &self.config
+    }
+
+    /// Replaces the key set; a failed load keeps the last good one.
+    pub fn set_keys(&self, keys: Result<JwkSet, String>) {
+        match keys {
+            Ok(keys) => self.keys.store(Arc::new(Ok(keys))),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the OIDC key set");
+                if self.keys.load().is_err() {
+                    self.keys.store(Arc::new(Err(e)));
+                }
+            }
+        }
+    }
+
+    /// Whether `token` claims to come from this issuer (not yet verified:
+    /// it only picks the verifier that will check it).
+    pub fn is_for(&self, token: &str) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Iss {
+            iss: Option<String>,
+        }
+        jsonwebtoken::dangerous::insecure_decode::<Iss>(token)
+            .ok()
+            .and_then(|data| data.claims.iss)
+            .is_some_and(|iss| iss == self.config.issuer)
+    }
+
+    /// Verifies the JWT and maps it to an agent; also returns claims in the
+    /// shape the revocation list checks.
+    pub fn verify(&self, token: &str) -> Result<(Agent, Claims), IdentityError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
+        if !matches!(
+            header.alg,
+            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA
+        ) {
+            return Err(TokenError::Invalid.into());
+        }
+        let keys = self.keys.load();
+        let keys = keys
+            .as_ref()
+            .as_ref()
+            .map_err(|_| IdentityError::KeysUnavailable)?;
+        let jwk = pick_key(keys, header.kid.as_deref(), header.alg).ok_or(TokenError::Invalid)?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|_| TokenError::Invalid)?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&[&self.config.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let claims = match jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation) {
+            Ok(data) => data.claims,
+            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => {
+                return Err(TokenError::Expired.into());
+            }
+            Err(_) => return Err(TokenError::Invalid.into()),
+        };
+        let workload = claims
+            .get(&self.config.claim)
+            .and_then(|v| v.as_str())
+            .ok_or(IdentityError::UnknownWorkload)?;
+        let agent = self
+            .config
+            .map
+            .get(workload)
+            .ok_or(IdentityError::UnknownWorkload)?
+            .clone();
+        let jti = claims
+            .get("jti")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let iat = claims.get("iat").and_then(|v| v.as_u64()).unwrap_or(0);
+        let exp = claims.get("exp").and_then(|v| v.as_u64()).unwrap_or(0);
+        let session = format!("oidc:{workload}");
+        let revocable = Claims {
+            iss: self.config.issuer.clone(),
+            sub: agent.clone(),
+            sid: session.clone(),
+            jti: jti.clone().unwrap_or_default(),
+            iat,
+            exp,
+            iat_ms: iat.saturating_mul(1000),
+        };
+        Ok((
+            Agent {
+                name: agent,
+                session,
+                token_id: jti,
+            },
+            revocable,
+        ))
+    }
+}
+
+/// The key for `kid` (or the only key, when the token names none), of the
+/// family `alg` needs; never a symmetric key.
+fn pick_key<'a>(keys: &'a JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<&'a Jwk> {
+    let usable = |jwk: &&Jwk| {
+        let family = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => alg == Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(_) => alg == Algorithm::ES256,
+            AlgorithmParameters::OctetKeyPair(_) => alg == Algorithm::EdDSA,
+            AlgorithmParameters::OctetKey(_) => false,
+        };
+        let declared = jwk.common.key_algorithm.is_none_or(|a| match a {
+            KeyAlgorithm::RS256 => alg == Algorithm::RS256,
+            KeyAlgorithm::ES256 => alg == Algorithm::ES256,
+            KeyAlgorithm::EdDSA => alg == Algorithm::EdDSA,
+            _ => false,
+        });
+        family && declared
+    };
+    match kid {
+        Some(kid) => keys
+            .keys
+            .iter()
+            .filter(|k| k.common.key_id.as_deref() == Some(kid))
+            .find(usable),
+        None => {
+            let mut candidates = keys.keys.iter().filter(usable);
+            let only = candidates.next()?;
+            candidates.next().is_none().then_some(only)
+        }
+    }
+}
+
+pub fn read_jwks(path: &std::path::Path) -> Result<JwkSet, String> {
+    let text = std::fs::read(path).map_err(|e| {
+        format!(
+            "cannot read {}: {}",
+            path.display(),
+            crate::config::describe_io(&e)
+        )
+    })?;
+    parse_jwks(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn parse_jwks(bytes: &[u8]) -> Result<JwkSet, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("not a JWK set: {e}"))
+}

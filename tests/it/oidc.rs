@@ -1,0 +1,251 @@
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+use crate::support::*;
+
+const ISSUER: &str = "https://oidc.test.example";
+const SECRET: &str = "sk-live-oidc-9d2";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Signing keys made at test time, and their public JWKs.
+struct Keys {
+    es256: EncodingKey,
+    ed25519: EncodingKey,
+    rs256: EncodingKey,
+    rsa_public_pem: Vec<u8>,
+    jwks: serde_json::Value,
+}
+
+fn keys(dir: &std::path::Path) -> Keys {
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let point = ec.public_key_raw();
+    let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let rsa_path = dir.join("rsa.pem");
+    let ok = Command::new("openssl")
+        .args(["genrsa", "-out"])
+        .arg(&rsa_path)
+        .arg("2048")
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(ok, "openssl genrsa");
+    let modulus = Command::new("openssl")
+        .args(["rsa", "-noout", "-modulus", "-in"])
+        .arg(&rsa_path)
+        .output()
+        .unwrap();
+    let hex = String::from_utf8(modulus.stdout).unwrap();
+    let hex = hex.trim().trim_start_matches("Modulus=");
+    let n: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let public = Command::new("openssl")
+        .args(["rsa", "-pubout", "-in"])
+        .arg(&rsa_path)
+        .output()
+        .unwrap()
+        .stdout;
+    let rsa_pem = std::fs::read(&rsa_path).unwrap();
+    Keys {
+        es256: EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap(),
+        ed25519: EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).unwrap(),
+        rs256: EncodingKey::from_rsa_pem(&rsa_pem).unwrap(),
+        rsa_public_pem: public,
+        jwks: serde_json::json!({"keys": [
+            {"kty": "EC", "crv": "P-256", "kid": "ec-1", "alg": "ES256", "use": "sig",
+             "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..65])},
+            {"kty": "OKP", "crv": "Ed25519", "kid": "ed-1", "alg": "EdDSA", "use": "sig",
+             "x": B64.encode(ed.public_key_raw())},
+            {"kty": "RSA", "kid": "rsa-1", "alg": "RS256", "use": "sig",
+             "n": B64.encode(&n), "e": "AQAB"},
+        ]}),
+    }
+}
+
+fn claims(sub: &str, aud: &str, exp: u64) -> serde_json::Value {
+    serde_json::json!({"iss": ISSUER, "sub": sub, "aud": aud, "exp": exp, "iat": now(), "jti": "j-1"})
+}
+
+fn sign(alg: Algorithm, kid: &str, key: &EncodingKey, claims: &serde_json::Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_string());
+    jsonwebtoken::encode(&header, claims, key).unwrap()
+}
+
+#[test]
+fn workload_jwts_become_identities_and_forgeries_fail() {
+    let upstream = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys(dir.path());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, keys.jwks.to_string()).unwrap();
+    let env = TestEnv::new(&format!(
+        r#"
+[identity.oidc]
+issuer = "{ISSUER}"
+audience = "sidekey"
+jwks_file = "{}"
+claim = "sub"
+[identity.oidc.map]
+"system:serviceaccount:agents:coder" = "coder"
+{}"#,
+        jwks.display(),
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let sidekey = env.spawn();
+    let call = |token: &str| {
+        let res = client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(token)
+            .send()
+            .unwrap();
+        let code = res
+            .headers()
+            .get("x-sidekey-error")
+            .map(|v| v.to_str().unwrap().to_string());
+        (res.status().as_u16(), code)
+    };
+    let sa = "system:serviceaccount:agents:coder";
+    let good = claims(sa, "sidekey", now() + 300);
+
+    for (alg, kid, key) in [
+        (Algorithm::ES256, "ec-1", &keys.es256),
+        (Algorithm::EdDSA, "ed-1", &keys.ed25519),
+        (Algorithm::RS256, "rsa-1", &keys.rs256),
+    ] {
+        assert_eq!(call(&sign(alg, kid, key, &good)), (200, None), "{alg:?}");
+    }
+    assert_eq!(
+        upstream.last().header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    let record = env.audit().pop().unwrap();
+    assert_eq!(record["agent"], "coder");
+    assert_eq!(record["session"], format!("oidc:{sa}"));
+
+    let unauthenticated = (401, Some("unauthenticated".to_string()));
+    // Wrong audience, unmapped workload, unknown kid, not yet valid.
+    assert_eq!(
+        call(&sign(
+            Algorithm::ES256,
+            "ec-1",
+            &keys.es256,
+            &claims(sa, "other", now() + 300)
+        )),
+        unauthenticated
+    );
+    assert_eq!(
+        call(&sign(
+            Algorithm::ES256,
+            "ec-1",
+            &keys.es256,
+            &claims("system:serviceaccount:x:y", "sidekey", now() + 300)
+        )),
+        unauthenticated
+    );
+    assert_eq!(
+        call(&sign(Algorithm::ES256, "nope", &keys.es256, &good)),
+        unauthenticated
+    );
+    let mut early = good.clone();
+    early["nbf"] = (now() + 3600).into();
+    assert_eq!(
+        call(&sign(Algorithm::ES256, "ec-1", &keys.es256, &early)),
+        unauthenticated
+    );
+    // Expired beyond the clock-skew allowance.
+    assert_eq!(
+        call(&sign(
+            Algorithm::ES256,
+            "ec-1",
+            &keys.es256,
+            &claims(sa, "sidekey", now() - 120)
+        )),
+        (401, Some("token_expired".to_string()))
+    );
+    // alg none.
+    let none = format!(
+        "{}.{}.",
+        B64.encode(r#"{"alg":"none","typ":"JWT","kid":"rsa-1"}"#),
+        B64.encode(good.to_string())
+    );
+    assert_eq!(call(&none), unauthenticated);
+    // HS256 signed with the RSA public key as the HMAC secret (key confusion).
+    let confused = sign(
+        Algorithm::HS256,
+        "rsa-1",
+        &EncodingKey::from_secret(&keys.rsa_public_pem),
+        &good,
+    );
+    assert_eq!(call(&confused), unauthenticated);
+    // A forged signature.
+    let mut forged = sign(Algorithm::ES256, "ec-1", &keys.es256, &good);
+    forged.truncate(forged.len() - 4);
+    forged.push_str("AAAA");
+    assert_eq!(call(&forged), unauthenticated);
+
+    // Revoking the agent covers its workload tokens issued so far.
+    env.ok(&["token", "revoke", "--agent", "coder"], None);
+    assert_eq!(
+        call(&sign(Algorithm::ES256, "ec-1", &keys.es256, &good)),
+        (401, Some("token_revoked".to_string()))
+    );
+}
+
+#[test]
+fn an_unreadable_key_set_fails_closed() {
+    let upstream = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys(dir.path());
+    let jwks = dir.path().join("missing.json");
+    let env = TestEnv::new(&format!(
+        r#"
+[identity.oidc]
+issuer = "{ISSUER}"
+audience = "sidekey"
+jwks_file = "{}"
+[identity.oidc.map]
+"w" = "coder"
+{}"#,
+        jwks.display(),
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let sidekey = env.spawn();
+    let token = sign(
+        Algorithm::ES256,
+        "ec-1",
+        &keys.es256,
+        &claims("w", "sidekey", now() + 300),
+    );
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    // The key set appears: picked up without restart.
+    std::fs::write(&jwks, keys.jwks.to_string()).unwrap();
+    eventually(std::time::Duration::from_secs(3), || {
+        let res = client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        (res.status() == 200).then_some(())
+    });
+    assert_eq!(upstream.count(), 1);
+}
