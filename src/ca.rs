@@ -27,9 +27,32 @@ pub enum CaError {
     Read { path: String, cause: String },
 }
 
-/// Creates the CA key and certificate if the state dir has neither. Returns whether it did.
+/// Creates the interception CA if the state dir has none. Returns whether it did.
 pub fn create(state: &StateDir) -> Result<bool, CaError> {
-    let (cert_path, key_path) = (state.ca_cert(), state.ca_key());
+    create_ca(
+        &state.ca_cert(),
+        &state.ca_key(),
+        "sidekey interception CA",
+        0,
+    )
+}
+
+/// Creates the CA for agents' client certificates if the state dir has none.
+pub fn create_agent_ca(state: &StateDir) -> Result<bool, CaError> {
+    create_ca(
+        &state.agent_ca_cert(),
+        &state.agent_ca_key(),
+        "sidekey agent CA",
+        0,
+    )
+}
+
+fn create_ca(
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+    common_name: &str,
+    path_len: u8,
+) -> Result<bool, CaError> {
     if cert_path.exists() && key_path.exists() {
         return Ok(false);
     }
@@ -44,10 +67,10 @@ pub fn create(state: &StateDir) -> Result<bool, CaError> {
     let key = KeyPair::generate().map_err(gen_err)?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, "sidekey interception CA");
+    name.push(DnType::CommonName, common_name);
     name.push(DnType::OrganizationName, "sidekey");
     params.distinguished_name = name;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     // A day of slack for clients whose clocks run behind.
     let now = time::OffsetDateTime::now_utc();
@@ -61,9 +84,75 @@ pub fn create(state: &StateDir) -> Result<bool, CaError> {
             source,
         })
     };
-    write(&key_path, key_pem.as_bytes(), 0o600)?;
-    write(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    write(key_path, key_pem.as_bytes(), 0o600)?;
+    write(cert_path, cert.pem().as_bytes(), 0o644)?;
     Ok(true)
+}
+
+/// The trust domain in agents' SPIFFE IDs.
+pub const TRUST_DOMAIN: &str = "sidekey";
+
+/// `spiffe://sidekey/agent/NAME`, the URI SAN that names an agent.
+pub fn spiffe_id(agent: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/agent/{agent}")
+}
+
+/// A client certificate for `agent`, signed by the agent CA.
+#[derive(Debug)]
+pub struct AgentCert {
+    pub cert_pem: String,
+    pub key_pem: Zeroizing<String>,
+    /// Hex serial: the id `token revoke --id` takes.
+    pub serial: String,
+}
+
+pub fn issue_agent_cert(
+    state: &StateDir,
+    agent: &str,
+    ttl: std::time::Duration,
+) -> Result<AgentCert, CaError> {
+    create_agent_ca(state)?;
+    let issuer = load_issuer(&state.agent_ca_cert(), &state.agent_ca_key())?;
+    let gen_err = |e: rcgen::Error| CaError::Generate(e.to_string());
+    let key = KeyPair::generate().map_err(gen_err)?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, agent.to_string());
+    let uri = rcgen::string::Ia5String::try_from(spiffe_id(agent)).map_err(gen_err)?;
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+    let mut serial = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut serial);
+    serial[0] &= 0x7f; // positive, as DER wants
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    // Not backdated: an agent revocation is ordered against this time.
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now;
+    params.not_after = now + time::Duration::seconds(ttl.as_secs().min(i64::MAX as u64) as i64);
+    let cert = params.signed_by(&key, &issuer).map_err(gen_err)?;
+    Ok(AgentCert {
+        cert_pem: cert.pem(),
+        key_pem: Zeroizing::new(key.serialize_pem()),
+        serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+    })
+}
+
+fn load_issuer(
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+) -> Result<rcgen::Issuer<'static, KeyPair>, CaError> {
+    let read = |path: &std::path::Path| {
+        fs::read_to_string(path).map_err(|e| CaError::Read {
+            path: path.display().to_string(),
+            cause: crate::config::describe_io(&e),
+        })
+    };
+    let key_pem = Zeroizing::new(read(key_path)?);
+    let cert_pem = read(cert_path)?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Generate(e.to_string()))?;
+    rcgen::Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CaError::Generate(e.to_string()))
 }
 
 /// The CA certificate in PEM.
@@ -118,18 +207,7 @@ struct LeafCache {
 
 impl LeafMinter {
     pub fn load(state: &StateDir) -> Result<Self, CaError> {
-        let key_path = state.ca_key();
-        let read = |path: &std::path::Path| {
-            fs::read_to_string(path).map_err(|e| CaError::Read {
-                path: path.display().to_string(),
-                cause: crate::config::describe_io(&e),
-            })
-        };
-        let key_pem = Zeroizing::new(read(&key_path)?);
-        let cert_pem = read(&state.ca_cert())?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Generate(e.to_string()))?;
-        let issuer = rcgen::Issuer::from_ca_cert_pem(&cert_pem, key)
-            .map_err(|e| CaError::Generate(e.to_string()))?;
+        let issuer = load_issuer(&state.ca_cert(), &state.ca_key())?;
         Ok(Self {
             issuer,
             provider: std::sync::Arc::new(rustls::crypto::ring::default_provider()),
@@ -159,22 +237,63 @@ impl LeafMinter {
     }
 
     fn mint(&self, host: &str) -> Result<rustls::ServerConfig, CaError> {
+        self.mint_for(&[host.to_string()], None)
+    }
+
+    /// The mTLS listener's config: a leaf for `names`, and client
+    /// certificates required, chained to the agent CA and unexpired.
+    pub fn mtls_config(
+        &self,
+        state: &StateDir,
+        names: &[String],
+    ) -> Result<rustls::ServerConfig, CaError> {
+        create_agent_ca(state)?;
+        let pem = fs::read(state.agent_ca_cert()).map_err(|e| CaError::Read {
+            path: state.agent_ca_cert().display().to_string(),
+            cause: crate::config::describe_io(&e),
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| CaError::Generate(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| CaError::Generate(e.to_string()))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| CaError::Generate(e.to_string()))?;
+        self.mint_for(names, Some(verifier))
+    }
+
+    fn mint_for(
+        &self,
+        names: &[String],
+        client_verifier: Option<std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    ) -> Result<rustls::ServerConfig, CaError> {
         let gen_err = |e: rcgen::Error| CaError::Generate(e.to_string());
         let key = KeyPair::generate().map_err(gen_err)?;
-        let mut params = CertificateParams::new(vec![host.to_string()]).map_err(gen_err)?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, host.to_string());
+        let mut params = CertificateParams::new(names.to_vec()).map_err(gen_err)?;
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(1);
         params.not_after = now + time::Duration::days(30);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
         let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+        let builder = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| CaError::Generate(e.to_string()))?
-            .with_no_client_auth()
+            .map_err(|e| CaError::Generate(e.to_string()))?;
+        let builder = match client_verifier {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
             .with_single_cert(vec![cert.der().clone()], key_der)
             .map_err(|e| CaError::Generate(e.to_string()))?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

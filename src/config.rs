@@ -31,6 +31,8 @@ pub struct Config {
     /// The file it was read from; relative paths in it are relative to its directory.
     pub file: PathBuf,
     pub listen: SocketAddr,
+    /// An mTLS listener for agents with client certificates.
+    pub listen_tls: Option<SocketAddr>,
     /// A unix socket for agents identified by their uid; relative to the state dir.
     pub listen_unix: Option<PathBuf>,
     /// The admin socket path, when not the default `admin.sock` in the state dir.

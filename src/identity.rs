@@ -34,6 +34,60 @@ pub enum Presented {
     },
     /// The uid of the process at the other end of a unix socket (SO_PEERCRED).
     PeerUid(u32),
+    /// A client certificate verified at the mTLS handshake.
+    PeerCert(PeerCert),
+}
+
+/// What sidekey reads from an agent's client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    pub agent: String,
+    /// Hex serial, the id `token revoke --id` takes.
+    pub serial: String,
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+impl PeerCert {
+    /// Reads the agent from the certificate's `spiffe://sidekey/agent/NAME`
+    /// URI SAN. The chain and validity were checked at the handshake.
+    pub fn from_der(der: &[u8]) -> Result<Self, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|_| "unparsable client certificate".to_string())?;
+        let prefix = format!("{}/", crate::ca::spiffe_id("").trim_end_matches('/'));
+        let agent = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .into_iter()
+            .flat_map(|ext| ext.value.general_names.iter())
+            .find_map(|name| match name {
+                x509_parser::extensions::GeneralName::URI(uri) => uri.strip_prefix(&prefix),
+                _ => None,
+            })
+            .filter(|name| {
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            })
+            .ok_or_else(|| "the client certificate names no sidekey agent".to_string())?
+            .to_string();
+        let serial = cert
+            .tbs_certificate
+            .raw_serial()
+            .iter()
+            .skip_while(|b| **b == 0)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let validity = cert.validity();
+        Ok(Self {
+            agent,
+            serial,
+            not_before: validity.not_before.timestamp().max(0) as u64,
+            not_after: validity.not_after.timestamp().max(0) as u64,
+        })
+    }
 }
 
 impl Presented {
@@ -41,7 +95,7 @@ impl Presented {
     pub fn token(&self) -> &str {
         match self {
             Self::Token { token, .. } => token,
-            Self::PeerUid(_) => "",
+            Self::PeerUid(_) | Self::PeerCert(_) => "",
         }
     }
 }
@@ -171,6 +225,36 @@ pub fn verify_uid(
         name,
         session: format!("uid-{uid}"),
         token_id: None,
+    })
+}
+
+/// The agent a verified client certificate names, unless it expired since
+/// the handshake or was revoked (by serial, or with its agent).
+pub fn verify_cert(
+    cert: &PeerCert,
+    revocations: Result<&Revocations, ()>,
+) -> Result<Agent, IdentityError> {
+    let now = crate::secret::store::now_ms() / 1000;
+    if now > cert.not_after {
+        return Err(TokenError::Expired.into());
+    }
+    let revocations = revocations.map_err(|()| IdentityError::RevocationsUnavailable)?;
+    let claims = crate::token::Claims {
+        iss: crate::ca::TRUST_DOMAIN.to_string(),
+        sub: cert.agent.clone(),
+        sid: format!("cert-{}", cert.serial),
+        jti: cert.serial.clone(),
+        iat: cert.not_before,
+        exp: cert.not_after,
+        iat_ms: cert.not_before.saturating_mul(1000),
+    };
+    if revocations.is_revoked(&claims) {
+        return Err(TokenError::Revoked.into());
+    }
+    Ok(Agent {
+        name: claims.sub,
+        session: claims.sid,
+        token_id: Some(claims.jti),
     })
 }
 

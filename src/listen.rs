@@ -19,20 +19,38 @@ use activity::{Activity, Watched};
 
 /// An accepted agent connection.
 enum Accepted {
-    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+    Tcp(tokio::net::TcpStream),
     /// With the peer's uid, which identifies the agent when it sends no token.
     Unix(tokio::net::UnixStream, Option<u32>),
+    /// The mTLS listener; the handshake happens in the connection's task.
+    Tls(tokio::net::TcpStream, std::net::SocketAddr),
 }
 
-/// Serves agents on `listener` (and `unix`, if configured) until `shutdown`
-/// turns true, then waits up to the grace period for in-flight requests.
+/// Who the transport says the peer is, attached to each of its requests.
+#[derive(Debug, Clone)]
+enum Peer {
+    Anonymous,
+    Uid(u32),
+    Cert(crate::identity::PeerCert),
+}
+
+/// Where agents connect.
+#[allow(missing_debug_implementations, reason = "TlsAcceptor has no Debug")]
+pub struct Listeners {
+    pub tcp: TcpListener,
+    pub unix: Option<UnixListener>,
+    pub tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+}
+
+/// Serves agents on every listener until `shutdown` turns true, then waits
+/// up to the grace period for in-flight requests.
 pub async fn serve(
-    listener: TcpListener,
-    unix: Option<UnixListener>,
+    listeners: Listeners,
     proxy: Arc<Proxy>,
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Listeners { tcp, unix, tls } = listeners;
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -46,10 +64,12 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32);
+    let acceptor = tls.as_ref().map(|(_, acceptor)| acceptor.clone());
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted.map(|(s, peer)| Accepted::Tcp(s, peer)),
+            accepted = tcp.accept() => accepted.map(|(s, _)| Accepted::Tcp(s)),
             accepted = accept_unix(unix.as_ref()) => accepted,
+            accepted = accept_tls(tls.as_ref().map(|(l, _)| l)) => accepted,
             _ = shutdown.changed() => break,
         };
         let accepted = match accepted {
@@ -67,7 +87,7 @@ pub async fn serve(
                 "connection refused: too many open connections"
             );
             match accepted {
-                Accepted::Tcp(stream, _) => refuse(&stream),
+                Accepted::Tcp(stream) | Accepted::Tls(stream, _) => refuse(&stream),
                 Accepted::Unix(stream, _) => refuse(&stream),
             }
             continue;
@@ -75,70 +95,70 @@ pub async fn serve(
         let open = proxy.metrics().open_connections.clone();
         open.inc();
         let activity = Activity::new();
-        let (peer, uid) = match &accepted {
-            Accepted::Tcp(stream, peer) => {
-                let _ = stream.set_nodelay(true);
-                (peer.to_string(), None)
-            }
-            Accepted::Unix(_, uid) => (format!("unix uid {uid:?}"), *uid),
+        let conn = Conn {
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            activity: activity.clone(),
+            proxy: proxy.clone(),
         };
-        let service = {
-            let activity = activity.clone();
-            let proxy = proxy.clone();
-            service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                let proxy = proxy.clone();
-                let busy = activity.busy();
-                if let Some(uid) = uid {
-                    req.extensions_mut().insert(PeerUid(uid));
-                }
-                async move {
-                    let response = proxy.handle(req).await;
-                    drop(busy);
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            })
-        };
-        let conn: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), _>> + Send>> =
-            match accepted {
-                Accepted::Tcp(stream, _) => {
-                    let io = TokioIo::new(Watched::new(stream, activity.clone()));
-                    Box::pin(
-                        graceful.watch(
-                            builder
-                                .serve_connection_with_upgrades(io, service)
-                                .into_owned(),
-                        ),
-                    )
-                }
-                Accepted::Unix(stream, _) => {
-                    let io = TokioIo::new(Watched::new(stream, activity.clone()));
-                    Box::pin(
-                        graceful.watch(
-                            builder
-                                .serve_connection_with_upgrades(io, service)
-                                .into_owned(),
-                        ),
-                    )
-                }
-            };
-        let idle_timeout = limits.idle_timeout;
+        let acceptor = acceptor.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                result = conn => {
-                    if let Err(e) = result {
-                        tracing::debug!(peer, error = %e, "connection ended with an error");
+            let served = async {
+                match accepted {
+                    Accepted::Tcp(stream) => {
+                        let _ = stream.set_nodelay(true);
+                        let io = Watched::new(stream, activity.clone());
+                        conn.serve(io, Peer::Anonymous).await;
+                    }
+                    Accepted::Unix(stream, uid) => {
+                        let peer = uid.map_or(Peer::Anonymous, Peer::Uid);
+                        let io = Watched::new(stream, activity.clone());
+                        conn.serve(io, peer).await;
+                    }
+                    Accepted::Tls(stream, addr) => {
+                        let _ = stream.set_nodelay(true);
+                        let Some(acceptor) = acceptor else { return };
+                        let io = Watched::new(stream, activity.clone());
+                        let handshake =
+                            tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await;
+                        let tls = match handshake {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::info!(%addr, error = %e, "agent certificate refused at the handshake");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                        let cert = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|certs| certs.first())
+                            .map(|der| crate::identity::PeerCert::from_der(der));
+                        match cert {
+                            Some(Ok(cert)) => conn.serve(tls, Peer::Cert(cert)).await,
+                            Some(Err(e)) => {
+                                tracing::info!(%addr, error = %e, "client certificate refused")
+                            }
+                            None => tracing::info!(%addr, "no client certificate"),
+                        }
                     }
                 }
-                _ = activity.idle_for(idle_timeout) => {
-                    tracing::debug!(peer, "idle connection closed");
+            };
+            tokio::select! {
+                _ = served => {}
+                _ = activity.idle_for(limits.idle_timeout) => {
+                    tracing::debug!("idle connection closed");
                 }
             }
             open.dec();
             drop(permit);
         });
     }
-    drop(listener);
+    drop(tcp);
     drop(unix);
+    drop(tls);
     tracing::info!("stopped accepting; finishing in-flight requests");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
@@ -146,6 +166,58 @@ pub async fn serve(
             tracing::warn!("grace period over; closing remaining connections");
         }
     }
+}
+
+/// What serving one connection needs.
+struct Conn {
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    activity: Arc<Activity>,
+    proxy: Arc<Proxy>,
+}
+
+impl Conn {
+    async fn serve<IO>(self, io: IO, peer: Peer)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Self {
+            builder,
+            watcher,
+            activity,
+            proxy,
+        } = self;
+        let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let proxy = proxy.clone();
+            let busy = activity.busy();
+            match &peer {
+                Peer::Anonymous => {}
+                Peer::Uid(uid) => {
+                    req.extensions_mut().insert(PeerUid(*uid));
+                }
+                Peer::Cert(cert) => {
+                    req.extensions_mut().insert(cert.clone());
+                }
+            }
+            async move {
+                let response = proxy.handle(req).await;
+                drop(busy);
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        if let Err(e) = watcher.watch(conn.into_owned()).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+}
+
+async fn accept_tls(tls: Option<&TcpListener>) -> std::io::Result<Accepted> {
+    let Some(tls) = tls else {
+        return std::future::pending().await;
+    };
+    let (stream, addr) = tls.accept().await?;
+    Ok(Accepted::Tls(stream, addr))
 }
 
 async fn accept_unix(unix: Option<&UnixListener>) -> std::io::Result<Accepted> {

@@ -403,10 +403,15 @@ impl Proxy {
     ) -> Result<(Agent, Presented), ProxyError> {
         let presented = match identity::find_token(&parts.headers, query, slot) {
             Ok((token, user)) => Presented::Token { token, user },
-            Err(identity::IdentityError::Missing) => match parts.extensions.get::<PeerUid>() {
-                Some(PeerUid(uid)) => Presented::PeerUid(*uid),
-                None => return Err(identity::IdentityError::Missing.into()),
-            },
+            Err(identity::IdentityError::Missing) => {
+                if let Some(cert) = parts.extensions.get::<identity::PeerCert>() {
+                    Presented::PeerCert(cert.clone())
+                } else if let Some(PeerUid(uid)) = parts.extensions.get::<PeerUid>() {
+                    Presented::PeerUid(*uid)
+                } else {
+                    return Err(identity::IdentityError::Missing.into());
+                }
+            }
             Err(e) => return Err(e.into()),
         };
         let agent = self.verify(flow, &presented)?;
@@ -441,6 +446,7 @@ impl Proxy {
             Presented::PeerUid(uid) => {
                 identity::verify_uid(*uid, &flow.snapshot.config.agents, list)?
             }
+            Presented::PeerCert(cert) => identity::verify_cert(cert, list)?,
         })
     }
 

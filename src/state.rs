@@ -43,6 +43,13 @@ impl StateDir {
     pub fn ca_key(&self) -> PathBuf {
         self.root.join("ca.key")
     }
+    /// The CA that signs agents' client certificates (`sidekey cert issue`).
+    pub fn agent_ca_cert(&self) -> PathBuf {
+        self.root.join("agent-ca.crt")
+    }
+    pub fn agent_ca_key(&self) -> PathBuf {
+        self.root.join("agent-ca.key")
+    }
     pub fn admin_socket(&self) -> PathBuf {
         self.root.join("admin.sock")
     }

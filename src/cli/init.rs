@@ -53,6 +53,9 @@ pub(crate) fn init_state(state: &StateDir) -> anyhow::Result<Vec<&'static str>> 
     if crate::ca::create(state)? {
         created.push("interception CA");
     }
+    if crate::ca::create_agent_ca(state)? {
+        created.push("agent certificate CA");
+    }
     Ok(created)
 }
 

@@ -76,6 +76,9 @@ enum Command {
     /// Print the interception CA
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Issue client certificates for the mTLS listener
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Show the audit log
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -127,6 +130,20 @@ struct RevokeArgs {
     /// Every token issued so far to an agent
     #[arg(long)]
     agent: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Write PREFIX.crt and PREFIX.key (0600) naming the agent; prints the certificate id
+    Issue {
+        agent: String,
+        /// Lifetime, e.g. 1h, 24h, 30d
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// Path prefix of the two files
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,6 +212,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         }) => token::issue(&ctx, &agent, &ttl, session.as_deref()),
         Command::Token(TokenCommand::Revoke(which)) => token::revoke(&ctx, which),
         Command::Ca(CaCommand::Cert) => init::ca_cert(&ctx),
+        Command::Cert(CertCommand::Issue { agent, ttl, out }) => {
+            token::issue_cert(&ctx, &agent, &ttl, &out)
+        }
         Command::Ca(CaCommand::Bundle) => init::ca_bundle(&ctx),
         Command::Audit(AuditCommand::Tail { follow, lines }) => audit::tail(&ctx, follow, lines),
         Command::Status => serve::status(&ctx),

@@ -50,14 +50,19 @@ pub(crate) async fn start(
     let verifier = Verifier::load(&state)?;
     let admin_path = config.admin.clone().unwrap_or_else(|| state.admin_socket());
     let live = Arc::new(Live::new(config, state, listen)?);
-    let (addr, limits, unix_path) = {
+    let (addr, limits, unix_path, tls_addr) = {
         let snapshot = live.snapshot();
         let unix = snapshot
             .config
             .listen_unix
             .as_ref()
             .map(|p| live.state.root().join(p));
-        (snapshot.config.listen, snapshot.config.limits.clone(), unix)
+        (
+            snapshot.config.listen,
+            snapshot.config.limits.clone(),
+            unix,
+            snapshot.config.listen_tls,
+        )
     };
     let listener = crate::listen::bind(addr).await?;
     let unix = match &unix_path {
@@ -78,18 +83,30 @@ pub(crate) async fn start(
         tokio::spawn(admin::serve(admin, live.clone(), metrics.clone())),
     ];
     let minter = crate::ca::LeafMinter::load(&live.state)?;
+    let tls = match tls_addr {
+        Some(tls_addr) => {
+            let listener = crate::listen::bind(tls_addr).await?;
+            let bound = listener
+                .local_addr()
+                .context("cannot read the bound address")?;
+            let names = vec!["localhost".to_string(), bound.ip().to_string()];
+            let config = minter.mtls_config(&live.state, &names)?;
+            tracing::info!("agents with client certificates on https://{bound}");
+            Some((listener, tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+        }
+        None => None,
+    };
     let proxy = Arc::new(Proxy::new(live.clone(), verifier, minter, metrics));
     let (shutdown, shutdown_rx) = watch::channel(false);
     if let Some(path) = &unix_path {
         tracing::info!("agents by uid on unix socket {}", path.display());
     }
-    let server = tokio::spawn(crate::listen::serve(
-        listener,
+    let listeners = crate::listen::Listeners {
+        tcp: listener,
         unix,
-        proxy,
-        limits,
-        shutdown_rx,
-    ));
+        tls,
+    };
+    let server = tokio::spawn(crate::listen::serve(listeners, proxy, limits, shutdown_rx));
     Ok(Running {
         addr,
         live,

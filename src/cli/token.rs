@@ -30,6 +30,38 @@ pub(super) fn issue(
     Ok(())
 }
 
+/// `sidekey cert issue`: a client certificate for the mTLS listener.
+pub(super) fn issue_cert(
+    paths: &Paths,
+    agent: &str,
+    ttl: &str,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    check_name("agent", agent)?;
+    let ttl = parse_ttl(ttl).map_err(anyhow::Error::msg)?;
+    let state = paths.state_dir()?;
+    let cert = crate::ca::issue_agent_cert(&state, agent, ttl)?;
+    let with_ext = |ext: &str| {
+        let mut path = out.as_os_str().to_owned();
+        path.push(ext);
+        std::path::PathBuf::from(path)
+    };
+    let (crt, key) = (with_ext(".crt"), with_ext(".key"));
+    crate::state::write_atomic(&key, cert.key_pem.as_bytes(), 0o600)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", key.display()))?;
+    crate::state::write_atomic(&crt, cert.cert_pem.as_bytes(), 0o644)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", crt.display()))?;
+    eprintln!(
+        "certificate {} for agent {agent:?} ({}) in {} and {}",
+        cert.serial,
+        crate::ca::spiffe_id(agent),
+        crt.display(),
+        key.display()
+    );
+    println!("{}", cert.serial);
+    Ok(())
+}
+
 pub(super) fn revoke(paths: &Paths, which: RevokeArgs) -> anyhow::Result<()> {
     let revoke = match (which.id, which.session, which.agent) {
         (Some(id), None, None) => Revoke::Id(id),

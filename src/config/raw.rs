@@ -172,6 +172,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
 
     let mut listen = None;
     let mut listen_unix = None;
+    let mut listen_tls = None;
     let mut identity = RawIdentity::default();
     let mut agents: BTreeMap<String, RawAgent> = BTreeMap::new();
     let mut admin = None;
@@ -187,6 +188,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         match key.as_str() {
             "listen" => listen = c.take::<String>("listen", value),
             "listen_unix" => listen_unix = c.take::<String>("listen_unix", value),
+            "listen_tls" => listen_tls = c.take::<String>("listen_tls", value),
             "identity" => identity = c.take("identity", value).unwrap_or_default(),
             "agents" => {
                 let Some(entries) = c.take::<toml::Table>("agents", value) else {
@@ -256,6 +258,16 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         }
     });
     let state_dir = state_dir.map(|s| base.join(s));
+    let listen_tls = listen_tls.and_then(|text| match text.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            c.fail(
+                "listen_tls",
+                format!("invalid address {text:?} (expected IP:PORT)"),
+            );
+            None
+        }
+    });
 
     let on_failure = match audit.on_failure.as_deref() {
         None | Some("deny") => OnFailure::Deny,
@@ -397,6 +409,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     Ok(Config {
         file: file.to_path_buf(),
         listen,
+        listen_tls,
         listen_unix,
         admin: admin.map(|p| base.join(p)),
         state_dir,

@@ -10,6 +10,7 @@ mod forward; // HTTP(S)_PROXY: absolute-form, CONNECT, interception, SSRF
 mod gateway; // the reverse gateway: injection, identity, policy, errors
 mod limits; // connection cap, idle and header timeouts, size limits
 mod live; // rotation, revocation, reload and shutdown while running
+mod mtls; // agents with client certificates on listen_tls
 mod oidc; // workload JWTs verified against a JWKS
 mod peer; // unix-socket agents identified by their uid
 mod scrubbing; // secrets echoed back are redacted, streamed or not
