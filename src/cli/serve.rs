@@ -327,23 +327,29 @@ pub(super) fn ask(
     }
 }
 
-/// Like [`ask`], for commands that need a running proxy.
-fn ask_running(
-    paths: &Paths,
-    method: Method,
-    path: &str,
-) -> anyhow::Result<(http::StatusCode, serde_json::Value)> {
-    match ask(paths, method, path, None)? {
-        Some(reply) => Ok(reply),
-        None => bail!(
-            "no sidekey is running ({} does not answer)",
-            admin_socket(paths)?.display()
-        ),
-    }
-}
-
 pub(super) fn status(paths: &Paths) -> anyhow::Result<()> {
-    let (_, body) = ask_running(paths, Method::GET, "/v1/status")?;
+    let body = match ask(paths, Method::GET, "/v1/status", None)? {
+        Some((_, mut body)) => {
+            body["running"] = true.into();
+            body
+        }
+        // No proxy: what the state dir says.
+        None => {
+            let state = paths.state_dir()?;
+            let revocations = crate::token::revocation::Revocations::read(&state.revocations())?;
+            let secrets = MasterKey::load(&state)
+                .ok()
+                .and_then(|key| crate::secret::store::Store::read(&state.store(), &key).ok())
+                .map(|store| store.entries.len());
+            serde_json::json!({
+                "running": false,
+                "state_dir": state.root().display().to_string(),
+                "initialised": state.signing_key().exists(),
+                "stored_secrets": secrets,
+                "revocations": serde_json::to_value(&revocations).unwrap_or_default(),
+            })
+        }
+    };
     println!(
         "{}",
         serde_json::to_string_pretty(&body).unwrap_or_default()
@@ -352,7 +358,17 @@ pub(super) fn status(paths: &Paths) -> anyhow::Result<()> {
 }
 
 pub(super) fn reload(paths: &Paths) -> anyhow::Result<()> {
-    let (status, body) = ask_running(paths, Method::POST, "/v1/reload")?;
+    let Some((status, body)) = ask(paths, Method::POST, "/v1/reload", None)? else {
+        // No proxy to reload: check what the next start would load.
+        let config = paths.config()?;
+        eprintln!(
+            "no sidekey is running; {} is valid and will be used at the next start ({} routes, {} rules)",
+            config.file.display(),
+            config.routes.len(),
+            config.rules.len()
+        );
+        return Ok(());
+    };
     if status.is_success() {
         eprintln!("config reloaded");
         return Ok(());
