@@ -68,6 +68,8 @@ pub struct Live {
 #[derive(Debug, Default)]
 struct Stamps {
     secrets: Vec<Option<FileStamp>>,
+    /// When secrets were last loaded, to pace re-runs of credential processes.
+    secrets_loaded: Option<std::time::Instant>,
     revocations: Option<FileStamp>,
     jwks: Option<FileStamp>,
 }
@@ -86,6 +88,7 @@ impl Live {
             revocations: fingerprint(&state.revocations()),
             // The first poll reads the key set once more; harmless.
             jwks: None,
+            secrets_loaded: Some(std::time::Instant::now()),
         };
         let secrets = load_secrets(&snapshot.config, &state, master_key.as_ref());
         let revocations = Revocations::read(&state.revocations()).map_err(|e| e.to_string());
@@ -161,7 +164,9 @@ impl Live {
         let mut jwks_fetched: Option<(std::time::Instant, Arc<Config>)> = None;
         loop {
             interval.tick().await;
-            self.poll();
+            // Loading may run credential processes; keep them off the runtime.
+            let live = self.clone();
+            let _ = tokio::task::spawn_blocking(move || live.poll()).await;
             let snapshot = self.snapshot.load_full();
             let due = jwks_fetched.as_ref().is_none_or(|(at, config)| {
                 at.elapsed() >= JWKS_REFRESH || !Arc::ptr_eq(config, &snapshot.config)
@@ -182,8 +187,13 @@ impl Live {
         let mut seen = self.lock_seen();
         let config = self.snapshot.load().config.clone();
         let now = secret_stamps(&config, &self.state);
-        if now != seen.secrets {
+        let expiring = self.secrets.load().table.expiring(EXPIRY_MARGIN)
+            && seen
+                .secrets_loaded
+                .is_none_or(|at| at.elapsed() >= EXPIRY_RETRY);
+        if now != seen.secrets || expiring {
             seen.secrets = now;
+            seen.secrets_loaded = Some(std::time::Instant::now());
             let view = load_secrets(&config, &self.state, self.master_key.as_ref());
             self.secrets.store(Arc::new(view));
             tracing::info!("secrets reloaded");
@@ -210,6 +220,11 @@ impl Live {
         }
     }
 }
+
+/// A credential process's value is renewed this long before it expires.
+const EXPIRY_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
+/// And a failed renewal is retried this often, not on every poll.
+const EXPIRY_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often a `jwks_url` key set is fetched again.
 pub const JWKS_REFRESH: std::time::Duration = std::time::Duration::from_secs(300);

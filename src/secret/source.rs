@@ -21,6 +21,8 @@ pub enum SecretSource {
     Env(String),
     /// A file, re-read when it changes.
     File(PathBuf),
+    /// A credential process, run again when its value expires.
+    Exec(Vec<String>),
 }
 
 impl SecretSource {
@@ -45,8 +47,11 @@ impl SecretSource {
             }
             return Ok(Self::File(base.join(path)));
         }
+        if let Some(command) = text.strip_prefix("exec:") {
+            return crate::secret::process::parse_command(command).map(Self::Exec);
+        }
         Err(format!(
-            "unknown secret source {text:?} (expected \"store\", \"env:VAR\" or \"file:PATH\")"
+            "unknown secret source {text:?} (expected \"store\", \"env:VAR\", \"file:PATH\" or \"exec:COMMAND\")"
         ))
     }
 }
@@ -63,6 +68,8 @@ pub struct Unavailable {
 #[derive(Debug, Default)]
 pub struct SecretTable {
     values: HashMap<String, Result<Arc<Secret>, String>>,
+    /// The earliest time a value from a credential process expires.
+    expires: Option<std::time::SystemTime>,
 }
 
 impl SecretTable {
@@ -75,6 +82,7 @@ impl SecretTable {
     ) -> Self {
         let mut store: Option<Result<Store, String>> = None;
         let mut values = HashMap::with_capacity(sources.len());
+        let mut expires: Option<std::time::SystemTime> = None;
         for (name, source) in sources {
             let value = match source {
                 SecretSource::Store => {
@@ -99,6 +107,19 @@ impl SecretTable {
                     .map(Secret::new)
                     .map_err(|_| format!("environment variable {var} is not set")),
                 SecretSource::File(path) => read_file(path),
+                SecretSource::Exec(args) => {
+                    crate::secret::process::run(args).and_then(|(secret, expiry)| {
+                        if let Some(at) = expiry {
+                            if at <= std::time::SystemTime::now() {
+                                return Err(
+                                    "the credential process returned an expired value".into()
+                                );
+                            }
+                            expires = Some(expires.map_or(at, |e| e.min(at)));
+                        }
+                        Ok(secret)
+                    })
+                }
             };
             let value = value.and_then(|secret| {
                 if secret.expose().is_empty() {
@@ -109,7 +130,14 @@ impl SecretTable {
             });
             values.insert(name.clone(), value);
         }
-        Self { values }
+        Self { values, expires }
+    }
+
+    /// Whether a credential process's value expires within `margin`, so the
+    /// table should be loaded again before it is used.
+    pub fn expiring(&self, margin: std::time::Duration) -> bool {
+        self.expires
+            .is_some_and(|at| at <= std::time::SystemTime::now() + margin)
     }
 
     pub fn get(&self, name: &str) -> Result<&Arc<Secret>, Unavailable> {

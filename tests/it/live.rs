@@ -192,3 +192,51 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     assert_eq!(rest, "data: second\n\n");
     assert_eq!(sidekey.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn a_credential_process_is_run_and_renewed_before_its_value_expires() {
+    let upstream = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("cred.sh");
+    let count = dir.path().join("count");
+    std::fs::write(&count, "0").unwrap();
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nn=$(cat {count})\necho $((n+1)) > {count}\n\
+             printf '{{\"value\":\"proc-tok-%s\",\"expires_at\":\"%s\"}}' \"$n\" \"$(date -u -d '+32 seconds' +%Y-%m-%dT%H:%M:%SZ)\"\n",
+            count = count.display()
+        ),
+    )
+    .unwrap();
+    let env = TestEnv::new(&format!(
+        "{}\n[secrets.broken]\nsource = \"exec:sh -c \\\"exit 3\\\"\"\n[routes.broken]\nupstream = \"{}\"\ninject = {{ header = \"authorization\", format = \"Bearer {{secret}}\", secret = \"broken\" }}\n[[rules]]\nagents = [\"coder\"]\nroute = \"broken\"\naction = \"allow\"\n",
+        echo_route(&upstream, &format!("exec:sh {}", script.display())),
+        upstream.base()
+    ));
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = |path: &str| {
+        client()
+            .get(sidekey.url(path))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+    };
+    let res = get("/echo/x");
+    assert_eq!(res.status(), 200);
+    assert_eq!(bearer(&upstream).as_deref(), Some("Bearer proc-tok-0"));
+    assert!(res.text().unwrap().contains("[REDACTED]"));
+    // Within the 30 s renewal margin, the process runs again.
+    eventually(Duration::from_secs(10), || {
+        get("/echo/x");
+        (bearer(&upstream).as_deref() == Some("Bearer proc-tok-1")).then_some(())
+    });
+    let res = get("/broken/x");
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-sidekey-error"], "secret_unavailable");
+    assert!(
+        !sidekey.stderr().contains("proc-tok-"),
+        "a value reached the log"
+    );
+}

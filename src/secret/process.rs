@@ -1,0 +1,160 @@
+//! `source = "exec:COMMAND ARGS"`: a credential process, like AWS's
+//! `credential_process` or `gh auth token`.
+//!
+//! SECURITY: the process gets no stdin, a minimal environment (no agent
+//! ever reaches it: it runs only when sidekey loads secrets), and a
+//! deadline; a non-zero exit, a timeout or empty output fail closed.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use zeroize::Zeroizing;
+
+use crate::secret::Secret;
+
+/// How long a credential process may run.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// Its output is a token, not a file.
+const MAX_OUTPUT: u64 = 64 * 1024;
+
+/// Splits `COMMAND ARGS` on whitespace, honouring double quotes.
+pub fn parse_command(text: &str) -> Result<Vec<String>, String> {
+    let mut args = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut started = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                started = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if started {
+                    args.push(std::mem::take(&mut current));
+                    started = false;
+                }
+            }
+            c => {
+                current.push(c);
+                started = true;
+            }
+        }
+    }
+    if quoted {
+        return Err("unbalanced quote in exec: command".into());
+    }
+    if started {
+        args.push(current);
+    }
+    if args.is_empty() {
+        return Err("exec: needs a command".into());
+    }
+    Ok(args)
+}
+
+/// Runs the process; returns the value and when it expires, if it said.
+pub fn run(args: &[String]) -> Result<(Secret, Option<SystemTime>), String> {
+    let program = &args[0];
+    let mut child = Command::new(program)
+        .args(&args[1..])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {}", crate::config::describe_io(&e)))?;
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut out = Zeroizing::new(Vec::new());
+        let _ = (&mut stdout).take(MAX_OUTPUT).read_to_end(&mut out);
+        out
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{program} did not finish within {TIMEOUT:?}"));
+            }
+            Err(e) => return Err(format!("{program}: {e}")),
+        }
+    };
+    let out = reader
+        .join()
+        .map_err(|_| format!("{program}: output unreadable"))?;
+    if !status.success() {
+        return Err(format!("{program} exited with {status}"));
+    }
+    parse_output(&out).map_err(|e| format!("{program}: {e}"))
+}
+
+/// A bare value, or `{"value": "...", "expires_at": "RFC 3339"}`.
+fn parse_output(out: &[u8]) -> Result<(Secret, Option<SystemTime>), String> {
+    let text = std::str::from_utf8(out).map_err(|_| "output is not UTF-8")?;
+    let text = text.trim();
+    if text.starts_with('{') {
+        #[derive(serde::Deserialize)]
+        struct Output {
+            value: String,
+            expires_at: Option<String>,
+        }
+        let parsed: Output =
+            serde_json::from_str(text).map_err(|_| "output is JSON without a string \"value\"")?;
+        let value = Zeroizing::new(parsed.value);
+        let expires = match parsed.expires_at {
+            Some(at) => Some(
+                humantime::parse_rfc3339_weak(&at)
+                    .map_err(|_| format!("expires_at {at:?} is not RFC 3339"))?,
+            ),
+            None => None,
+        };
+        if value.is_empty() {
+            return Err("the value is empty".into());
+        }
+        return Ok((Secret::new(value.to_string()), expires));
+    }
+    if text.is_empty() {
+        return Err("no output".into());
+    }
+    Ok((Secret::new(text.to_string()), None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands() {
+        assert_eq!(
+            parse_command("gh auth token").unwrap(),
+            vec!["gh", "auth", "token"]
+        );
+        assert_eq!(
+            parse_command(r#"sh -c "echo a b""#).unwrap(),
+            vec!["sh", "-c", "echo a b"]
+        );
+        assert!(parse_command("  ").is_err());
+        assert!(parse_command("a \"b").is_err());
+    }
+
+    #[test]
+    fn runs_and_fails_closed() {
+        let (secret, expiry) = run(&["sh".into(), "-c".into(), "echo tok-1".into()]).unwrap();
+        assert_eq!(secret.expose(), "tok-1");
+        assert!(expiry.is_none());
+        let json = r#"echo '{"value":"tok-2","expires_at":"2099-01-01T00:00:00Z"}'"#;
+        let (secret, expiry) = run(&["sh".into(), "-c".into(), json.into()]).unwrap();
+        assert_eq!(secret.expose(), "tok-2");
+        assert!(expiry.is_some());
+        assert!(run(&["sh".into(), "-c".into(), "exit 3".into()]).is_err());
+        assert!(run(&["sh".into(), "-c".into(), "true".into()]).is_err());
+        assert!(run(&["/nonexistent/cred".into()]).is_err());
+    }
+}
