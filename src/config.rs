@@ -4,6 +4,7 @@
 //! every pattern compiles, every value is in range. Validation collects every
 //! problem with its location instead of stopping at the first.
 
+mod preset;
 mod raw;
 
 use std::collections::BTreeMap;

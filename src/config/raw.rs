@@ -83,11 +83,15 @@ struct RawSecret {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
-    upstream: String,
+    upstream: Option<String>,
     inject: Option<RawInject>,
     placeholder_env: Option<String>,
     #[serde(default)]
     allow_private: bool,
+    /// A provider preset that fills upstream and injection.
+    preset: Option<String>,
+    /// With a preset: the secret it injects.
+    secret: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -526,12 +530,58 @@ fn check_route(
     if !valid_name(name) || name == "." || name == ".." {
         c.fail(&at, "route names use letters, digits, `-`, `_` and `.`");
     }
-    let upstream = match parse_upstream(&raw.upstream) {
-        Ok(u) => Some(u),
-        Err(message) => {
-            c.fail(format!("{at}.upstream"), message);
+    let mut raw = raw;
+    match (&raw.preset, &raw.secret) {
+        (Some(preset), secret) => match super::preset::fill(preset) {
+            Ok(filled) => {
+                raw.upstream = raw.upstream.take().or(filled.upstream);
+                raw.placeholder_env = raw.placeholder_env.take().or(filled.placeholder_env);
+                if raw.inject.is_none() {
+                    match (secret, filled.header) {
+                        (Some(secret), Some((header, format))) => {
+                            raw.inject = Some(RawInject {
+                                header: Some(header),
+                                format: Some(format),
+                                query: None,
+                                basic: None,
+                                secret: Some(secret.clone()),
+                            });
+                        }
+                        _ => c.fail(
+                            format!("{at}.secret"),
+                            "missing: name the secret the preset injects",
+                        ),
+                    }
+                } else if secret.is_some() {
+                    c.fail(
+                        format!("{at}.secret"),
+                        "give `secret` or `inject`, not both",
+                    );
+                }
+            }
+            Err(message) => c.fail(format!("{at}.preset"), message),
+        },
+        (None, Some(_)) => c.fail(
+            format!("{at}.secret"),
+            "`secret` goes with `preset`; otherwise name it in `inject`",
+        ),
+        (None, None) => {}
+    }
+    let upstream = match raw.upstream.as_deref() {
+        None => {
+            c.fail(
+                format!("{at}.upstream"),
+                "missing: the origin this route forwards to",
+            );
             None
         }
+        Some(text) => match parse_upstream(text) {
+            Ok(u) => Some(u),
+            Err(message) => {
+                c.fail(format!("{at}.upstream"), message);
+                None
+            }
+        },
     };
     let inject = raw
         .inject

@@ -206,3 +206,68 @@ fn examples_parse() {
         }
     }
 }
+
+#[test]
+fn presets_fill_routes_and_yield_to_what_is_written() {
+    let config = parse(
+        r#"
+[secrets.key]
+source = "store"
+[routes.anthropic]
+preset = "anthropic"
+secret = "key"
+[routes.local]
+preset = "openai"
+secret = "key"
+upstream = "http://127.0.0.1:9000"
+placeholder_env = "MY_KEY"
+"#,
+    )
+    .unwrap();
+    let anthropic = &config.routes["anthropic"];
+    assert_eq!(anthropic.upstream.origin(), "https://api.anthropic.com");
+    assert_eq!(
+        anthropic.placeholder_env.as_deref(),
+        Some("ANTHROPIC_API_KEY")
+    );
+    assert_eq!(
+        anthropic.inject.as_ref().unwrap().slot,
+        Slot::Header {
+            name: HeaderName::from_static("x-api-key"),
+            prefix: String::new(),
+            suffix: String::new()
+        }
+    );
+    let local = &config.routes["local"];
+    assert_eq!(local.upstream.origin(), "http://127.0.0.1:9000");
+    assert_eq!(local.placeholder_env.as_deref(), Some("MY_KEY"));
+
+    for (text, want) in [
+        (
+            "[routes.r]\npreset = \"nope\"\nsecret = \"key\"",
+            "routes.r.preset: unknown preset",
+        ),
+        (
+            "[routes.r]\npreset = \"openai\"",
+            "routes.r.secret: missing",
+        ),
+        (
+            "[routes.r]\npreset = \"azure-openai\"\nsecret = \"key\"",
+            "routes.r.upstream: missing",
+        ),
+        (
+            "[routes.r]\nupstream = \"https://x\"\nsecret = \"key\"",
+            "routes.r.secret",
+        ),
+        (
+            "[routes.r]\npreset = \"bedrock\"\nsecret = \"key\"",
+            "routes.r.preset: preset \"bedrock\"",
+        ),
+    ] {
+        let found = problems(&format!("[secrets.key]\nsource = \"store\"\n{text}"));
+        assert!(
+            found.iter().any(|f| f.starts_with(want)),
+            "missing {want:?} in {found:#?}"
+        );
+    }
+}

@@ -788,3 +788,34 @@ action = "allow"
     );
     assert!(out.contains("decision: allow"), "{out}");
 }
+
+#[test]
+fn a_preset_route_is_two_lines_and_takes_the_token_in_its_slot() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.anthropic]
+source = "store"
+[routes.anthropic]
+preset = "anthropic"
+secret = "anthropic"
+upstream = "{}"
+[[rules]]
+agents = ["coder"]
+route = "anthropic"
+action = "allow"
+"#,
+        upstream.base()
+    ));
+    env.set_secret("anthropic", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let res = client()
+        .post(sidekey.url("/anthropic/v1/messages"))
+        .header("x-api-key", &token)
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(upstream.last().header_all("x-api-key"), vec![SECRET]);
+}
