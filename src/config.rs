@@ -4,6 +4,7 @@
 //! every pattern compiles, every value is in range. Validation collects every
 //! problem with its location instead of stopping at the first.
 
+mod inject;
 mod preset;
 mod raw;
 
@@ -147,9 +148,20 @@ impl Upstream {
 /// How a route's credential is placed into requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Injection {
-    /// The secret's name.
+    /// The secret's name (for `oauth2`, the client secret's).
     pub secret: String,
     pub slot: Slot,
+    /// The credential is an access token obtained with the secret.
+    pub oauth2: Option<Arc<OAuth2>>,
+}
+
+/// `inject = { oauth2 = { … } }`: a client-credentials grant (RFC 6749 §4.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuth2 {
+    pub token_url: http::Uri,
+    pub client_id: String,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
 }
 
 /// Where the credential goes; the agent's token is looked for in the same place.

@@ -42,6 +42,7 @@ use crate::live::{Live, SecretView, Snapshot};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::policy;
 use crate::scrub::Scrubber;
+use crate::secret::oauth2::TokenCache;
 use crate::token::{Verifier, random_id};
 
 use body::{Body, Counted, Scrubbed, full};
@@ -59,6 +60,7 @@ pub struct Proxy {
     verifier: Verifier,
     minter: LeafMinter,
     metrics: Arc<Metrics>,
+    tokens: TokenCache,
 }
 
 /// The uid of the process on the other end of a unix-socket connection,
@@ -172,6 +174,7 @@ impl Proxy {
             verifier,
             minter,
             metrics,
+            tokens: TokenCache::default(),
         }
     }
 
@@ -291,7 +294,8 @@ impl Proxy {
         if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
             return Err(ProxyError::BodyTooLarge(max_body));
         }
-        // 5. secret
+        // 5. secret (or the access token obtained with it)
+        let mut scrubber = flow.secrets.scrubber.clone();
         let credential = match plan.route.as_ref().and_then(|r| r.inject.as_ref()) {
             Some(inject) => {
                 flow.event.secret = Some(inject.secret.clone());
@@ -299,7 +303,24 @@ impl Proxy {
                     tracing::error!(error = %e, "secret unavailable");
                     ProxyError::SecretUnavailable(e.to_string())
                 })?;
-                Some((inject, secret.clone()))
+                let value = match &inject.oauth2 {
+                    None => secret.clone(),
+                    Some(oauth2) => {
+                        let client = flow.snapshot.clients.get(Reach::Any);
+                        let unavailable = |e: String| {
+                            tracing::error!(secret = %inject.secret, error = %e, "access token unavailable");
+                            ProxyError::SecretUnavailable(e)
+                        };
+                        let token = self
+                            .tokens
+                            .token(oauth2, secret, client)
+                            .await
+                            .map_err(unavailable)?;
+                        scrubber = token.scrubber(&scrubber).map_err(unavailable)?;
+                        token.token.clone()
+                    }
+                };
+                Some((inject, value))
             }
             None => None,
         };
@@ -368,7 +389,6 @@ impl Proxy {
         };
 
         // 8. scrub
-        let scrubber = flow.secrets.scrubber.clone();
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let (Some(agent_side), Some(protocol)) = (agent_upgrade, upgrade)
         {

@@ -146,6 +146,14 @@ impl Scrubber {
         self.automaton.is_none()
     }
 
+    /// A scrubber for these patterns and `extra` (a dynamic credential's).
+    pub fn extended(
+        &self,
+        extra: impl IntoIterator<Item = Zeroizing<Vec<u8>>>,
+    ) -> Result<Self, aho_corasick::BuildError> {
+        Self::new(self.patterns.iter().cloned().chain(extra))
+    }
+
     /// Scrubs a whole buffer; `None` when nothing matched.
     pub fn scrub_all(&self, input: &[u8]) -> Option<(Vec<u8>, usize)> {
         let automaton = self.automaton.as_ref()?;

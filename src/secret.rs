@@ -4,6 +4,7 @@
 //! prints its value, zeroizes on drop, and is read only through
 //! [`Secret::expose`], so `grep 'expose('` lists every place a value is used.
 
+pub mod oauth2;
 pub mod process;
 pub mod source;
 pub mod store;

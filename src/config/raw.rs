@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, Method};
+use http::Method;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Action, Agents, AuditConfig, AuditSink, Config, DEFAULT_LISTEN, Injection, Limits, OnFailure,
-    Problem, Route, Rule, Slot, Target, Upstream, base_dir,
+    Action, Agents, AuditConfig, AuditSink, Config, DEFAULT_LISTEN, Limits, OnFailure, Problem,
+    Route, Rule, Target, Upstream, base_dir,
 };
 use crate::policy::{HostPattern, PathPattern};
 use crate::secret::source::SecretSource;
@@ -84,7 +84,7 @@ struct RawSecret {
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     upstream: Option<String>,
-    inject: Option<RawInject>,
+    inject: Option<super::inject::RawInject>,
     placeholder_env: Option<String>,
     #[serde(default)]
     allow_private: bool,
@@ -92,23 +92,6 @@ struct RawRoute {
     preset: Option<String>,
     /// With a preset: the secret it injects.
     secret: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawInject {
-    header: Option<String>,
-    format: Option<String>,
-    query: Option<String>,
-    basic: Option<RawBasic>,
-    secret: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBasic {
-    username: String,
-    secret: String,
 }
 
 #[derive(Deserialize)]
@@ -128,12 +111,12 @@ struct RawRule {
 }
 
 /// Collects problems while validating; every check reports and goes on.
-struct Checker {
+pub(super) struct Checker {
     problems: Vec<Problem>,
 }
 
 impl Checker {
-    fn fail(&mut self, at: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn fail(&mut self, at: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             at: at.into(),
             message: message.into(),
@@ -511,7 +494,7 @@ fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
     }
 }
 
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name
@@ -539,12 +522,11 @@ fn check_route(
                 if raw.inject.is_none() {
                     match (secret, filled.header) {
                         (Some(secret), Some((header, format))) => {
-                            raw.inject = Some(RawInject {
+                            raw.inject = Some(super::inject::RawInject {
                                 header: Some(header),
                                 format: Some(format),
-                                query: None,
-                                basic: None,
                                 secret: Some(secret.clone()),
+                                ..Default::default()
                             });
                         }
                         _ => c.fail(
@@ -585,7 +567,7 @@ fn check_route(
     };
     let inject = raw
         .inject
-        .and_then(|inject| check_inject(c, &at, inject, secrets));
+        .and_then(|inject| super::inject::check(c, &at, inject, secrets));
     if let Some(var) = &raw.placeholder_env {
         let valid = !var.is_empty()
             && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -604,136 +586,6 @@ fn check_route(
         placeholder_env: raw.placeholder_env,
         allow_private: raw.allow_private,
     })
-}
-
-fn check_inject(
-    c: &mut Checker,
-    route_at: &str,
-    raw: RawInject,
-    secrets: &BTreeMap<String, SecretSource>,
-) -> Option<Injection> {
-    let at = format!("{route_at}.inject");
-    let kinds = [
-        raw.header.is_some(),
-        raw.query.is_some(),
-        raw.basic.is_some(),
-    ];
-    if kinds.iter().filter(|k| **k).count() != 1 {
-        c.fail(
-            &at,
-            "give exactly one injection kind: `header`, `query` or `basic`",
-        );
-        return None;
-    }
-    if raw.format.is_some() && raw.header.is_none() {
-        c.fail(format!("{at}.format"), "`format` goes with `header` only");
-    }
-    let secret_ref = |c: &mut Checker, key: &str, name: Option<String>| -> Option<String> {
-        let Some(name) = name else {
-            c.fail(format!("{at}.{key}"), "missing: name the secret to inject");
-            return None;
-        };
-        if !secrets.contains_key(&name) {
-            c.fail(format!("{at}.{key}"), format!("no secret named {name:?}"));
-            return None;
-        }
-        Some(name)
-    };
-    if let Some(basic) = raw.basic {
-        if raw.secret.is_some() {
-            c.fail(
-                format!("{at}.secret"),
-                "with `basic`, name the secret inside it: basic = { username, secret }",
-            );
-        }
-        if basic.username.contains(':') || basic.username.chars().any(char::is_control) {
-            c.fail(
-                format!("{at}.basic.username"),
-                "must not contain `:` or control characters",
-            );
-        }
-        let secret = secret_ref(c, "basic.secret", Some(basic.secret))?;
-        return Some(Injection {
-            secret,
-            slot: Slot::Basic {
-                username: basic.username,
-            },
-        });
-    }
-    let secret = secret_ref(c, "secret", raw.secret);
-    if let Some(header) = raw.header {
-        let name = match HeaderName::from_bytes(header.as_bytes()) {
-            Ok(name) if !is_reserved_header(&name) => Some(name),
-            Ok(_) => {
-                c.fail(
-                    format!("{at}.header"),
-                    format!("{header:?} is managed by the proxy and cannot carry a credential"),
-                );
-                None
-            }
-            Err(_) => {
-                c.fail(
-                    format!("{at}.header"),
-                    format!("invalid header name {header:?}"),
-                );
-                None
-            }
-        };
-        let format = raw.format.unwrap_or_else(|| "{secret}".to_string());
-        let parts: Vec<&str> = format.split("{secret}").collect();
-        if parts.len() != 2 {
-            c.fail(
-                format!("{at}.format"),
-                "must contain `{secret}` exactly once",
-            );
-            return None;
-        }
-        if format.chars().any(char::is_control) {
-            c.fail(
-                format!("{at}.format"),
-                "must not contain control characters",
-            );
-            return None;
-        }
-        return Some(Injection {
-            secret: secret?,
-            slot: Slot::Header {
-                name: name?,
-                prefix: parts[0].to_string(),
-                suffix: parts[1].to_string(),
-            },
-        });
-    }
-    let param = raw.query.unwrap_or_default();
-    if param.is_empty() || param.contains(['&', '=', '#']) || param.chars().any(char::is_control) {
-        c.fail(
-            format!("{at}.query"),
-            format!("invalid query parameter name {param:?}"),
-        );
-        return None;
-    }
-    Some(Injection {
-        secret: secret?,
-        slot: Slot::Query { param },
-    })
-}
-
-/// Headers that frame or route the message; a credential there would be
-/// dropped or would break the request.
-fn is_reserved_header(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "host"
-            | "content-length"
-            | "transfer-encoding"
-            | "connection"
-            | "keep-alive"
-            | "upgrade"
-            | "te"
-            | "trailer"
-            | "proxy-authorization"
-            | "proxy-connection"
-    )
 }
 
 /// Parses `http(s)://host[:port][/base]`.

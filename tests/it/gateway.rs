@@ -819,3 +819,94 @@ action = "allow"
     assert_eq!(res.status(), 200);
     assert_eq!(upstream.last().header_all("x-api-key"), vec![SECRET]);
 }
+
+#[test]
+fn oauth2_client_credentials_are_fetched_once_injected_and_scrubbed() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.idp]
+source = "store"
+[routes.api]
+upstream = "{base}"
+inject = {{ oauth2 = {{ token_url = "{base}/token", client_id = "sidekey-client", client_secret = "idp", scope = "read write" }} }}
+[routes.down]
+upstream = "{base}"
+inject = {{ oauth2 = {{ token_url = "{base}/token-fail", client_id = "c", client_secret = "idp" }} }}
+[[rules]]
+agents = ["coder"]
+route = "api"
+action = "allow"
+[[rules]]
+agents = ["coder"]
+route = "down"
+action = "allow"
+"#,
+        base = upstream.base()
+    ));
+    env.set_secret("idp", "client-secret-value");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let url = sidekey.url("/api/v1/data");
+    let bodies: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                scope.spawn(|| {
+                    let res = client().get(&url).bearer_auth(&token).send().unwrap();
+                    assert_eq!(res.status(), 200);
+                    res.text().unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let seen = upstream.seen();
+    let token_calls: Vec<_> = seen.iter().filter(|s| s.uri.ends_with("/token")).collect();
+    assert_eq!(
+        token_calls.len(),
+        1,
+        "one fetch for many concurrent requests"
+    );
+    let call = token_calls[0];
+    assert_eq!(call.method, "POST");
+    assert_eq!(
+        call.header("authorization"),
+        Some(
+            format!(
+                "Basic {}",
+                base64_encode("sidekey-client:client-secret-value")
+            )
+            .as_str()
+        )
+    );
+    let form = String::from_utf8_lossy(&call.body);
+    assert!(
+        form.contains("grant_type=client_credentials") && form.contains("scope=read+write"),
+        "{form}"
+    );
+    let api: Vec<_> = seen.iter().filter(|s| s.uri == "/v1/data").collect();
+    assert_eq!(api.len(), 6);
+    assert!(
+        api.iter()
+            .all(|s| s.header("authorization") == Some("Bearer at-1-opaque"))
+    );
+    for body in &bodies {
+        assert_no_leak(body, "at-1-opaque", "response");
+        assert!(body.contains("Bearer [REDACTED]"), "{body}");
+    }
+
+    let res = client()
+        .get(sidekey.url("/down/x"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-sidekey-error"], "secret_unavailable");
+    assert!(
+        !res.text().unwrap().contains("token-fail"),
+        "the cause stays in sidekey's log"
+    );
+    assert_no_leak(&sidekey.stderr(), "at-1-opaque", "stderr");
+    assert_no_leak(&sidekey.stderr(), "client-secret-value", "stderr");
+    assert_no_leak(&env.audit_text(), "at-1-opaque", "audit");
+}

@@ -240,6 +240,26 @@ async fn handle(
             .header("connection", "upgrade")
             .body(full(Bytes::new()))
             .unwrap()
+    } else if path.ends_with("/token-fail") {
+        Response::builder()
+            .status(500)
+            .body(full("token endpoint down"))
+            .unwrap()
+    } else if path.ends_with("/token") {
+        // An OAuth 2 token endpoint: a new access token per call.
+        let issued = shared
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.uri.ends_with("/token"))
+            .count();
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(format!(
+                r#"{{"access_token":"at-{issued}-opaque","token_type":"Bearer","expires_in":3600}}"#
+            )))
+            .unwrap()
     } else if path.ends_with("/sse") {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
         tokio::spawn(async move {

@@ -1,0 +1,221 @@
+//! `inject = { … }`: how a route's credential is placed, checked.
+
+use std::collections::BTreeMap;
+
+use http::HeaderName;
+use serde::Deserialize;
+
+use super::raw::Checker;
+use super::{Injection, OAuth2, Slot};
+use crate::secret::source::SecretSource;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawInject {
+    pub(super) header: Option<String>,
+    pub(super) format: Option<String>,
+    pub(super) query: Option<String>,
+    pub(super) basic: Option<RawBasic>,
+    pub(super) oauth2: Option<RawOAuth2>,
+    pub(super) secret: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBasic {
+    username: String,
+    secret: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOAuth2 {
+    token_url: String,
+    client_id: String,
+    client_secret: String,
+    scope: Option<String>,
+    audience: Option<String>,
+    grant: Option<String>,
+}
+
+pub(super) fn check(
+    c: &mut Checker,
+    route_at: &str,
+    raw: RawInject,
+    secrets: &BTreeMap<String, SecretSource>,
+) -> Option<Injection> {
+    let at = format!("{route_at}.inject");
+    let kinds = [
+        raw.header.is_some(),
+        raw.query.is_some(),
+        raw.basic.is_some(),
+        raw.oauth2.is_some(),
+    ];
+    if kinds.iter().filter(|k| **k).count() != 1 {
+        c.fail(
+            &at,
+            "give exactly one injection kind: `header`, `query`, `basic` or `oauth2`",
+        );
+        return None;
+    }
+    if raw.format.is_some() && raw.header.is_none() {
+        c.fail(format!("{at}.format"), "`format` goes with `header` only");
+    }
+    let secret_ref = |c: &mut Checker, key: &str, name: Option<String>| -> Option<String> {
+        let Some(name) = name else {
+            c.fail(format!("{at}.{key}"), "missing: name the secret to inject");
+            return None;
+        };
+        if !secrets.contains_key(&name) {
+            c.fail(format!("{at}.{key}"), format!("no secret named {name:?}"));
+            return None;
+        }
+        Some(name)
+    };
+    if let Some(oauth2) = raw.oauth2 {
+        if raw.secret.is_some() {
+            c.fail(
+                format!("{at}.secret"),
+                "with `oauth2`, name the client secret inside it: oauth2 = { client_secret }",
+            );
+        }
+        let token_url = match oauth2.token_url.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("https" | "http")) && uri.host().is_some() =>
+            {
+                Some(uri)
+            }
+            _ => {
+                c.fail(
+                    format!("{at}.oauth2.token_url"),
+                    format!("{:?} is not an http(s) URL", oauth2.token_url),
+                );
+                None
+            }
+        };
+        match oauth2.grant.as_deref() {
+            None | Some("client_credentials") => {}
+            Some("token_exchange") => c.fail(
+                format!("{at}.oauth2.grant"),
+                "token_exchange is not supported yet; use client_credentials",
+            ),
+            Some(other) => c.fail(
+                format!("{at}.oauth2.grant"),
+                format!("unknown grant {other:?} (expected client_credentials)"),
+            ),
+        }
+        let secret = secret_ref(c, "oauth2.client_secret", Some(oauth2.client_secret))?;
+        return Some(Injection {
+            secret,
+            slot: Slot::Header {
+                name: http::header::AUTHORIZATION,
+                prefix: "Bearer ".into(),
+                suffix: String::new(),
+            },
+            oauth2: Some(std::sync::Arc::new(OAuth2 {
+                token_url: token_url?,
+                client_id: oauth2.client_id,
+                scope: oauth2.scope,
+                audience: oauth2.audience,
+            })),
+        });
+    }
+    if let Some(basic) = raw.basic {
+        if raw.secret.is_some() {
+            c.fail(
+                format!("{at}.secret"),
+                "with `basic`, name the secret inside it: basic = { username, secret }",
+            );
+        }
+        if basic.username.contains(':') || basic.username.chars().any(char::is_control) {
+            c.fail(
+                format!("{at}.basic.username"),
+                "must not contain `:` or control characters",
+            );
+        }
+        let secret = secret_ref(c, "basic.secret", Some(basic.secret))?;
+        return Some(Injection {
+            secret,
+            slot: Slot::Basic {
+                username: basic.username,
+            },
+            oauth2: None,
+        });
+    }
+    let secret = secret_ref(c, "secret", raw.secret);
+    if let Some(header) = raw.header {
+        let name = match HeaderName::from_bytes(header.as_bytes()) {
+            Ok(name) if !is_reserved_header(&name) => Some(name),
+            Ok(_) => {
+                c.fail(
+                    format!("{at}.header"),
+                    format!("{header:?} is managed by the proxy and cannot carry a credential"),
+                );
+                None
+            }
+            Err(_) => {
+                c.fail(
+                    format!("{at}.header"),
+                    format!("invalid header name {header:?}"),
+                );
+                None
+            }
+        };
+        let format = raw.format.unwrap_or_else(|| "{secret}".to_string());
+        let parts: Vec<&str> = format.split("{secret}").collect();
+        if parts.len() != 2 {
+            c.fail(
+                format!("{at}.format"),
+                "must contain `{secret}` exactly once",
+            );
+            return None;
+        }
+        if format.chars().any(char::is_control) {
+            c.fail(
+                format!("{at}.format"),
+                "must not contain control characters",
+            );
+            return None;
+        }
+        return Some(Injection {
+            secret: secret?,
+            slot: Slot::Header {
+                name: name?,
+                prefix: parts[0].to_string(),
+                suffix: parts[1].to_string(),
+            },
+            oauth2: None,
+        });
+    }
+    let param = raw.query.unwrap_or_default();
+    if param.is_empty() || param.contains(['&', '=', '#']) || param.chars().any(char::is_control) {
+        c.fail(
+            format!("{at}.query"),
+            format!("invalid query parameter name {param:?}"),
+        );
+        return None;
+    }
+    Some(Injection {
+        secret: secret?,
+        slot: Slot::Query { param },
+        oauth2: None,
+    })
+}
+
+/// Headers that frame or route the message; a credential there would be
+/// dropped or would break the request.
+fn is_reserved_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "proxy-authorization"
+            | "proxy-connection"
+    )
+}
