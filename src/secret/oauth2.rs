@@ -70,10 +70,13 @@ impl AccessToken {
     }
 }
 
+/// One cache slot; its async lock is what makes concurrent callers share a fetch.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<AccessToken>>>>;
+
 /// Tokens by endpoint, client and scope.
 #[derive(Debug, Default)]
 pub struct TokenCache {
-    entries: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Arc<AccessToken>>>>>>,
+    entries: Mutex<HashMap<String, Slot>>,
 }
 
 impl TokenCache {
