@@ -86,6 +86,7 @@ fn request(path: &NormalPath) -> Request<'_> {
     Request {
         agent: "coder",
         session: "s-bench",
+        claims: None,
         route: Some("openai"),
         host: "api.openai.com",
         port: 443,

@@ -233,6 +233,8 @@ pub struct Rule {
     pub agents: Agents,
     /// Only these sessions of the agents, when given.
     pub sessions: Option<Vec<String>>,
+    /// Only identities whose workload JWT has these claim values, when given.
+    pub claims: Option<BTreeMap<String, String>>,
     pub target: Target,
     pub methods: Option<Vec<Method>>,
     pub paths: Option<Vec<PathPattern>>,

@@ -22,6 +22,8 @@ pub struct Agent {
     pub session: String,
     /// The token's id; `None` for identities that come without a token.
     pub token_id: Option<String>,
+    /// A workload JWT's verified string claims, for rules with `claims`.
+    pub claims: Option<std::sync::Arc<std::collections::BTreeMap<String, String>>>,
 }
 
 /// How a request proved who it is, kept so that it can be checked again on
@@ -201,6 +203,7 @@ pub fn verify(
         name: claims.sub,
         session: claims.sid,
         token_id: Some(claims.jti),
+        claims: None,
     })
 }
 
@@ -225,6 +228,7 @@ pub fn verify_uid(
         name,
         session: format!("uid-{uid}"),
         token_id: None,
+        claims: None,
     })
 }
 
@@ -255,6 +259,7 @@ pub fn verify_cert(
         name: claims.sub,
         session: claims.sid,
         token_id: Some(claims.jti),
+        claims: None,
     })
 }
 

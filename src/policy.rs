@@ -6,6 +6,8 @@
 
 pub mod path;
 
+use std::collections::BTreeMap;
+
 use http::Method;
 
 use crate::config::{Action, Config, Rule, Target};
@@ -71,6 +73,8 @@ pub fn normalize_host(host: &str) -> String {
 pub struct Request<'a> {
     pub agent: &'a str,
     pub session: &'a str,
+    /// A workload JWT's string claims, if the identity is one.
+    pub claims: Option<&'a BTreeMap<String, String>>,
     /// The route the request goes to, if it goes to one.
     pub route: Option<&'a str>,
     /// Normalised destination host and port.
@@ -157,6 +161,7 @@ impl Policy {
         &self,
         agent: &str,
         session: &str,
+        claims: Option<&BTreeMap<String, String>>,
         route: Option<&str>,
         host: &str,
         port: u16,
@@ -172,7 +177,11 @@ impl Policy {
                         && p.is_none_or(|p| p == port)
                 }
             };
-            if !target || !rule.agents.contains(agent) || !in_sessions(rule, session) {
+            if !target
+                || !rule.agents.contains(agent)
+                || !in_sessions(rule, session)
+                || !has_claims(rule, claims)
+            {
                 continue;
             }
             let narrowed = rule.methods.is_some() || rule.paths.is_some();
@@ -206,6 +215,14 @@ fn in_sessions(rule: &Rule, session: &str) -> bool {
         .is_none_or(|sessions| sessions.iter().any(|s| s == session))
 }
 
+/// A rule with `claims` matches only an identity whose verified claims
+/// carry every one of those values.
+fn has_claims(rule: &Rule, claims: Option<&BTreeMap<String, String>>) -> bool {
+    rule.claims.as_ref().is_none_or(|wanted| {
+        claims.is_some_and(|have| wanted.iter().all(|(k, v)| have.get(k) == Some(v)))
+    })
+}
+
 fn matches(rule: &Rule, req: &Request<'_>) -> bool {
     let deny = rule.action == Action::Deny;
     let target = match &rule.target {
@@ -218,7 +235,11 @@ fn matches(rule: &Rule, req: &Request<'_>) -> bool {
                 && port.is_none_or(|p| p == req.port)
         }
     };
-    if !target || !rule.agents.contains(req.agent) || !in_sessions(rule, req.session) {
+    if !target
+        || !rule.agents.contains(req.agent)
+        || !in_sessions(rule, req.session)
+        || !has_claims(rule, req.claims)
+    {
         return false;
     }
     let methods_match = match &rule.methods {

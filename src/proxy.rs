@@ -106,6 +106,7 @@ impl Flow<'_> {
         let decision = self.snapshot.policy.check(&policy::Request {
             agent: &agent.name,
             session: &agent.session,
+            claims: agent.claims.as_deref(),
             route,
             host,
             port,

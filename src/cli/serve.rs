@@ -265,6 +265,7 @@ pub(super) fn explain(
     let decision = policy::Policy::new(&config).check(&policy::Request {
         agent,
         session,
+        claims: None,
         route: route.as_ref().map(|r| r.name.as_str()),
         host: &dest_host,
         port: dest_port,

@@ -135,6 +135,15 @@ impl OidcVerifier {
         let iat = claims.get("iat").and_then(|v| v.as_u64()).unwrap_or(0);
         let exp = claims.get("exp").and_then(|v| v.as_u64()).unwrap_or(0);
         let session = format!("oidc:{workload}");
+        let strings = claims
+            .as_object()
+            .map(|object| {
+                object
+                    .iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
         let revocable = Claims {
             iss: self.config.issuer.clone(),
             sub: agent.clone(),
@@ -149,6 +158,7 @@ impl OidcVerifier {
                 name: agent,
                 session,
                 token_id: jti,
+                claims: Some(Arc::new(strings)),
             },
             revocable,
         ))

@@ -31,6 +31,7 @@ fn decide(policy: &Policy, agent: &str, route: &str, method: Method, path: &str)
     policy.check(&Request {
         agent,
         session: "s-1",
+        claims: None,
         route: Some(route),
         host,
         port: 443,
@@ -219,6 +220,7 @@ action = "allow"
         p.check(&Request {
             agent: "coder",
             session: "s-1",
+            claims: None,
             route: Some("openai"),
             host: "api.openai.com",
             port: 443,
@@ -249,6 +251,7 @@ action = "allow"
         p.check(&Request {
             agent: "coder",
             session,
+            claims: None,
             route: Some("openai"),
             host: "api.openai.com",
             port: 443,

@@ -75,6 +75,7 @@ impl Proxy {
         let decision = flow.snapshot.policy.check_connect(
             &agent.name,
             &agent.session,
+            agent.claims.as_deref(),
             route.as_ref().map(|r| r.name.as_str()),
             &host,
             port,

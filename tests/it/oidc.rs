@@ -249,3 +249,57 @@ jwks_file = "{}"
     });
     assert_eq!(upstream.count(), 1);
 }
+
+#[test]
+fn rules_can_match_workload_claims() {
+    let upstream = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys(dir.path());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, keys.jwks.to_string()).unwrap();
+    let env = TestEnv::new(&format!(
+        r#"
+[identity.oidc]
+issuer = "{ISSUER}"
+audience = "sidekey"
+jwks_file = "{}"
+[identity.oidc.map]
+"w" = "coder"
+[secrets.api]
+source = "store"
+[routes.echo]
+upstream = "{}"
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+[[rules]]
+agents = ["coder"]
+claims = {{ ns = "agents" }}
+route = "echo"
+action = "allow"
+"#,
+        jwks.display(),
+        upstream.base()
+    ));
+    env.set_secret("api", SECRET);
+    let sidekey = env.spawn();
+    let status = |ns: &str| {
+        let mut claims = claims("w", "sidekey", now() + 300);
+        claims["ns"] = ns.into();
+        let token = sign(Algorithm::ES256, "ec-1", &keys.es256, &claims);
+        client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(status("agents"), 200);
+    assert_eq!(status("other"), 403);
+    // A sidekey-issued token has no such claims.
+    let token = env.token("coder");
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 403);
+}
