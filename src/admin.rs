@@ -38,29 +38,91 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, live: Arc<Live>, metrics: Arc<Metrics>) {
-    let reloads = Arc::new(AtomicU64::new(0));
+/// Shared by the admin listeners.
+#[derive(Debug)]
+pub struct Admin {
+    live: Arc<Live>,
+    metrics: Arc<Metrics>,
+    reloads: AtomicU64,
+}
+
+impl Admin {
+    pub fn new(live: Arc<Live>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            live,
+            metrics,
+            reloads: AtomicU64::new(0),
+        })
+    }
+}
+
+/// Serves the admin socket: its 0600 mode is the access control.
+pub async fn serve(listener: UnixListener, admin: Arc<Admin>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let live = live.clone();
-        let metrics = metrics.clone();
-        let reloads = reloads.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let live = live.clone();
-                let metrics = metrics.clone();
-                let reloads = reloads.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(route(req, &live, &metrics, &reloads).await)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        tokio::spawn(serve_conn(TokioIo::new(stream), admin.clone(), None));
     }
+}
+
+/// Serves the optional TCP admin address, where every request must carry
+/// `Authorization: Bearer <the admin_tcp token secret>`.
+pub async fn serve_tcp(listener: tokio::net::TcpListener, admin: Arc<Admin>, token: String) {
+    let token = Arc::new(crate::secret::Secret::new(token));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(serve_conn(
+            TokioIo::new(stream),
+            admin.clone(),
+            Some(token.clone()),
+        ));
+    }
+}
+
+async fn serve_conn<IO>(
+    io: TokioIo<IO>,
+    admin: Arc<Admin>,
+    token: Option<Arc<crate::secret::Secret>>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let admin = admin.clone();
+        let token = token.clone();
+        async move {
+            if let Some(token) = token
+                && !authorized(&req, &token)
+            {
+                let mut response = json(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error": "unauthorized"}),
+                );
+                response.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer realm=\"sidekey-admin\""),
+                );
+                return Ok::<_, std::convert::Infallible>(response);
+            }
+            Ok(route(req, &admin.live, &admin.metrics, &admin.reloads).await)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .await;
+}
+
+/// Constant-time comparison of the presented bearer token.
+fn authorized(req: &Request<Incoming>, token: &crate::secret::Secret) -> bool {
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    crate::secret::Secret::new(presented.to_string()) == *token
 }
 
 async fn route(

@@ -39,6 +39,8 @@ pub struct Config {
     pub listen_unix: Option<PathBuf>,
     /// The admin socket path, when not the default `admin.sock` in the state dir.
     pub admin: Option<PathBuf>,
+    /// An optional TCP admin address and the secret naming its bearer token.
+    pub admin_tcp: Option<AdminTcp>,
     pub state_dir: Option<PathBuf>,
     pub audit: AuditConfig,
     pub upstream_ca: Vec<PathBuf>,
@@ -49,6 +51,14 @@ pub struct Config {
     pub agents: BTreeMap<String, AgentConfig>,
     /// `[identity.oidc]`: workload JWTs as identities.
     pub oidc: Option<crate::identity::oidc::OidcConfig>,
+}
+
+/// `[admin_tcp]`: the admin API on TCP, for scrapers and remote operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTcp {
+    pub listen: SocketAddr,
+    /// The secret whose value callers must present as a bearer token.
+    pub token: String,
 }
 
 /// `[agents.NAME]`: ways to recognise an agent other than its token.

@@ -78,10 +78,30 @@ pub(crate) async fn start(
     let admin = admin::bind(&admin_path)
         .with_context(|| format!("cannot open admin socket {}", admin_path.display()))?;
     let metrics = Arc::new(Metrics::default());
-    let background = vec![
+    let admin_api = admin::Admin::new(live.clone(), metrics.clone());
+    let mut background = vec![
         tokio::spawn(live.clone().watch()),
-        tokio::spawn(admin::serve(admin, live.clone(), metrics.clone())),
+        tokio::spawn(admin::serve(admin, admin_api.clone())),
     ];
+    let admin_tcp = live.snapshot().config.admin_tcp.clone();
+    if let Some(tcp) = admin_tcp {
+        let token = live
+            .current()
+            .and_then(|(_, secrets)| {
+                secrets
+                    .table
+                    .get(&tcp.token)
+                    .ok()
+                    .map(|s| s.expose().to_string())
+            })
+            .with_context(|| format!("admin_tcp.token: secret {:?} is unavailable", tcp.token))?;
+        let listener = crate::listen::bind(tcp.listen).await?;
+        let bound = listener
+            .local_addr()
+            .context("cannot read the bound address")?;
+        tracing::info!("admin API (bearer token) on http://{bound}");
+        background.push(tokio::spawn(admin::serve_tcp(listener, admin_api, token)));
+    }
     let minter = crate::ca::LeafMinter::load(&live.state)?;
     let tls = match tls_addr {
         Some(tls_addr) => {

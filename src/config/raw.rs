@@ -69,6 +69,13 @@ fn default_claim() -> String {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawAdminTcp {
+    listen: String,
+    token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawAgent {
     #[serde(default)]
     unix_uids: Vec<u32>,
@@ -161,6 +168,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     let mut listen = None;
     let mut listen_unix = None;
     let mut listen_tls = None;
+    let mut admin_tcp: Option<RawAdminTcp> = None;
     let mut identity = RawIdentity::default();
     let mut agents: BTreeMap<String, RawAgent> = BTreeMap::new();
     let mut admin = None;
@@ -177,6 +185,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
             "listen" => listen = c.take::<String>("listen", value),
             "listen_unix" => listen_unix = c.take::<String>("listen_unix", value),
             "listen_tls" => listen_tls = c.take::<String>("listen_tls", value),
+            "admin_tcp" => admin_tcp = c.take("admin_tcp", value),
             "identity" => identity = c.take("identity", value).unwrap_or_default(),
             "agents" => {
                 let Some(entries) = c.take::<toml::Table>("agents", value) else {
@@ -383,6 +392,25 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     });
 
     let oidc = identity.oidc.and_then(|raw| check_oidc(&mut c, raw, &base));
+    let admin_tcp = admin_tcp.and_then(|raw| {
+        let listen = raw.listen.parse::<SocketAddr>().map_err(|_| {
+            c.fail(
+                "admin_tcp.listen",
+                format!("invalid address {:?} (expected IP:PORT)", raw.listen),
+            );
+        });
+        if !secret_sources.contains_key(&raw.token) {
+            c.fail(
+                "admin_tcp.token",
+                format!("no secret named {:?}", raw.token),
+            );
+            return None;
+        }
+        Some(super::AdminTcp {
+            listen: listen.ok()?,
+            token: raw.token,
+        })
+    });
 
     let mut checked_rules = Vec::new();
     for (i, raw) in rules.into_iter().enumerate() {
@@ -400,6 +428,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         listen_tls,
         listen_unix,
         admin: admin.map(|p| base.join(p)),
+        admin_tcp,
         state_dir,
         audit: AuditConfig { sink, on_failure },
         upstream_ca,

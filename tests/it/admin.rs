@@ -157,3 +157,32 @@ fn status_and_reload_work_on_the_state_dir_when_no_proxy_runs() {
     let out = env.run(&["reload"], None);
     assert_eq!(out.status.code(), Some(2), "an invalid config is reported");
 }
+
+#[test]
+fn the_tcp_admin_address_requires_its_own_token() {
+    let upstream = Upstream::http();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = TestEnv::new(&format!(
+        "[admin_tcp]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"admin\"\n[secrets.admin]\nsource = \"store\"\n{}",
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    env.set_secret("admin", "admin-token-42");
+    let _sidekey = env.spawn();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let res = client().get(&url).send().unwrap();
+    assert_eq!(res.status(), 401);
+    let res = client().get(&url).bearer_auth("wrong").send().unwrap();
+    assert_eq!(res.status(), 401);
+    let res = client()
+        .get(&url)
+        .bearer_auth("admin-token-42")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.text().unwrap().contains("sidekey_open_connections"));
+}
