@@ -8,6 +8,7 @@ mod admin; // the admin socket: status, metrics, revoke
 mod cli; // init, secret, token, check, explain, demo through the command line
 mod forward; // HTTP(S)_PROXY: absolute-form, CONNECT, interception, SSRF
 mod gateway; // the reverse gateway: injection, identity, policy, errors
+mod git; // git clone and push through HTTPS_PROXY
 mod limits; // connection cap, idle and header timeouts, size limits
 mod live; // rotation, revocation, reload and shutdown while running
 mod mtls; // agents with client certificates on listen_tls

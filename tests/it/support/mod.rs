@@ -374,3 +374,178 @@ pub fn assert_no_leak(haystack: &str, secret: &str, what: &str) {
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
+
+/// A git smart-HTTP server over HTTPS on loopback (`git_server.py` running
+/// `git http-backend`), demanding Basic auth with `user`/`password`. Serves
+/// bare repos `acme/app.git` and `acme/other.git` under `root`, each with one
+/// commit on `main`; appends "METHOD PATH STATUS" per request to
+/// `root/requests.log`. Killed on drop.
+pub struct GitServer {
+    pub port: u16,
+    /// The CA that signed the server's `localhost` certificate (PEM file).
+    pub ca_path: PathBuf,
+    /// `GIT_PROJECT_ROOT`.
+    pub root: PathBuf,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl GitServer {
+    pub fn start(user: &str, password: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("acme")).unwrap();
+
+        // A CA and a leaf for `localhost`, as in `Upstream::https_for`.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test git server CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf_params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+        let ca_path = dir.path().join("git-ca.pem");
+        let cert_path = dir.path().join("git-cert.pem");
+        let key_path = dir.path().join("git-key.pem");
+        std::fs::write(&ca_path, ca.pem()).unwrap();
+        std::fs::write(&cert_path, leaf.pem()).unwrap();
+        std::fs::write(&key_path, leaf_key.serialize_pem()).unwrap();
+
+        // One commit on `main`, cloned bare into each repo.
+        let seed = dir.path().join("seed");
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let git = |args: &[&str]| git_ok(&home, args);
+        let seed_str = seed.display().to_string();
+        git(&["init", "-q", "-b", "main", &seed_str]);
+        std::fs::write(seed.join("README.md"), "initial\n").unwrap();
+        git(&["-C", &seed_str, "add", "README.md"]);
+        git(&["-C", &seed_str, "commit", "-q", "-m", "initial commit"]);
+        for repo in ["app", "other"] {
+            let bare = root.join("acme").join(format!("{repo}.git"));
+            git(&[
+                "clone",
+                "-q",
+                "--bare",
+                &seed_str,
+                &bare.display().to_string(),
+            ]);
+        }
+
+        let port_file = dir.path().join("port");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/it/support/git_server.py"
+        );
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("--port-file")
+            .arg(&port_file)
+            .arg("--root")
+            .arg(&root)
+            .arg("--cert")
+            .arg(&cert_path)
+            .arg("--key")
+            .arg(&key_path)
+            .args(["--user", user, "--password", password])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("python3 is installed");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+            {
+                break port;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "git server exited with {status}:\n{}",
+                    read(&dir.path().join("server.log"))
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("git server did not start within 20s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Self {
+            port,
+            ca_path,
+            root,
+            child,
+            dir,
+        }
+    }
+
+    /// The route's `upstream`.
+    pub fn base(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    /// A bare repo on disk, e.g. `acme/app.git`.
+    pub fn repo(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Every "METHOD PATH STATUS" line the server logged.
+    pub fn requests(&self) -> Vec<String> {
+        read(&self.root.join("requests.log"))
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// What the server and `git http-backend` wrote to stderr.
+    pub fn log(&self) -> String {
+        read(&self.dir.path().join("server.log"))
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `git ARGS` with a clean environment: only `PATH`, `HOME=home`, no system
+/// config, no prompts, a fixed identity, at most 120 s. Returns the output.
+pub fn git_cmd(home: &Path, args: &[&str]) -> Output {
+    // `timeout`: a hung transfer fails the test instead of stalling it.
+    Command::new("timeout")
+        .args(["--kill-after=5", "120", "git"])
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com"])
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .expect("git is installed")
+}
+
+/// `git ARGS` that must succeed; returns stdout.
+pub fn git_ok(home: &Path, args: &[&str]) -> String {
+    let out = git_cmd(home, args);
+    assert!(
+        out.status.success(),
+        "git {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
