@@ -58,12 +58,14 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
+        // The parser's own cap is a backstop; `handle` applies the limit
+        // with a proper error response.
+        .max_buf_size((limits.max_header_bytes * 4).max(64 * 1024))
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32);
+        .max_header_list_size((limits.max_header_bytes * 4).max(64 * 1024) as u32);
     let acceptor = tls.as_ref().map(|(_, acceptor)| acceptor.clone());
     loop {
         let accepted = tokio::select! {

@@ -228,7 +228,20 @@ impl Proxy {
                 redactions: 0,
             },
         };
+        let header_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>()
+            + req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+            + req.uri().authority().map_or(0, |a| a.as_str().len());
+        let max_header_bytes = snapshot.config.limits.max_header_bytes;
         let result = match (mode, tunnel) {
+            // Checked here, not only by the parser, so the refusal has the
+            // JSON body, code and request id of every other one.
+            _ if header_bytes > max_header_bytes => {
+                Err(ProxyError::HeadersTooLarge(max_header_bytes))
+            }
             (_, Some(tunnel)) => self.intercept(&mut flow, req, tunnel).await,
             (Mode::Connect, None) => self.connect(&mut flow, req).await,
             (Mode::Forward, None) => self.forward(&mut flow, req).await,

@@ -55,6 +55,8 @@ pub enum ProxyError {
     Forbidden(String),
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
+    #[error("request headers larger than {0} bytes")]
+    HeadersTooLarge(usize),
     #[error("{0}")]
     SecretUnavailable(String),
     #[error("cannot write the audit record")]
@@ -78,7 +80,7 @@ impl ProxyError {
             Self::Misdirected(_) => "misdirected",
             Self::BadRequest(_) | Self::BadPath(_) => "bad_request",
             Self::Denied { .. } | Self::Forbidden(_) => "policy_denied",
-            Self::BodyTooLarge(_) => "request_too_large",
+            Self::BodyTooLarge(_) | Self::HeadersTooLarge(_) => "request_too_large",
             Self::SecretUnavailable(_) => "secret_unavailable",
             Self::AuditUnavailable => "audit_unavailable",
             Self::Upstream { .. } | Self::Unscrubbable { .. } => "upstream_unreachable",
@@ -95,6 +97,7 @@ impl ProxyError {
             Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::Denied { .. } | Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::SecretUnavailable(_) | Self::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream { .. } | Self::Unscrubbable { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -113,7 +116,8 @@ impl ProxyError {
             | Self::BadPath(_)
             | Self::Denied { .. }
             | Self::Forbidden(_)
-            | Self::BodyTooLarge(_) => Fault::Caller,
+            | Self::BodyTooLarge(_)
+            | Self::HeadersTooLarge(_) => Fault::Caller,
             Self::Upstream { .. } | Self::UpstreamTimeout { .. } | Self::Unscrubbable { .. } => {
                 Fault::Upstream
             }

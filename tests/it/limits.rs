@@ -101,6 +101,8 @@ fn oversized_headers_and_bodies_are_refused() {
         .send()
         .unwrap();
     assert_eq!(res.status(), 431);
+    assert_eq!(res.headers()["x-sidekey-error"], "request_too_large");
+    assert!(res.headers().contains_key("x-sidekey-request-id"));
     // Chunked (no Content-Length) bodies are cut at the limit too.
     let body = reqwest::blocking::Body::new(std::io::Cursor::new(vec![b'x'; 1000]));
     let res = client()
