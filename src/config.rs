@@ -158,11 +158,21 @@ impl Upstream {
 /// How a route's credential is placed into requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Injection {
-    /// The secret's name (for `oauth2`, the client secret's).
+    /// The secret's name (for a token grant, the secret the grant uses).
     pub secret: String,
     pub slot: Slot,
     /// The credential is an access token obtained with the secret.
-    pub oauth2: Option<Arc<OAuth2>>,
+    pub grant: Option<Arc<TokenGrant>>,
+}
+
+/// How an access token is obtained from a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenGrant {
+    /// `oauth2 = { … }`, the secret being the client secret.
+    ClientCredentials(OAuth2),
+    /// `gcp_service_account = { key, scopes }`, the secret being the JSON
+    /// key; a JWT-bearer grant (RFC 7523) at the key's `token_uri`.
+    GcpServiceAccount { scopes: Vec<String> },
 }
 
 /// `inject = { oauth2 = { … } }`: a client-credentials grant (RFC 6749 §4.4).

@@ -317,9 +317,9 @@ impl Proxy {
                     tracing::error!(error = %e, "secret unavailable");
                     ProxyError::SecretUnavailable(e.to_string())
                 })?;
-                let value = match &inject.oauth2 {
+                let value = match &inject.grant {
                     None => secret.clone(),
-                    Some(oauth2) => {
+                    Some(grant) => {
                         let client = flow.snapshot.clients.get(Reach::Any);
                         let unavailable = |e: String| {
                             tracing::error!(secret = %inject.secret, error = %e, "access token unavailable");
@@ -327,7 +327,7 @@ impl Proxy {
                         };
                         let token = self
                             .tokens
-                            .token(oauth2, secret, client)
+                            .token(grant, &inject.secret, secret, client)
                             .await
                             .map_err(unavailable)?;
                         scrubber = token.scrubber(&scrubber).map_err(unavailable)?;

@@ -6,7 +6,7 @@ use http::HeaderName;
 use serde::Deserialize;
 
 use super::raw::Checker;
-use super::{Injection, OAuth2, Slot};
+use super::{Injection, OAuth2, Slot, TokenGrant};
 use crate::secret::source::SecretSource;
 
 #[derive(Deserialize, Default)]
@@ -17,6 +17,7 @@ pub(super) struct RawInject {
     pub(super) query: Option<String>,
     pub(super) basic: Option<RawBasic>,
     pub(super) oauth2: Option<RawOAuth2>,
+    pub(super) gcp_service_account: Option<RawGcp>,
     pub(super) secret: Option<String>,
 }
 
@@ -25,6 +26,13 @@ pub(super) struct RawInject {
 pub(super) struct RawBasic {
     username: String,
     secret: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGcp {
+    key: String,
+    scopes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -50,11 +58,12 @@ pub(super) fn check(
         raw.query.is_some(),
         raw.basic.is_some(),
         raw.oauth2.is_some(),
+        raw.gcp_service_account.is_some(),
     ];
     if kinds.iter().filter(|k| **k).count() != 1 {
         c.fail(
             &at,
-            "give exactly one injection kind: `header`, `query`, `basic` or `oauth2`",
+            "give exactly one injection kind: `header`, `query`, `basic`, `oauth2` or `gcp_service_account`",
         );
         return None;
     }
@@ -72,6 +81,33 @@ pub(super) fn check(
         }
         Some(name)
     };
+    let bearer = || Slot::Header {
+        name: http::header::AUTHORIZATION,
+        prefix: "Bearer ".into(),
+        suffix: String::new(),
+    };
+    if let Some(gcp) = raw.gcp_service_account {
+        if raw.secret.is_some() {
+            c.fail(
+                format!("{at}.secret"),
+                "with `gcp_service_account`, name the key's secret inside it: { key, scopes }",
+            );
+        }
+        if gcp.scopes.is_empty() {
+            c.fail(
+                format!("{at}.gcp_service_account.scopes"),
+                "name at least one scope",
+            );
+        }
+        let secret = secret_ref(c, "gcp_service_account.key", Some(gcp.key))?;
+        return Some(Injection {
+            secret,
+            slot: bearer(),
+            grant: Some(std::sync::Arc::new(TokenGrant::GcpServiceAccount {
+                scopes: gcp.scopes,
+            })),
+        });
+    }
     if let Some(oauth2) = raw.oauth2 {
         if raw.secret.is_some() {
             c.fail(
@@ -107,17 +143,13 @@ pub(super) fn check(
         let secret = secret_ref(c, "oauth2.client_secret", Some(oauth2.client_secret))?;
         return Some(Injection {
             secret,
-            slot: Slot::Header {
-                name: http::header::AUTHORIZATION,
-                prefix: "Bearer ".into(),
-                suffix: String::new(),
-            },
-            oauth2: Some(std::sync::Arc::new(OAuth2 {
+            slot: bearer(),
+            grant: Some(std::sync::Arc::new(TokenGrant::ClientCredentials(OAuth2 {
                 token_url: token_url?,
                 client_id: oauth2.client_id,
                 scope: oauth2.scope,
                 audience: oauth2.audience,
-            })),
+            }))),
         });
     }
     if let Some(basic) = raw.basic {
@@ -139,7 +171,7 @@ pub(super) fn check(
             slot: Slot::Basic {
                 username: basic.username,
             },
-            oauth2: None,
+            grant: None,
         });
     }
     let secret = secret_ref(c, "secret", raw.secret);
@@ -184,7 +216,7 @@ pub(super) fn check(
                 prefix: parts[0].to_string(),
                 suffix: parts[1].to_string(),
             },
-            oauth2: None,
+            grant: None,
         });
     }
     let param = raw.query.unwrap_or_default();
@@ -198,7 +230,7 @@ pub(super) fn check(
     Some(Injection {
         secret: secret?,
         slot: Slot::Query { param },
-        oauth2: None,
+        grant: None,
     })
 }
 

@@ -1,4 +1,5 @@
-//! Access tokens from an OAuth 2 token endpoint (client-credentials grant),
+//! Access tokens from an OAuth 2 token endpoint (client-credentials grant,
+//! or a Google service-account key's JWT-bearer grant),
 //! cached until shortly before they expire, fetched once for many
 //! concurrent requests.
 //!
@@ -16,7 +17,7 @@ use http_body_util::BodyExt;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use zeroize::Zeroizing;
 
-use crate::config::OAuth2;
+use crate::config::{OAuth2, TokenGrant};
 use crate::proxy::upstream::UpstreamClient;
 use crate::scrub::{Scrubber, variants};
 use crate::secret::Secret;
@@ -84,17 +85,12 @@ impl TokenCache {
     /// about to expire. Concurrent callers wait for one fetch.
     pub async fn token(
         &self,
-        config: &OAuth2,
-        client_secret: &Secret,
+        grant: &TokenGrant,
+        secret_name: &str,
+        secret: &Secret,
         client: &UpstreamClient,
     ) -> Result<Arc<AccessToken>, String> {
-        let key = format!(
-            "{}|{}|{}|{}",
-            config.token_url,
-            config.client_id,
-            config.scope.as_deref().unwrap_or(""),
-            config.audience.as_deref().unwrap_or("")
-        );
+        let key = format!("{secret_name}|{grant:?}");
         let entry = {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             entries.entry(key).or_default().clone()
@@ -105,19 +101,26 @@ impl TokenCache {
         {
             return Ok(token.clone());
         }
-        let token = Arc::new(fetch(config, client_secret, client).await?);
+        let token = match grant {
+            TokenGrant::ClientCredentials(config) => {
+                client_credentials(config, secret, client).await?
+            }
+            TokenGrant::GcpServiceAccount { scopes } => {
+                gcp_service_account(scopes, secret, client).await?
+            }
+        };
+        let token = Arc::new(token);
         *slot = Some(token.clone());
         Ok(token)
     }
 }
 
-async fn fetch(
+/// RFC 6749 §4.4, the client authenticated with HTTP Basic (§2.3.1).
+async fn client_credentials(
     config: &OAuth2,
     client_secret: &Secret,
     client: &UpstreamClient,
 ) -> Result<AccessToken, String> {
-    let url = &config.token_url;
-    // RFC 6749 §2.3.1: both parts form-encoded, then Basic.
     let pair = Zeroizing::new(format!(
         "{}:{}",
         form_encode(&config.client_id),
@@ -127,22 +130,81 @@ async fn fetch(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(pair.as_bytes())
     ));
+    let mut authorization = http::HeaderValue::from_str(&basic)
+        .map_err(|_| "client credentials are not header-safe")?;
+    authorization.set_sensitive(true);
     let mut form = String::from("grant_type=client_credentials");
     for (name, value) in [("scope", &config.scope), ("audience", &config.audience)] {
         if let Some(value) = value {
             form.push_str(&format!("&{name}={}", form_encode(value)));
         }
     }
-    let mut authorization = http::HeaderValue::from_str(&basic)
-        .map_err(|_| "client credentials are not header-safe")?;
-    authorization.set_sensitive(true);
-    let req = http::Request::post(url.clone())
+    post_for_token(&config.token_url, Some(authorization), form, client).await
+}
+
+/// A Google service-account key turned into an access token: a JWT signed
+/// with the key, exchanged at the key's `token_uri` (RFC 7523).
+async fn gcp_service_account(
+    scopes: &[String],
+    key_json: &Secret,
+    client: &UpstreamClient,
+) -> Result<AccessToken, String> {
+    #[derive(serde::Deserialize)]
+    struct Key {
+        client_email: String,
+        private_key: String,
+        private_key_id: Option<String>,
+        token_uri: String,
+    }
+    let key: Key = serde_json::from_str(key_json.expose())
+        .map_err(|_| "the secret is not a service-account JSON key".to_string())?;
+    let private_key = Zeroizing::new(key.private_key);
+    let token_uri: http::Uri = key
+        .token_uri
+        .parse()
+        .ok()
+        .filter(|u: &http::Uri| matches!(u.scheme_str(), Some("https" | "http")))
+        .ok_or("the key's token_uri is not an http(s) URL")?;
+    let signing = jsonwebtoken::EncodingKey::from_rsa_pem(private_key.as_bytes())
+        .map_err(|_| "the key's private_key is not an RSA key".to_string())?;
+    let now = crate::secret::store::now_ms() / 1000;
+    let claims = serde_json::json!({
+        "iss": key.client_email,
+        "scope": scopes.join(" "),
+        "aud": key.token_uri,
+        "iat": now,
+        "exp": now + 3600,
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = key.private_key_id;
+    let assertion = Zeroizing::new(
+        jsonwebtoken::encode(&header, &claims, &signing)
+            .map_err(|_| "cannot sign the service-account assertion".to_string())?,
+    );
+    let form = format!(
+        "grant_type={}&assertion={}",
+        form_encode("urn:ietf:params:oauth:grant-type:jwt-bearer"),
+        assertion.as_str()
+    );
+    post_for_token(&token_uri, None, form, client).await
+}
+
+async fn post_for_token(
+    url: &http::Uri,
+    authorization: Option<http::HeaderValue>,
+    form: String,
+    client: &UpstreamClient,
+) -> Result<AccessToken, String> {
+    let mut req = http::Request::post(url.clone())
         .header(
             http::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
         )
-        .header(http::header::ACCEPT, "application/json")
-        .header(http::header::AUTHORIZATION, authorization)
+        .header(http::header::ACCEPT, "application/json");
+    if let Some(authorization) = authorization {
+        req = req.header(http::header::AUTHORIZATION, authorization);
+    }
+    let req = req
         .body(crate::proxy::body::full(Bytes::from(form)))
         .map_err(|e| e.to_string())?;
     let response = tokio::time::timeout(TIMEOUT, client.request(req))

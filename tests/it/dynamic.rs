@@ -1,0 +1,178 @@
+use std::process::Command;
+
+use crate::gateway::{base64_encode, decode_claims};
+use crate::support::*;
+
+#[test]
+fn oauth2_client_credentials_are_fetched_once_injected_and_scrubbed() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.idp]
+source = "store"
+[routes.api]
+upstream = "{base}"
+inject = {{ oauth2 = {{ token_url = "{base}/token", client_id = "sidekey-client", client_secret = "idp", scope = "read write" }} }}
+[routes.down]
+upstream = "{base}"
+inject = {{ oauth2 = {{ token_url = "{base}/token-fail", client_id = "c", client_secret = "idp" }} }}
+[[rules]]
+agents = ["coder"]
+route = "api"
+action = "allow"
+[[rules]]
+agents = ["coder"]
+route = "down"
+action = "allow"
+"#,
+        base = upstream.base()
+    ));
+    env.set_secret("idp", "client-secret-value");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let url = sidekey.url("/api/v1/data");
+    let bodies: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                scope.spawn(|| {
+                    let res = client().get(&url).bearer_auth(&token).send().unwrap();
+                    assert_eq!(res.status(), 200);
+                    res.text().unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let seen = upstream.seen();
+    let token_calls: Vec<_> = seen.iter().filter(|s| s.uri.ends_with("/token")).collect();
+    assert_eq!(
+        token_calls.len(),
+        1,
+        "one fetch for many concurrent requests"
+    );
+    let call = token_calls[0];
+    assert_eq!(call.method, "POST");
+    assert_eq!(
+        call.header("authorization"),
+        Some(
+            format!(
+                "Basic {}",
+                base64_encode("sidekey-client:client-secret-value")
+            )
+            .as_str()
+        )
+    );
+    let form = String::from_utf8_lossy(&call.body);
+    assert!(
+        form.contains("grant_type=client_credentials") && form.contains("scope=read+write"),
+        "{form}"
+    );
+    let api: Vec<_> = seen.iter().filter(|s| s.uri == "/v1/data").collect();
+    assert_eq!(api.len(), 6);
+    assert!(
+        api.iter()
+            .all(|s| s.header("authorization") == Some("Bearer at-1-opaque"))
+    );
+    for body in &bodies {
+        assert_no_leak(body, "at-1-opaque", "response");
+        assert!(body.contains("Bearer [REDACTED]"), "{body}");
+    }
+
+    let res = client()
+        .get(sidekey.url("/down/x"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-sidekey-error"], "secret_unavailable");
+    assert!(
+        !res.text().unwrap().contains("token-fail"),
+        "the cause stays in sidekey's log"
+    );
+    assert_no_leak(&sidekey.stderr(), "at-1-opaque", "stderr");
+    assert_no_leak(&sidekey.stderr(), "client-secret-value", "stderr");
+    assert_no_leak(&env.audit_text(), "at-1-opaque", "audit");
+}
+
+#[test]
+fn a_gcp_service_account_key_becomes_short_lived_access_tokens() {
+    let upstream = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("sa.pem");
+    let ok = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&pem)
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(ok, "openssl genpkey");
+    let token_uri = format!("{}/token", upstream.base());
+    let key = serde_json::json!({
+        "type": "service_account",
+        "client_email": "agent@project.iam.gserviceaccount.com",
+        "private_key_id": "k-1",
+        "private_key": std::fs::read_to_string(&pem).unwrap(),
+        "token_uri": token_uri,
+    });
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.sa]
+source = "store"
+[routes.gcs]
+upstream = "{}"
+inject = {{ gcp_service_account = {{ key = "sa", scopes = ["https://www.googleapis.com/auth/devstorage.read_only"] }} }}
+[[rules]]
+agents = ["coder"]
+route = "gcs"
+action = "allow"
+"#,
+        upstream.base()
+    ));
+    env.set_secret("sa", &key.to_string());
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    for _ in 0..2 {
+        let res = client()
+            .get(sidekey.url("/gcs/storage/v1/b"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let body = res.text().unwrap();
+        assert_no_leak(&body, "at-1-opaque", "response");
+        assert_no_leak(&body, "BEGIN PRIVATE KEY", "response");
+    }
+    let seen = upstream.seen();
+    let grants: Vec<_> = seen.iter().filter(|s| s.uri.ends_with("/token")).collect();
+    assert_eq!(grants.len(), 1, "the access token is cached");
+    let form = String::from_utf8_lossy(&grants[0].body).into_owned();
+    assert!(
+        form.starts_with(
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion="
+        ),
+        "{form}"
+    );
+    let assertion = form.split("assertion=").nth(1).unwrap();
+    let claims = decode_claims(assertion);
+    assert_eq!(claims["iss"], "agent@project.iam.gserviceaccount.com");
+    assert_eq!(claims["aud"], token_uri.as_str());
+    assert_eq!(
+        claims["scope"],
+        "https://www.googleapis.com/auth/devstorage.read_only"
+    );
+    let api = seen.iter().filter(|s| s.uri == "/storage/v1/b").count();
+    assert_eq!(api, 2);
+    assert_eq!(
+        upstream.last().header("authorization"),
+        Some("Bearer at-1-opaque")
+    );
+    assert_no_leak(&sidekey.stderr(), "BEGIN PRIVATE KEY", "stderr");
+}
