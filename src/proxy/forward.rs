@@ -49,7 +49,7 @@ impl Proxy {
             ));
         }
         let (host, port) = destination(&parts.uri, 80)?;
-        let route = route_for_origin(flow.snapshot, false, &host, port, parts.uri.path());
+        let route = route_for_origin(flow.snapshot, false, &host, port, Some(parts.uri.path()));
         let token = presented.token().to_string();
         self.plan_and_deliver(flow, parts, body, agent, token, host, port, false, route)
             .await
@@ -70,7 +70,9 @@ impl Proxy {
         flow.event.host = Some(host.clone());
         flow.event.port = Some(port);
         flow.event.path = String::new();
-        let route = route_for_origin(flow.snapshot, true, &host, port, "/");
+        // The path is not known yet: any route on this origin makes the
+        // tunnel intercepted, so its requests are decided one by one.
+        let route = route_for_origin(flow.snapshot, true, &host, port, None);
         flow.event.route = route.as_ref().map(|r| r.name.clone());
         let decision = flow.snapshot.policy.check_connect(
             &agent.name,
@@ -213,7 +215,7 @@ impl Proxy {
                 tunnel.host, tunnel.port
             )));
         }
-        let route = route_for_origin(flow.snapshot, true, &host, port, parts.uri.path());
+        let route = route_for_origin(flow.snapshot, true, &host, port, Some(parts.uri.path()));
         self.plan_and_deliver(flow, parts, body, agent, token, host, port, true, route)
             .await
     }
@@ -297,13 +299,14 @@ fn destination(uri: &http::Uri, default_port: u16) -> Result<(String, u16), Prox
     Ok((host, authority.port_u16().unwrap_or(default_port)))
 }
 
-/// The route whose upstream is this origin (and whose base path the request is under).
+/// The route whose upstream is this origin (and, when `path` is given,
+/// whose base path the request is under).
 fn route_for_origin(
     snapshot: &Snapshot,
     https: bool,
     host: &str,
     port: u16,
-    path: &str,
+    path: Option<&str>,
 ) -> Option<Arc<Route>> {
     snapshot
         .config
@@ -314,9 +317,11 @@ fn route_for_origin(
             u.https == https
                 && u.host == host
                 && u.port == port
-                && (u.base_path.is_empty()
-                    || path == u.base_path
-                    || path.starts_with(&format!("{}/", u.base_path)))
+                && path.is_none_or(|path| {
+                    u.base_path.is_empty()
+                        || path == u.base_path
+                        || path.starts_with(&format!("{}/", u.base_path))
+                })
         })
         .cloned()
 }
