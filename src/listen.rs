@@ -2,6 +2,8 @@
 
 mod activity;
 
+pub use activity::ConnSlot;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,19 +55,7 @@ pub async fn serve(
     let Listeners { tcp, unix, tls } = listeners;
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        // The parser's own cap is a backstop; `handle` applies the limit
-        // with a proper error response.
-        .max_buf_size((limits.max_header_bytes * 4).max(64 * 1024))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size((limits.max_header_bytes * 4).max(64 * 1024) as u32);
+    let builder = http_builder(&limits);
     let acceptor = tls.as_ref().map(|(_, acceptor)| acceptor.clone());
     loop {
         let accepted = tokio::select! {
@@ -94,13 +84,17 @@ pub async fn serve(
             }
             continue;
         };
-        let open = proxy.metrics().open_connections.clone();
-        open.inc();
         let activity = Activity::new();
+        let slot = ConnSlot::new(
+            permit,
+            proxy.metrics().open_connections.clone(),
+            activity.clone(),
+            limits.idle_timeout,
+        );
         let conn = Conn {
             builder: builder.clone(),
             watcher: graceful.watcher(),
-            activity: activity.clone(),
+            slot: slot.clone(),
             proxy: proxy.clone(),
         };
         let acceptor = acceptor.clone();
@@ -150,12 +144,10 @@ pub async fn serve(
             };
             tokio::select! {
                 _ = served => {}
-                _ = activity.idle_for(limits.idle_timeout) => {
+                _ = slot.idle() => {
                     tracing::debug!("idle connection closed");
                 }
             }
-            open.dec();
-            drop(permit);
         });
     }
     drop(tcp);
@@ -174,7 +166,7 @@ pub async fn serve(
 struct Conn {
     builder: auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
-    activity: Arc<Activity>,
+    slot: Arc<ConnSlot>,
     proxy: Arc<Proxy>,
 }
 
@@ -186,12 +178,14 @@ impl Conn {
         let Self {
             builder,
             watcher,
-            activity,
+            slot,
             proxy,
         } = self;
         let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let proxy = proxy.clone();
-            let busy = activity.busy();
+            let busy = slot.busy();
+            // Whatever the request is upgraded into keeps the connection's slot.
+            req.extensions_mut().insert(slot.clone());
             match &peer {
                 Peer::Anonymous => {}
                 Peer::Uid(uid) => {
@@ -247,6 +241,25 @@ pub fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     Ok(listener)
+}
+
+/// The HTTP server settings every agent-facing connection uses, the ones
+/// inside intercepted tunnels included.
+pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        // The parser's own cap is a backstop; `handle` applies the limit
+        // with a proper error response.
+        .max_buf_size((limits.max_header_bytes * 4).max(64 * 1024))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size((limits.max_header_bytes * 4).max(64 * 1024) as u32);
+    builder
 }
 
 /// Tells a client over the connection cap why it is turned away, without

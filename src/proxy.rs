@@ -356,6 +356,10 @@ impl Proxy {
         let agent_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+        let slot = parts
+            .extensions
+            .get::<Arc<crate::listen::ConnSlot>>()
+            .cloned();
         inject::strip_hop_by_hop(&mut parts.headers);
         inject::strip_token(&mut parts.headers, &plan.token);
         parts.headers.remove(header::HOST);
@@ -419,7 +423,7 @@ impl Proxy {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            upgrade::splice(agent_side, upstream_side, scrubber);
+            upgrade::splice(agent_side, upstream_side, scrubber, slot);
             return Ok(Response::from_parts(parts, body::empty()));
         }
         self.respond(flow, response, scrubber, head_only, credentialed, host)

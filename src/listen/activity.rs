@@ -58,7 +58,7 @@ impl Activity {
 }
 
 #[derive(Debug)]
-pub(crate) struct BusyGuard(Arc<Activity>);
+pub struct BusyGuard(Arc<Activity>);
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
@@ -131,5 +131,49 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A connection's place under `limits.max_connections`, held for as long as
+/// the connection or anything it was upgraded into (a CONNECT tunnel, a
+/// WebSocket) lives, so tunnels count against the cap and go idle too.
+#[derive(Debug)]
+pub struct ConnSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    open: prometheus_client::metrics::gauge::Gauge,
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+}
+
+impl ConnSlot {
+    pub(crate) fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        open: prometheus_client::metrics::gauge::Gauge,
+        activity: Arc<Activity>,
+        idle_timeout: Duration,
+    ) -> Arc<Self> {
+        open.inc();
+        Arc::new(Self {
+            _permit: permit,
+            open,
+            activity,
+            idle_timeout,
+        })
+    }
+
+    /// Marks a request in progress (so a slow upstream is not idleness).
+    pub fn busy(&self) -> BusyGuard {
+        self.activity.busy()
+    }
+
+    /// Resolves once nothing has moved for the idle timeout.
+    pub async fn idle(&self) {
+        self.activity.idle_for(self.idle_timeout).await;
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.open.dec();
     }
 }

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use super::body::{Body, empty};
 use super::{Flow, Plan, Proxy, ProxyError, Response};
 use crate::config::Route;
 use crate::egress::{self, Reach};
 use crate::identity::Presented;
+use crate::listen::ConnSlot;
 use crate::live::Snapshot;
 use crate::policy::{normalize_host, path::normalize};
 
@@ -97,13 +98,18 @@ impl Proxy {
             };
             let upstream = connect_checked(&host, port, reach).await?;
             let tunnels = self.metrics.active_tunnels.clone();
+            let slot = req.extensions().get::<Arc<ConnSlot>>().cloned();
             tokio::spawn(async move {
                 match hyper::upgrade::on(req).await {
                     Ok(upgraded) => {
                         tunnels.inc();
                         let mut agent_side = TokioIo::new(upgraded);
                         let mut upstream = upstream;
-                        let _ = tokio::io::copy_bidirectional(&mut agent_side, &mut upstream).await;
+                        until_idle(slot, async {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut agent_side, &mut upstream).await;
+                        })
+                        .await;
                         tunnels.dec();
                     }
                     Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
@@ -125,12 +131,13 @@ impl Proxy {
     /// `handle_in` again) is not part of `handle_in`'s own type.
     fn spawn_tunnel(self: &Arc<Self>, req: Request<Incoming>, tunnel: Arc<Tunnel>) {
         let proxy = self.clone();
+        let slot = req.extensions().get::<Arc<ConnSlot>>().cloned();
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
                     let tunnels = proxy.metrics.active_tunnels.clone();
                     tunnels.inc();
-                    proxy.serve_tunnel(upgraded, tunnel).await;
+                    until_idle(slot.clone(), proxy.serve_tunnel(upgraded, tunnel, slot)).await;
                     tunnels.dec();
                 }
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
@@ -144,6 +151,7 @@ impl Proxy {
         self: Arc<Self>,
         upgraded: hyper::upgrade::Upgraded,
         tunnel: Arc<Tunnel>,
+        slot: Option<Arc<ConnSlot>>,
     ) {
         let config = match self.minter.server_config(&tunnel.host) {
             Ok((config, cached)) => {
@@ -169,12 +177,21 @@ impl Proxy {
                 return;
             }
         };
-        let service = service_fn(move |req| {
+        let builder = crate::listen::http_builder(&self.live.snapshot().config.limits);
+        let service = service_fn(move |mut req: Request<Incoming>| {
             let proxy = self.clone();
             let tunnel = tunnel.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle_in(req, Some(&tunnel)).await) }
+            let busy = slot.as_ref().map(|slot| {
+                req.extensions_mut().insert(slot.clone());
+                slot.busy()
+            });
+            async move {
+                let response = proxy.handle_in(req, Some(&tunnel)).await;
+                drop(busy);
+                Ok::<_, std::convert::Infallible>(response)
+            }
         });
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        let _ = builder
             .serve_connection_with_upgrades(TokioIo::new(tls), service)
             .await;
     }
@@ -272,6 +289,22 @@ impl Proxy {
             token,
         };
         self.deliver(flow, parts, body, plan).await
+    }
+}
+
+/// Runs `work` until it ends or the connection it came from goes idle.
+pub(super) async fn until_idle(
+    slot: Option<Arc<ConnSlot>>,
+    work: impl std::future::Future<Output = ()>,
+) {
+    match slot {
+        Some(slot) => {
+            tokio::select! {
+                _ = work => {}
+                _ = slot.idle() => tracing::debug!("idle tunnel closed"),
+            }
+        }
+        None => work.await,
     }
 }
 

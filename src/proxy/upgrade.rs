@@ -35,7 +35,12 @@ pub(super) fn restore(headers: &mut HeaderMap, protocol: HeaderValue) {
 }
 
 /// Joins the two upgraded connections until either side closes.
-pub(super) fn splice(agent: OnUpgrade, upstream: OnUpgrade, scrubber: Arc<Scrubber>) {
+pub(super) fn splice(
+    agent: OnUpgrade,
+    upstream: OnUpgrade,
+    scrubber: Arc<Scrubber>,
+    slot: Option<Arc<crate::listen::ConnSlot>>,
+) {
     tokio::spawn(async move {
         let (agent, upstream) = match tokio::try_join!(agent, upstream) {
             Ok(both) => both,
@@ -66,6 +71,9 @@ pub(super) fn splice(agent: OnUpgrade, upstream: OnUpgrade, scrubber: Arc<Scrubb
             let _ = agent_write.write_all(&stream.finish(&scrubber)).await;
             let _ = agent_write.shutdown().await;
         };
-        tokio::join!(outbound, inbound);
+        super::forward::until_idle(slot, async {
+            tokio::join!(outbound, inbound);
+        })
+        .await;
     });
 }

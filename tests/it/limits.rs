@@ -114,3 +114,41 @@ fn oversized_headers_and_bodies_are_refused() {
     assert_eq!(res.status(), 413);
     assert!(upstream.seen().iter().all(|s| s.body.len() <= 100));
 }
+
+#[test]
+fn tunnels_count_against_the_cap_and_close_when_idle() {
+    let upstream = Upstream::http();
+    let port = upstream.addr.port();
+    let env = TestEnv::new(&format!(
+        "[limits]\nmax_connections = 2\nidle_timeout = \"500ms\"\n[[rules]]\nagents = [\"coder\"]\nhost = \"127.0.0.1\"\nport = {port}\naction = \"allow\"\n"
+    ));
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let open_tunnel = || {
+        let mut conn = std::net::TcpStream::connect(sidekey.addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        conn.write_all(
+            format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nProxy-Authorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        conn.read_exact(&mut head).unwrap();
+        (conn, String::from_utf8_lossy(&head).into_owned())
+    };
+    let (mut first, head) = open_tunnel();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (_second, head) = open_tunnel();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Both tunnels hold their places: a third connection is turned away.
+    let mut third = std::net::TcpStream::connect(sidekey.addr).unwrap();
+    assert!(read_to_close(&mut third).contains("too_many_connections"));
+    // Silent tunnels are closed after the idle timeout, freeing the places.
+    let rest = read_to_close(&mut first);
+    assert!(!rest.contains("HTTP/1.1 200"), "{rest}");
+    eventually(Duration::from_secs(5), || {
+        let (_conn, head) = open_tunnel();
+        head.starts_with("HTTP/1.1 200").then_some(())
+    });
+}
