@@ -110,6 +110,8 @@ async fn serve_conn<IO>(
         }
     });
     let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10))
         .serve_connection(io, service)
         .await;
 }
@@ -176,7 +178,7 @@ async fn route(
                 Ok(revoke) => match Revocations::add(&live.state, revoke, now_ms()) {
                     Ok(()) => {
                         // Applied now rather than at the next poll.
-                        live.poll();
+                        live.refresh_revocations();
                         json(StatusCode::OK, serde_json::json!({"revoked": true}))
                     }
                     Err(e) => json(

@@ -63,6 +63,8 @@ pub struct Live {
     /// reading, so a change made during a read is seen on the next poll; the
     /// lock also keeps a reload and the watcher from interleaving.
     seen: Mutex<Stamps>,
+    /// The revocation list's stamp, under its own lock.
+    revocations_seen: Mutex<Option<FileStamp>>,
 }
 
 #[derive(Debug, Default)]
@@ -70,7 +72,6 @@ struct Stamps {
     secrets: Vec<Option<FileStamp>>,
     /// When secrets were last loaded, to pace re-runs of credential processes.
     secrets_loaded: Option<std::time::Instant>,
-    revocations: Option<FileStamp>,
     jwks: Option<FileStamp>,
 }
 
@@ -83,9 +84,9 @@ impl Live {
         let master_key = MasterKey::load(&state).ok();
         let config_path = config.file.clone();
         let snapshot = build_snapshot(config, &state, listen_override, None)?;
+        let revocations_seen = fingerprint(&state.revocations());
         let stamps = Stamps {
             secrets: secret_stamps(&snapshot.config, &state),
-            revocations: fingerprint(&state.revocations()),
             // The first poll reads the key set once more; harmless.
             jwks: None,
             secrets_loaded: Some(std::time::Instant::now()),
@@ -101,6 +102,7 @@ impl Live {
             secrets: ArcSwap::from_pointee(secrets),
             revocations: ArcSwap::from_pointee(revocations),
             seen: Mutex::new(stamps),
+            revocations_seen: Mutex::new(revocations_seen),
         })
     }
 
@@ -182,10 +184,34 @@ impl Live {
         }
     }
 
-    /// One look at the watched files; re-reads what changed.
+    /// One look at the watched files; re-reads what changed. Revocations
+    /// come first and apart: a slow secret source never delays them.
     pub fn poll(&self) {
+        let revocations_now = fingerprint(&self.state.revocations());
+        let changed = {
+            let mut seen = self
+                .revocations_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let changed = *seen != revocations_now;
+            *seen = revocations_now;
+            changed
+        };
+        if changed {
+            self.refresh_revocations();
+        }
         let mut seen = self.lock_seen();
-        let config = self.snapshot.load().config.clone();
+        let snapshot = self.snapshot.load();
+        if let Some(oidc) = &snapshot.oidc
+            && let JwksSource::File(path) = &oidc.config().jwks
+        {
+            let now = fingerprint(path);
+            if now != seen.jwks {
+                seen.jwks = now;
+                oidc.set_keys(read_jwks(path));
+            }
+        }
+        let config = snapshot.config.clone();
         let now = secret_stamps(&config, &self.state);
         let expiring = self.secrets.load().table.expiring(EXPIRY_MARGIN)
             && seen
@@ -198,29 +224,19 @@ impl Live {
             self.secrets.store(Arc::new(view));
             tracing::info!("secrets reloaded");
         }
-        let snapshot = self.snapshot.load();
-        if let Some(oidc) = &snapshot.oidc
-            && let JwksSource::File(path) = &oidc.config().jwks
-        {
-            let now = fingerprint(path);
-            if now != seen.jwks {
-                seen.jwks = now;
-                oidc.set_keys(read_jwks(path));
-            }
+    }
+
+    /// Re-reads the revocation list now (after `POST /v1/revoke`, or when
+    /// the file changed). Takes no lock a slow load could hold.
+    pub fn refresh_revocations(&self) {
+        let list = Revocations::read(&self.state.revocations());
+        if let Err(e) = &list {
+            tracing::error!(error = %e, "revocation list unreadable; refusing all agent tokens");
         }
-        let now = fingerprint(&self.state.revocations());
-        if now != seen.revocations {
-            seen.revocations = now;
-            let list = Revocations::read(&self.state.revocations());
-            if let Err(e) = &list {
-                tracing::error!(error = %e, "revocation list unreadable; refusing all agent tokens");
-            }
-            self.revocations
-                .store(Arc::new(list.map_err(|e| e.to_string())));
-        }
+        self.revocations
+            .store(Arc::new(list.map_err(|e| e.to_string())));
     }
 }
-
 /// A credential process's value is renewed this long before it expires.
 const EXPIRY_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
 /// And a failed renewal is retried this often, not on every poll.

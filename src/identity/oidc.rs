@@ -44,7 +44,13 @@ pub enum JwksSource {
 pub struct OidcVerifier {
     config: OidcConfig,
     keys: ArcSwap<Result<JwkSet, String>>,
+    /// When the key set was last loaded successfully.
+    loaded: ArcSwap<std::time::Instant>,
 }
+
+/// A key set that could not be refreshed for this long is no longer
+/// trusted: the issuer may have rotated a compromised key out.
+const MAX_KEY_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 impl OidcVerifier {
     pub fn new(config: OidcConfig) -> Self {
@@ -55,6 +61,7 @@ impl OidcVerifier {
         Self {
             config,
             keys: ArcSwap::from_pointee(keys),
+            loaded: ArcSwap::from_pointee(std::time::Instant::now()),
         }
     }
 
@@ -65,7 +72,10 @@ impl OidcVerifier {
     /// Replaces the key set; a failed load keeps the last good one.
     pub fn set_keys(&self, keys: Result<JwkSet, String>) {
         match keys {
-            Ok(keys) => self.keys.store(Arc::new(Ok(keys))),
+            Ok(keys) => {
+                self.keys.store(Arc::new(Ok(keys)));
+                self.loaded.store(Arc::new(std::time::Instant::now()));
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot load the OIDC key set");
                 if self.keys.load().is_err() {
@@ -97,6 +107,12 @@ impl OidcVerifier {
             Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA
         ) {
             return Err(TokenError::Invalid.into());
+        }
+        // A file is the operator's to keep current; a URL's keys go stale.
+        if matches!(self.config.jwks, JwksSource::Url(_))
+            && self.loaded.load().elapsed() > MAX_KEY_AGE
+        {
+            return Err(IdentityError::KeysUnavailable);
         }
         let keys = self.keys.load();
         let keys = keys

@@ -341,11 +341,12 @@ fn route_for_origin(
     port: u16,
     path: Option<&str>,
 ) -> Option<Arc<Route>> {
+    // The most specific route wins when several share an origin.
     snapshot
         .config
         .routes
         .values()
-        .find(|r| {
+        .filter(|r| {
             let u = &r.upstream;
             u.https == https
                 && u.host == host
@@ -356,6 +357,7 @@ fn route_for_origin(
                         || path.starts_with(&format!("{}/", u.base_path))
                 })
         })
+        .max_by_key(|r| r.upstream.base_path.len())
         .cloned()
 }
 

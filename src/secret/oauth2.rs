@@ -27,6 +27,8 @@ const RENEW_BEFORE: Duration = Duration::from_secs(30);
 /// When the endpoint does not say (`expires_in` absent).
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// Tokens are fetched again at least daily, whatever the endpoint says.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// application/x-www-form-urlencoded keeps `*-._`; a space becomes `+`.
 const FORM: &AsciiSet = &NON_ALPHANUMERIC
@@ -101,15 +103,28 @@ impl TokenCache {
         {
             return Ok(token.clone());
         }
-        let token = match grant {
+        // A token that is still valid but inside the renewal margin is used
+        // if fetching a new one fails; after expiry it never is.
+        let current = slot
+            .as_ref()
+            .filter(|t| t.expires > Instant::now())
+            .cloned();
+        let fetched = match grant {
             TokenGrant::ClientCredentials(config) => {
-                client_credentials(config, secret, client).await?
+                client_credentials(config, secret, client).await
             }
             TokenGrant::GcpServiceAccount { scopes } => {
-                gcp_service_account(scopes, secret, client).await?
+                gcp_service_account(scopes, secret, client).await
             }
         };
-        let token = Arc::new(token);
+        let token = match (fetched, current) {
+            (Ok(token), _) => Arc::new(token),
+            (Err(e), Some(current)) => {
+                tracing::warn!(error = %e, "token renewal failed; the current token is still valid");
+                return Ok(current);
+            }
+            (Err(e), None) => return Err(e),
+        };
         *slot = Some(token.clone());
         Ok(token)
     }
@@ -231,14 +246,18 @@ async fn post_for_token(
     if token.expose().is_empty() {
         return Err(format!("token endpoint {url} sent an empty access_token"));
     }
+    // Bounded both ways: a huge expires_in must not overflow, and one
+    // shorter than the renewal margin still serves the request at hand.
     let lifetime = grant
         .expires_in
         .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_LIFETIME);
+        .unwrap_or(DEFAULT_LIFETIME)
+        .min(MAX_LIFETIME);
+    let now = Instant::now();
     Ok(AccessToken {
         patterns: variants(&token, None),
         token: Arc::new(token),
-        expires: Instant::now() + lifetime,
+        expires: now.checked_add(lifetime).unwrap_or(now),
         scrubber: Mutex::new(None),
     })
 }

@@ -56,6 +56,7 @@ pub fn parse_command(text: &str) -> Result<Vec<String>, String> {
 
 /// Runs the process; returns the value and when it expires, if it said.
 pub fn run(args: &[String]) -> Result<(Secret, Option<SystemTime>), String> {
+    use std::os::unix::process::CommandExt;
     let program = &args[0];
     let mut child = Command::new(program)
         .args(&args[1..])
@@ -65,34 +66,51 @@ pub fn run(args: &[String]) -> Result<(Secret, Option<SystemTime>), String> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
+        // Its own process group, so a timeout ends whatever it started too.
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run {program}: {}", crate::config::describe_io(&e)))?;
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    let reader = std::thread::spawn(move || {
+    let (sender, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut out = Zeroizing::new(Vec::new());
         let _ = (&mut stdout).take(MAX_OUTPUT).read_to_end(&mut out);
-        out
+        let _ = sender.send(out);
     });
     let deadline = Instant::now() + TIMEOUT;
+    let give_up = |child: &mut std::process::Child| {
+        kill_group(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        format!("{program} did not finish within {TIMEOUT:?}")
+    };
+    // The output is complete when every holder of the pipe has closed it,
+    // which a background process it left behind may never do.
+    let out = match output.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(out) => out,
+        Err(_) => return Err(give_up(&mut child)),
+    };
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{program} did not finish within {TIMEOUT:?}"));
-            }
+            Ok(None) => return Err(give_up(&mut child)),
             Err(e) => return Err(format!("{program}: {e}")),
         }
     };
-    let out = reader
-        .join()
-        .map_err(|_| format!("{program}: output unreadable"))?;
     if !status.success() {
         return Err(format!("{program} exited with {status}"));
     }
     parse_output(&out).map_err(|e| format!("{program}: {e}"))
+}
+
+/// Kills a process group without `unsafe`: through kill(1).
+fn kill_group(pgid: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// A bare value, or `{"value": "...", "expires_at": "RFC 3339"}`.
@@ -156,5 +174,16 @@ mod tests {
         assert!(run(&["sh".into(), "-c".into(), "exit 3".into()]).is_err());
         assert!(run(&["sh".into(), "-c".into(), "true".into()]).is_err());
         assert!(run(&["/nonexistent/cred".into()]).is_err());
+    }
+
+    #[test]
+    fn a_process_that_leaves_a_child_holding_stdout_times_out() {
+        let started = Instant::now();
+        let result = run(&["sh".into(), "-c".into(), "sleep 60 & echo tok".into()]);
+        assert!(
+            result.is_err(),
+            "a background holder of stdout must not hang the load"
+        );
+        assert!(started.elapsed() < TIMEOUT + Duration::from_secs(5));
     }
 }

@@ -68,7 +68,9 @@ pub struct Unavailable {
 #[derive(Debug, Default)]
 pub struct SecretTable {
     values: HashMap<String, Result<Arc<Secret>, String>>,
-    /// The earliest time a value from a credential process expires.
+    /// When values from credential processes expire.
+    expiry: HashMap<String, std::time::SystemTime>,
+    /// The earliest of those.
     expires: Option<std::time::SystemTime>,
 }
 
@@ -83,6 +85,7 @@ impl SecretTable {
         let mut store: Option<Result<Store, String>> = None;
         let mut values = HashMap::with_capacity(sources.len());
         let mut expires: Option<std::time::SystemTime> = None;
+        let mut expiry = HashMap::new();
         for (name, source) in sources {
             let value = match source {
                 SecretSource::Store => {
@@ -108,14 +111,15 @@ impl SecretTable {
                     .map_err(|_| format!("environment variable {var} is not set")),
                 SecretSource::File(path) => read_file(path),
                 SecretSource::Exec(args) => {
-                    crate::secret::process::run(args).and_then(|(secret, expiry)| {
-                        if let Some(at) = expiry {
+                    crate::secret::process::run(args).and_then(|(secret, expires_at)| {
+                        if let Some(at) = expires_at {
                             if at <= std::time::SystemTime::now() {
                                 return Err(
                                     "the credential process returned an expired value".into()
                                 );
                             }
                             expires = Some(expires.map_or(at, |e| e.min(at)));
+                            expiry.insert(name.clone(), at);
                         }
                         Ok(secret)
                     })
@@ -130,7 +134,11 @@ impl SecretTable {
             });
             values.insert(name.clone(), value);
         }
-        Self { values, expires }
+        Self {
+            values,
+            expiry,
+            expires,
+        }
     }
 
     /// Whether a credential process's value expires within `margin`, so the
@@ -141,6 +149,17 @@ impl SecretTable {
     }
 
     pub fn get(&self, name: &str) -> Result<&Arc<Secret>, Unavailable> {
+        // A value past its expires_at is never used, even if renewing stalls.
+        if self
+            .expiry
+            .get(name)
+            .is_some_and(|at| *at <= std::time::SystemTime::now())
+        {
+            return Err(Unavailable {
+                name: name.to_string(),
+                reason: "its value expired and no new one was obtained".to_string(),
+            });
+        }
         match self.values.get(name) {
             Some(Ok(secret)) => Ok(secret),
             Some(Err(reason)) => Err(Unavailable {
