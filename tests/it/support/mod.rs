@@ -396,23 +396,15 @@ impl GitServer {
         let root = dir.path().join("root");
         std::fs::create_dir_all(root.join("acme")).unwrap();
 
-        // A CA and a leaf for `localhost`, as in `Upstream::https_for`.
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "test git server CA");
-        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf_params =
-            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .unwrap();
-        let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+        let upstream::TestPki {
+            ca_pem,
+            leaf,
+            leaf_key,
+        } = upstream::TestPki::new("test git server CA", &["localhost", "127.0.0.1"]);
         let ca_path = dir.path().join("git-ca.pem");
         let cert_path = dir.path().join("git-cert.pem");
         let key_path = dir.path().join("git-key.pem");
-        std::fs::write(&ca_path, ca.pem()).unwrap();
+        std::fs::write(&ca_path, ca_pem).unwrap();
         std::fs::write(&cert_path, leaf.pem()).unwrap();
         std::fs::write(&key_path, leaf_key.serialize_pem()).unwrap();
 

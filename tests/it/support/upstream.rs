@@ -26,6 +26,36 @@ use tokio::sync::Semaphore;
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// A CA made at test time and a leaf it signed for `names`.
+pub struct TestPki {
+    pub ca_pem: String,
+    pub leaf: rcgen::Certificate,
+    pub leaf_key: rcgen::KeyPair,
+}
+
+impl TestPki {
+    pub fn new(ca_name: &str, names: &[&str]) -> Self {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, ca_name);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let leaf = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
+        Self {
+            ca_pem: ca.pem(),
+            leaf,
+            leaf_key,
+        }
+    }
+}
+
 /// One request as the upstream received it.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -77,19 +107,13 @@ impl Upstream {
 
     /// An HTTPS upstream whose certificate names only `names`.
     pub fn https_for(dir: &Path, names: &[&str]) -> Self {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "test upstream CA");
-        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let leaf_params = rcgen::CertificateParams::new(names).unwrap();
-        let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+        let TestPki {
+            ca_pem,
+            leaf,
+            leaf_key,
+        } = TestPki::new("test upstream CA", names);
         let ca_path = dir.join("upstream-ca.pem");
-        std::fs::write(&ca_path, ca.pem()).unwrap();
+        std::fs::write(&ca_path, ca_pem).unwrap();
 
         let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
