@@ -65,7 +65,7 @@ pub(super) fn run(listen: SocketAddr) -> anyhow::Result<()> {
         let (status, reply) = send(running.addr, &token, body).await?;
         let sent = [
             "POST /echo/anything".to_string(),
-            format!("authorization: Bearer {}", shorten(&token)),
+            format!("authorization: Bearer {}", shorten_to(&token, COLUMN - 24)),
             "content-type: application/json".to_string(),
             body.to_string(),
         ];
@@ -74,7 +74,13 @@ pub(super) fn run(listen: SocketAddr) -> anyhow::Result<()> {
             .map(|s| s.clone())
             .unwrap_or_default()
             .into_iter()
-            .map(|l| if l.len() > COLUMN - 2 { shorten(&l) } else { l })
+            .map(|l| {
+                if l.chars().count() > COLUMN - 2 {
+                    shorten_to(&l, COLUMN - 4)
+                } else {
+                    l
+                }
+            })
             .collect();
         println!();
         println!("sidekey demo: the agent calls an API without ever holding its key");
@@ -121,8 +127,8 @@ pub(super) fn run(listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn shorten(text: &str) -> String {
-    let keep: String = text.chars().take(COLUMN - 14).collect();
+fn shorten_to(text: &str, chars: usize) -> String {
+    let keep: String = text.chars().take(chars).collect();
     format!("{keep}…")
 }
 
@@ -177,10 +183,12 @@ async fn echo(req: Request<Incoming>, seen: Seen) -> Result<Response<Full<Bytes>
     let mut headers = serde_json::Map::new();
     for (name, value) in &parts.headers {
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        if matches!(name.as_str(), "authorization" | "content-type") {
+        headers.insert(name.to_string(), value.into());
+    }
+    for name in ["authorization", "content-type"] {
+        if let Some(value) = headers.get(name).and_then(|v| v.as_str()) {
             lines.push(format!("{name}: {value}"));
         }
-        headers.insert(name.to_string(), value.into());
     }
     lines.push(body.clone());
     if let Ok(mut s) = seen.lock() {
