@@ -123,7 +123,9 @@ pub fn issue_agent_cert(
     params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
     let mut serial = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut serial);
-    serial[0] &= 0x7f; // positive, as DER wants
+    // Positive, as DER wants, and without a leading zero byte, so the hex
+    // printed here is the hex read back from the certificate.
+    serial[0] = (serial[0] & 0x7f) | 0x40;
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
@@ -135,7 +137,11 @@ pub fn issue_agent_cert(
     Ok(AgentCert {
         cert_pem: cert.pem(),
         key_pem: Zeroizing::new(key.serialize_pem()),
-        serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+        serial: {
+            let mut hex = String::with_capacity(32);
+            crate::token::push_hex(&mut hex, &serial);
+            hex
+        },
     })
 }
 

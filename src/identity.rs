@@ -75,13 +75,10 @@ impl PeerCert {
             })
             .ok_or_else(|| "the client certificate names no sidekey agent".to_string())?
             .to_string();
-        let serial = cert
-            .tbs_certificate
-            .raw_serial()
-            .iter()
-            .skip_while(|b| **b == 0)
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let raw = cert.tbs_certificate.raw_serial();
+        let significant = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+        let mut serial = String::with_capacity(2 * raw.len());
+        crate::token::push_hex(&mut serial, &raw[significant..]);
         let validity = cert.validity();
         Ok(Self {
             agent,

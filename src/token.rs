@@ -227,10 +227,17 @@ pub fn random_id(prefix: &str) -> String {
     let mut out = String::with_capacity(prefix.len() + 1 + 24);
     out.push_str(prefix);
     out.push('-');
-    for b in bytes {
-        out.push_str(&format!("{b:02x}"));
-    }
+    push_hex(&mut out, &bytes);
     out
+}
+
+/// Appends `bytes` as lower-case hex, without an allocation per byte.
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
 }
 
 /// Parses `--ttl` values such as `90s`, `15m`, `1h`, `7d`.

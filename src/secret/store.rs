@@ -70,9 +70,7 @@ impl MasterKey {
     /// Hex text as kept in `master.key` and accepted in `SIDEKEY_MASTER_KEY`.
     pub fn to_hex(&self) -> Zeroizing<String> {
         let mut out = Zeroizing::new(String::with_capacity(65));
-        for byte in self.0.iter() {
-            out.push_str(&format!("{byte:02x}"));
-        }
+        crate::token::push_hex(&mut out, self.0.as_ref());
         out.push('\n');
         out
     }
