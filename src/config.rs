@@ -51,6 +51,18 @@ pub struct Config {
     pub agents: BTreeMap<String, AgentConfig>,
     /// `[identity.oidc]`: workload JWTs as identities.
     pub oidc: Option<crate::identity::oidc::OidcConfig>,
+    /// `[vault]`: where `vault:` secrets are read.
+    pub vault: Option<VaultConfig>,
+}
+
+/// `[vault]`: a Vault (or OpenBao) server for `vault:` secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultConfig {
+    pub addr: http::Uri,
+    /// The secret holding the Vault token.
+    pub token: String,
+    /// How long a value read from Vault is used before it is read again.
+    pub ttl: Duration,
 }
 
 /// `[admin_tcp]`: the admin API on TCP, for scrapers and remote operators.

@@ -334,7 +334,7 @@ fn load_secrets(
     state: &StateDir,
     master_key: Option<&MasterKey>,
 ) -> SecretView {
-    let table = SecretTable::load(&config.secrets, state, master_key);
+    let table = SecretTable::load(config, state, master_key);
     for (name, reason) in table.failures() {
         tracing::warn!(secret = name, reason, "secret unavailable");
     }

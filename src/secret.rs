@@ -8,6 +8,7 @@ pub mod oauth2;
 pub mod process;
 pub mod source;
 pub mod store;
+pub mod vault;
 
 use std::fmt;
 

@@ -184,7 +184,7 @@ pub(super) fn check(paths: &Paths) -> anyhow::Result<()> {
     // config), but an operator wants to know before starting.
     if let Ok(state) = paths.state_dir_of(&config) {
         let key = MasterKey::load(&state).ok();
-        let table = SecretTable::load(&config.secrets, &state, key.as_ref());
+        let table = SecretTable::load(&config, &state, key.as_ref());
         let mut failures: Vec<_> = table.failures().collect();
         failures.sort();
         for (name, reason) in failures {

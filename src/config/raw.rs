@@ -69,6 +69,14 @@ fn default_claim() -> String {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawVault {
+    addr: String,
+    token: String,
+    ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawAdminTcp {
     listen: String,
     token: String,
@@ -169,6 +177,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     let mut listen_unix = None;
     let mut listen_tls = None;
     let mut admin_tcp: Option<RawAdminTcp> = None;
+    let mut vault: Option<RawVault> = None;
     let mut identity = RawIdentity::default();
     let mut agents: BTreeMap<String, RawAgent> = BTreeMap::new();
     let mut admin = None;
@@ -186,6 +195,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
             "listen_unix" => listen_unix = c.take::<String>("listen_unix", value),
             "listen_tls" => listen_tls = c.take::<String>("listen_tls", value),
             "admin_tcp" => admin_tcp = c.take("admin_tcp", value),
+            "vault" => vault = c.take("vault", value),
             "identity" => identity = c.take("identity", value).unwrap_or_default(),
             "agents" => {
                 let Some(entries) = c.take::<toml::Table>("agents", value) else {
@@ -392,6 +402,49 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     });
 
     let oidc = identity.oidc.and_then(|raw| check_oidc(&mut c, raw, &base));
+    let vault = vault.and_then(|raw| {
+        let addr = match raw.addr.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("https" | "http")) && uri.host().is_some() =>
+            {
+                Some(uri)
+            }
+            _ => {
+                c.fail(
+                    "vault.addr",
+                    format!("{:?} is not an http(s) URL", raw.addr),
+                );
+                None
+            }
+        };
+        if !secret_sources.contains_key(&raw.token) {
+            c.fail("vault.token", format!("no secret named {:?}", raw.token));
+        } else if matches!(
+            secret_sources.get(&raw.token),
+            Some(SecretSource::Vault { .. })
+        ) {
+            c.fail(
+                "vault.token",
+                "the Vault token cannot itself come from Vault",
+            );
+        }
+        let ttl = c.duration("vault.ttl", raw.ttl.as_deref(), Duration::from_secs(60));
+        Some(super::VaultConfig {
+            addr: addr?,
+            token: raw.token,
+            ttl,
+        })
+    });
+    if vault.is_none()
+        && let Some((name, _)) = secret_sources
+            .iter()
+            .find(|(_, s)| matches!(s, SecretSource::Vault { .. }))
+    {
+        c.fail(
+            format!("secrets.{name}.source"),
+            "a vault: source needs a [vault] section",
+        );
+    }
     let admin_tcp = admin_tcp.and_then(|raw| {
         let listen = raw.listen.parse::<SocketAddr>().map_err(|_| {
             c.fail(
@@ -429,6 +482,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         listen_unix,
         admin: admin.map(|p| base.join(p)),
         admin_tcp,
+        vault,
         state_dir,
         audit: AuditConfig { sink, on_failure },
         upstream_ca,

@@ -92,7 +92,7 @@ listen = "nowhere"
 colour = "blue"
 
 [secrets.a]
-source = "vault:x"
+source = "hsm:x"
 
 [routes.r]
 upstream = "ftp://x"

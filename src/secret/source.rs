@@ -1,7 +1,7 @@
 //! Where each configured secret's value comes from, and the table of values
 //! a running proxy currently holds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +23,8 @@ pub enum SecretSource {
     File(PathBuf),
     /// A credential process, run again when its value expires.
     Exec(Vec<String>),
+    /// A field of a Vault KV v2 secret: the API path after `/v1/`.
+    Vault { path: String, field: String },
 }
 
 impl SecretSource {
@@ -47,11 +49,15 @@ impl SecretSource {
             }
             return Ok(Self::File(base.join(path)));
         }
+        if let Some(spec) = text.strip_prefix("vault:") {
+            return crate::secret::vault::parse_source(spec)
+                .map(|(path, field)| Self::Vault { path, field });
+        }
         if let Some(command) = text.strip_prefix("exec:") {
             return crate::secret::process::parse_command(command).map(Self::Exec);
         }
         Err(format!(
-            "unknown secret source {text:?} (expected \"store\", \"env:VAR\", \"file:PATH\" or \"exec:COMMAND\")"
+            "unknown secret source {text:?} (expected \"store\", \"env:VAR\", \"file:PATH\", \"exec:COMMAND\" or \"vault:MOUNT/PATH#FIELD\")"
         ))
     }
 }
@@ -78,15 +84,25 @@ impl SecretTable {
     /// Reads every source once. A source that fails leaves only that secret
     /// unavailable: requests that need it fail closed, the others go on.
     pub fn load(
-        sources: &BTreeMap<String, SecretSource>,
+        config: &crate::config::Config,
         state: &StateDir,
         master_key: Option<&MasterKey>,
     ) -> Self {
+        let sources = &config.secrets;
         let mut store: Option<Result<Store, String>> = None;
         let mut values = HashMap::with_capacity(sources.len());
         let mut expires: Option<std::time::SystemTime> = None;
         let mut expiry = HashMap::new();
-        for (name, source) in sources {
+        // Vault values need the Vault token, itself a secret: read them last.
+        let ordered = sources
+            .iter()
+            .filter(|(_, s)| !matches!(s, SecretSource::Vault { .. }))
+            .chain(
+                sources
+                    .iter()
+                    .filter(|(_, s)| matches!(s, SecretSource::Vault { .. })),
+            );
+        for (name, source) in ordered {
             let value = match source {
                 SecretSource::Store => {
                     let store = store.get_or_insert_with(|| match master_key {
@@ -110,6 +126,26 @@ impl SecretTable {
                     .map(Secret::new)
                     .map_err(|_| format!("environment variable {var} is not set")),
                 SecretSource::File(path) => read_file(path),
+                SecretSource::Vault { path, field } => match &config.vault {
+                    None => Err("no [vault] section".to_string()),
+                    Some(vault) => match values.get(&vault.token) {
+                        Some(Ok(token)) => {
+                            let token: &Arc<Secret> = token;
+                            crate::secret::vault::read(config, vault, token, path, field).inspect(
+                                |_| {
+                                    let at = std::time::SystemTime::now() + vault.ttl;
+                                    expires = Some(
+                                        expires.map_or(at, |e: std::time::SystemTime| e.min(at)),
+                                    );
+                                },
+                            )
+                        }
+                        _ => Err(format!(
+                            "the Vault token secret {:?} is unavailable",
+                            vault.token
+                        )),
+                    },
+                },
                 SecretSource::Exec(args) => {
                     crate::secret::process::run(args).and_then(|(secret, expires_at)| {
                         if let Some(at) = expires_at {
@@ -223,7 +259,7 @@ mod tests {
             SecretSource::parse("file:/abs", base),
             Ok(SecretSource::File("/abs".into()))
         );
-        for bad in ["", "env:", "env:1X", "env:A-B", "file:", "vault:x", "Store"] {
+        for bad in ["", "env:", "env:1X", "env:A-B", "file:", "hsm:x", "Store"] {
             assert!(SecretSource::parse(bad, base).is_err(), "{bad}");
         }
     }

@@ -176,3 +176,65 @@ action = "allow"
     );
     assert_no_leak(&sidekey.stderr(), "BEGIN PRIVATE KEY", "stderr");
 }
+
+#[test]
+fn vault_kv_secrets_are_read_with_the_vault_token_and_fail_closed() {
+    let upstream = Upstream::http();
+    let config = |token_secret: &str| {
+        format!(
+            r#"
+[vault]
+addr = "{base}"
+token = "{token_secret}"
+ttl = "60s"
+[secrets.vt]
+source = "store"
+[secrets.bad]
+source = "store"
+[secrets.api]
+source = "vault:secret/agents/openai#api_key"
+[routes.echo]
+upstream = "{base}"
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+[[rules]]
+agents = ["coder"]
+route = "echo"
+action = "allow"
+"#,
+            base = upstream.base()
+        )
+    };
+    let env = TestEnv::new(&config("vt"));
+    env.set_secret("vt", "vault-token-1");
+    env.set_secret("bad", "not-a-vault-token");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_no_leak(&res.text().unwrap(), "kv-vault-token-1", "response");
+    let read = upstream
+        .seen()
+        .into_iter()
+        .find(|s| s.uri.starts_with("/v1/"))
+        .unwrap();
+    assert_eq!(read.uri, "/v1/secret/data/agents/openai");
+    assert_eq!(
+        upstream.last().header("authorization"),
+        Some("Bearer kv-vault-token-1")
+    );
+
+    // Vault refuses the token: the secret is unavailable, requests fail closed.
+    env.write_config(&config("bad"));
+    env.ok(&["reload"], None);
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_no_leak(&sidekey.stderr(), "vault-token-1", "stderr");
+}

@@ -264,6 +264,22 @@ async fn handle(
             .header("connection", "upgrade")
             .body(full(Bytes::new()))
             .unwrap()
+    } else if path.starts_with("/v1/secret/data/") {
+        // A Vault KV v2 read: the value depends on the token, so a test
+        // can tell which token sidekey used.
+        match seen.header("x-vault-token") {
+            Some(token) if token.starts_with("vault-token-") => Response::builder()
+                .header("content-type", "application/json")
+                .body(full(
+                    serde_json::json!({"data": {"data": {"api_key": format!("kv-{token}")}}})
+                        .to_string(),
+                ))
+                .unwrap(),
+            _ => Response::builder()
+                .status(403)
+                .body(full(r#"{"errors":["permission denied"]}"#))
+                .unwrap(),
+        }
     } else if path.ends_with("/token-fail") {
         Response::builder()
             .status(500)

@@ -1,0 +1,128 @@
+//! `source = "vault:MOUNT/PATH#FIELD"`: a field of a Vault KV v2 secret,
+//! read with the token `[vault] token` names, and read again after
+//! `[vault] ttl` so a rotation in Vault reaches sidekey.
+
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+
+use crate::config::{Config, VaultConfig};
+use crate::egress::Reach;
+use crate::secret::Secret;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `secret/agents/openai#api_key` (or with `data/` already in the path) ->
+/// (`secret/data/agents/openai`, `api_key`).
+pub fn parse_source(spec: &str) -> Result<(String, String), String> {
+    let (path, field) = spec
+        .split_once('#')
+        .ok_or_else(|| format!("vault:{spec} needs #FIELD"))?;
+    let segments: Vec<&str> = path.split('/').collect();
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    if segments.len() < 2 || !segments.iter().all(|s| plain(s)) || field.is_empty() {
+        return Err(format!(
+            "vault:{spec} is not MOUNT/PATH#FIELD (letters, digits, `-`, `_`, `.`)"
+        ));
+    }
+    let api_path = if segments[1] == "data" {
+        path.to_string()
+    } else {
+        format!("{}/data/{}", segments[0], segments[1..].join("/"))
+    };
+    Ok((api_path, field.to_string()))
+}
+
+/// Reads one field. Runs its own small runtime on a scoped thread, so it
+/// can be called from anywhere, the async runtime included.
+pub fn read(
+    config: &Config,
+    vault: &VaultConfig,
+    token: &Secret,
+    path: &str,
+    field: &str,
+) -> Result<Secret, String> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start a runtime for Vault: {e}"))?;
+                runtime.block_on(fetch(config, vault, token, path, field))
+            })
+            .join()
+            .map_err(|_| "the Vault read failed".to_string())?
+    })
+}
+
+async fn fetch(
+    config: &Config,
+    vault: &VaultConfig,
+    token: &Secret,
+    path: &str,
+    field: &str,
+) -> Result<Secret, String> {
+    let base = vault.addr.to_string();
+    let url = format!("{}/v1/{path}", base.trim_end_matches('/'));
+    let clients = crate::proxy::upstream::Clients::build(config).map_err(|e| e.to_string())?;
+    let mut header = http::HeaderValue::from_str(token.expose())
+        .map_err(|_| "the Vault token is not header-safe".to_string())?;
+    header.set_sensitive(true);
+    let req = http::Request::get(&url)
+        .header("x-vault-token", header)
+        .body(crate::proxy::body::empty())
+        .map_err(|_| format!("invalid Vault URL {url}"))?;
+    // The Vault server is the operator's own: it may be private.
+    let response = tokio::time::timeout(TIMEOUT, clients.get(Reach::Any).request(req))
+        .await
+        .map_err(|_| format!("Vault at {base} timed out"))?
+        .map_err(|e| format!("Vault at {base}: {e}"))?;
+    let status = response.status();
+    let body = http_body_util::Limited::new(response.into_body(), 1024 * 1024)
+        .collect()
+        .await
+        .map_err(|e| format!("Vault at {base}: {e}"))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("Vault answered {status} for {path}"));
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|_| format!("Vault sent no JSON for {path}"))?;
+    let value = json["data"]["data"][field]
+        .as_str()
+        .ok_or_else(|| format!("{path} has no string field {field:?}"))?;
+    Ok(Secret::new(value.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sources() {
+        assert_eq!(
+            parse_source("secret/agents/openai#api_key").unwrap(),
+            ("secret/data/agents/openai".into(), "api_key".into())
+        );
+        assert_eq!(
+            parse_source("secret/data/agents/openai#api_key").unwrap(),
+            ("secret/data/agents/openai".into(), "api_key".into())
+        );
+        for bad in [
+            "secret#x",
+            "secret/a",
+            "secret/../x#k",
+            "secret/a#",
+            "/a/b#k",
+        ] {
+            assert!(parse_source(bad).is_err(), "{bad}");
+        }
+    }
+}
