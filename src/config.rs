@@ -175,6 +175,8 @@ pub struct Injection {
     pub slot: Slot,
     /// The credential is an access token obtained with the secret.
     pub grant: Option<Arc<TokenGrant>>,
+    /// The request is signed (AWS SigV4) with the secret as access key id.
+    pub sigv4: Option<Arc<crate::inject::sigv4::SigV4>>,
 }
 
 /// How an access token is obtained from a secret.
@@ -211,6 +213,8 @@ pub enum Slot {
     Basic {
         username: String,
     },
+    /// The access key id of an AWS SigV4 `Authorization` header.
+    AwsSigV4,
 }
 
 impl fmt::Display for Slot {
@@ -223,6 +227,7 @@ impl fmt::Display for Slot {
             } => write!(f, "header `{name}: {prefix}{{secret}}{suffix}`"),
             Self::Query { param } => write!(f, "query parameter `{param}`"),
             Self::Basic { username } => write!(f, "basic auth as user `{username}`"),
+            Self::AwsSigV4 => write!(f, "an AWS SigV4 signature"),
         }
     }
 }

@@ -160,6 +160,11 @@ pub fn find_token(
                 }
             }
         }
+        Some(Slot::AwsSigV4) => {
+            for key in crate::inject::sigv4::credential_key(headers) {
+                found.push((key, None));
+            }
+        }
         Some(Slot::Query { param }) => {
             for (name, value) in query_pairs(query.unwrap_or_default()) {
                 if name == *param && !value.is_empty() {

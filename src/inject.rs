@@ -4,6 +4,8 @@
 //! any number of copies), and hop-by-hop and proxy headers never cross.
 //! This module and `scrub` are the only places a secret value is read.
 
+pub mod sigv4;
+
 use base64::Engine;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -77,7 +79,7 @@ pub fn headers(
             ));
             (header::AUTHORIZATION, header_value(&value, secret_name)?)
         }
-        Slot::Query { .. } => return Ok(()),
+        Slot::Query { .. } | Slot::AwsSigV4 => return Ok(()),
     };
     headers.remove(&name);
     // `x_api_key` reaches CGI, WSGI and PHP apps as the same variable as

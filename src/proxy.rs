@@ -276,6 +276,74 @@ impl Proxy {
         response
     }
 
+    /// Replaces the agent's SigV4 signature with one made with the real keys.
+    /// A body without a declared hash is read (within the body limit) to be
+    /// hashed; S3's declared hashes and UNSIGNED-PAYLOAD are kept streaming.
+    async fn resign(
+        &self,
+        flow: &mut Flow<'_>,
+        mut parts: http::request::Parts,
+        body: Body,
+        sigv4: &inject::sigv4::SigV4,
+        access_key_id: &crate::secret::Secret,
+    ) -> Result<Request<Body>, ProxyError> {
+        let unavailable = |e: crate::secret::source::Unavailable| {
+            tracing::error!(error = %e, "secret unavailable");
+            ProxyError::SecretUnavailable(e.to_string())
+        };
+        let secret_key = flow
+            .secrets
+            .table
+            .get(&sigv4.secret_access_key)
+            .map_err(unavailable)?;
+        let session = match &sigv4.session_token {
+            Some(name) => Some(flow.secrets.table.get(name).map_err(unavailable)?.clone()),
+            None => None,
+        };
+        let declared = inject::sigv4::strip(&mut parts.headers)
+            .map(|v| v.to_str().map(str::to_string))
+            .transpose()
+            .map_err(|_| ProxyError::BadRequest("invalid x-amz-content-sha256".into()))?;
+        if declared
+            .as_deref()
+            .is_some_and(|d| d.starts_with("STREAMING-"))
+        {
+            return Err(ProxyError::BadRequest(
+                "chunk-signed streaming uploads cannot be re-signed; send UNSIGNED-PAYLOAD".into(),
+            ));
+        }
+        let (body, bytes) = match declared {
+            Some(_) => (body, Bytes::new()),
+            None => {
+                let max_body = flow.snapshot.config.limits.max_body_bytes;
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| {
+                        if e.is::<http_body_util::LengthLimitError>() {
+                            ProxyError::BodyTooLarge(max_body)
+                        } else {
+                            ProxyError::BadRequest(format!("reading the request body: {e}"))
+                        }
+                    })?
+                    .to_bytes();
+                (full(bytes.clone()), bytes)
+            }
+        };
+        let mut request = Request::from_parts(parts, body);
+        inject::sigv4::sign_request(
+            &mut request,
+            sigv4,
+            access_key_id,
+            secret_key,
+            session.as_deref(),
+            declared.as_deref(),
+            &bytes,
+        )
+        .map_err(ProxyError::SecretUnavailable)?;
+        Ok(request)
+    }
+
     fn count(&self, event: &AuditEvent, elapsed: std::time::Duration) {
         match event.reason {
             "upstream_unreachable" | "upstream_timeout" => {
@@ -386,6 +454,15 @@ impl Proxy {
             flow.outcome.bytes_in.clone(),
         )
         .boxed();
+        let request = match credential
+            .as_ref()
+            .and_then(|(inject, value)| inject.sigv4.as_ref().map(|s| (s, value)))
+        {
+            Some((sigv4, access_key_id)) => {
+                self.resign(flow, parts, body, sigv4, access_key_id).await?
+            }
+            None => Request::from_parts(parts, body),
+        };
 
         // 7. send, to an address sidekey resolved and checked itself
         let host = plan.host.clone();
@@ -397,7 +474,7 @@ impl Proxy {
         };
         let sent = tokio::time::timeout(
             flow.snapshot.config.limits.upstream_timeout,
-            client.request(Request::from_parts(parts, body)),
+            client.request(request),
         )
         .await;
         let mut response = match sent {

@@ -18,6 +18,7 @@ pub(super) struct RawInject {
     pub(super) basic: Option<RawBasic>,
     pub(super) oauth2: Option<RawOAuth2>,
     pub(super) gcp_service_account: Option<RawGcp>,
+    pub(super) aws_sigv4: Option<RawSigV4>,
     pub(super) secret: Option<String>,
 }
 
@@ -26,6 +27,16 @@ pub(super) struct RawInject {
 pub(super) struct RawBasic {
     username: String,
     secret: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSigV4 {
+    service: String,
+    region: String,
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -59,11 +70,12 @@ pub(super) fn check(
         raw.basic.is_some(),
         raw.oauth2.is_some(),
         raw.gcp_service_account.is_some(),
+        raw.aws_sigv4.is_some(),
     ];
     if kinds.iter().filter(|k| **k).count() != 1 {
         c.fail(
             &at,
-            "give exactly one injection kind: `header`, `query`, `basic`, `oauth2` or `gcp_service_account`",
+            "give exactly one injection kind: `header`, `query`, `basic`, `oauth2`, `gcp_service_account` or `aws_sigv4`",
         );
         return None;
     }
@@ -86,6 +98,49 @@ pub(super) fn check(
         prefix: "Bearer ".into(),
         suffix: String::new(),
     };
+    if let Some(aws) = raw.aws_sigv4 {
+        if raw.secret.is_some() {
+            c.fail(
+                format!("{at}.secret"),
+                "with `aws_sigv4`, name the key secrets inside it",
+            );
+        }
+        let plain =
+            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !plain(&aws.service) {
+            c.fail(
+                format!("{at}.aws_sigv4.service"),
+                format!("invalid service {:?}", aws.service),
+            );
+        }
+        if !plain(&aws.region) {
+            c.fail(
+                format!("{at}.aws_sigv4.region"),
+                format!("invalid region {:?}", aws.region),
+            );
+        }
+        let secret_key = secret_ref(
+            c,
+            "aws_sigv4.secret_access_key",
+            Some(aws.secret_access_key),
+        );
+        let session = match aws.session_token {
+            Some(name) => Some(secret_ref(c, "aws_sigv4.session_token", Some(name))?),
+            None => None,
+        };
+        let access_key = secret_ref(c, "aws_sigv4.access_key_id", Some(aws.access_key_id))?;
+        return Some(Injection {
+            secret: access_key,
+            slot: Slot::AwsSigV4,
+            grant: None,
+            sigv4: Some(std::sync::Arc::new(crate::inject::sigv4::SigV4 {
+                service: aws.service,
+                region: aws.region,
+                secret_access_key: secret_key?,
+                session_token: session,
+            })),
+        });
+    }
     if let Some(gcp) = raw.gcp_service_account {
         if raw.secret.is_some() {
             c.fail(
@@ -106,6 +161,7 @@ pub(super) fn check(
             grant: Some(std::sync::Arc::new(TokenGrant::GcpServiceAccount {
                 scopes: gcp.scopes,
             })),
+            sigv4: None,
         });
     }
     if let Some(oauth2) = raw.oauth2 {
@@ -150,6 +206,7 @@ pub(super) fn check(
                 scope: oauth2.scope,
                 audience: oauth2.audience,
             }))),
+            sigv4: None,
         });
     }
     if let Some(basic) = raw.basic {
@@ -172,6 +229,7 @@ pub(super) fn check(
                 username: basic.username,
             },
             grant: None,
+            sigv4: None,
         });
     }
     let secret = secret_ref(c, "secret", raw.secret);
@@ -217,6 +275,7 @@ pub(super) fn check(
                 suffix: parts[1].to_string(),
             },
             grant: None,
+            sigv4: None,
         });
     }
     let param = raw.query.unwrap_or_default();
@@ -231,6 +290,7 @@ pub(super) fn check(
         secret: secret?,
         slot: Slot::Query { param },
         grant: None,
+        sigv4: None,
     })
 }
 

@@ -238,3 +238,197 @@ action = "allow"
     assert_eq!(res.status(), 503);
     assert_no_leak(&sidekey.stderr(), "vault-token-1", "stderr");
 }
+
+/// Signs like an AWS SDK would, with `access_key` (for an agent: its token).
+fn sigv4_headers(
+    method: &str,
+    url: &str,
+    service: &str,
+    access_key: &str,
+    secret_key: &str,
+    body: &[u8],
+    declared: Option<&str>,
+    time: std::time::SystemTime,
+    extra: &[(String, String)],
+) -> Vec<(String, String)> {
+    use aws_sigv4::http_request::{
+        PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings, sign,
+    };
+    let identity =
+        aws_credential_types::Credentials::new(access_key, secret_key, None, None, "test").into();
+    let mut settings = SigningSettings::default();
+    if service == "s3" {
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+        settings.uri_path_normalization_mode =
+            aws_sigv4::http_request::UriPathNormalizationMode::Disabled;
+        settings.percent_encoding_mode = aws_sigv4::http_request::PercentEncodingMode::Single;
+    }
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region("us-east-1")
+        .name(service)
+        .time(time)
+        .settings(settings)
+        .build()
+        .unwrap()
+        .into();
+    let host = url.split('/').nth(2).unwrap().to_string();
+    let mut headers = vec![("host".to_string(), host)];
+    headers.extend(extra.iter().cloned());
+    let signable_body = match declared {
+        Some("UNSIGNED-PAYLOAD") => SignableBody::UnsignedPayload,
+        Some(hash) => SignableBody::Precomputed(hash.to_string()),
+        None => SignableBody::Bytes(body),
+    };
+    let signable = SignableRequest::new(
+        method,
+        url,
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        signable_body,
+    )
+    .unwrap();
+    let (instructions, _) = sign(signable, &params).unwrap().into_parts();
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(())
+        .unwrap();
+    instructions.apply_to_request_http1x(&mut req);
+    req.headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+        .collect()
+}
+
+/// `20261123T054500Z` -> the time it names.
+fn amz_time(text: &str) -> std::time::SystemTime {
+    let rfc = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &text[0..4],
+        &text[4..6],
+        &text[6..8],
+        &text[9..11],
+        &text[11..13],
+        &text[13..15]
+    );
+    humantime::parse_rfc3339(&rfc).unwrap()
+}
+
+#[test]
+fn aws_sigv4_requests_are_re_signed_with_the_real_keys() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.aws_id]
+source = "store"
+[secrets.aws_secret]
+source = "store"
+[routes.s3]
+upstream = "{base}"
+inject = {{ aws_sigv4 = {{ service = "s3", region = "us-east-1", access_key_id = "aws_id", secret_access_key = "aws_secret" }} }}
+[routes.bedrock]
+upstream = "{base}"
+inject = {{ aws_sigv4 = {{ service = "bedrock", region = "us-east-1", access_key_id = "aws_id", secret_access_key = "aws_secret" }} }}
+[[rules]]
+agents = ["coder"]
+route = "s3"
+action = "allow"
+[[rules]]
+agents = ["coder"]
+route = "bedrock"
+action = "allow"
+"#,
+        base = upstream.base()
+    ));
+    env.set_secret("aws_id", "AKIAREALKEY0001");
+    env.set_secret("aws_secret", "real/secret+key");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let now = std::time::SystemTime::now();
+
+    for (route, service, body, declared) in [
+        (
+            "s3",
+            "s3",
+            b"object bytes".to_vec(),
+            Some("UNSIGNED-PAYLOAD"),
+        ),
+        ("bedrock", "bedrock", br#"{"prompt":"hi"}"#.to_vec(), None),
+    ] {
+        let url = sidekey.url(&format!("/{route}/model/x/invoke"));
+        let mut req = client().post(&url).body(body.clone());
+        for (k, v) in sigv4_headers(
+            "POST",
+            &url,
+            service,
+            &token,
+            "agent-placeholder",
+            &body,
+            declared,
+            now,
+            &[],
+        ) {
+            if k != "host" {
+                req = req.header(k, v);
+            }
+        }
+        if let Some(declared) = declared {
+            req = req.header("x-amz-content-sha256", declared);
+        }
+        let res = req.send().unwrap();
+        assert_eq!(res.status(), 200, "{route}");
+        let text = res.text().unwrap();
+        assert_no_leak(&text, "real/secret+key", "response");
+        assert_no_leak(&text, "AKIAREALKEY0001", "response");
+
+        // What arrived is signed with the real keys: recompute and compare.
+        let seen = upstream.last();
+        assert_eq!(seen.body, body);
+        let auth = seen.header("authorization").unwrap().to_string();
+        assert!(
+            auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIAREALKEY0001/"),
+            "{auth}"
+        );
+        assert!(!auth.contains(&token));
+        let upstream_url = format!("{}{}", upstream.base(), seen.uri);
+        // Sign again what the signature says it covered.
+        let signed: Vec<&str> = auth
+            .split("SignedHeaders=")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .split(';')
+            .collect();
+        let covered: Vec<(String, String)> = seen
+            .headers
+            .iter()
+            .filter(|(k, _)| signed.contains(&k.as_str()))
+            .filter(|(k, _)| !matches!(k.as_str(), "host" | "x-amz-date" | "x-amz-content-sha256"))
+            .cloned()
+            .collect();
+        let expected = sigv4_headers(
+            "POST",
+            &upstream_url,
+            service,
+            "AKIAREALKEY0001",
+            "real/secret+key",
+            &body,
+            declared,
+            amz_time(seen.header("x-amz-date").unwrap()),
+            &covered,
+        );
+        let expected_auth = expected
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .unwrap()
+            .1
+            .clone();
+        assert_eq!(
+            auth, expected_auth,
+            "{route}: the signature is the real keys'"
+        );
+    }
+    assert_no_leak(&sidekey.stderr(), "real/secret+key", "stderr");
+}
