@@ -196,6 +196,9 @@ pub struct OAuth2 {
     pub client_id: String,
     pub scope: Option<String>,
     pub audience: Option<String>,
+    /// RFC 8693 token exchange with the agent's token as the subject,
+    /// instead of the client-credentials grant.
+    pub exchange: bool,
 }
 
 /// Where the credential goes; the agent's token is looked for in the same place.

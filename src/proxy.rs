@@ -395,7 +395,7 @@ impl Proxy {
                         };
                         let token = self
                             .tokens
-                            .token(grant, &inject.secret, secret, client)
+                            .token(grant, &inject.secret, secret, &plan.token, client)
                             .await
                             .map_err(unavailable)?;
                         scrubber = token.scrubber(&scrubber).map_err(unavailable)?;

@@ -185,17 +185,19 @@ pub(super) fn check(
                 None
             }
         };
-        match oauth2.grant.as_deref() {
-            None | Some("client_credentials") => {}
-            Some("token_exchange") => c.fail(
-                format!("{at}.oauth2.grant"),
-                "token_exchange is not supported yet; use client_credentials",
-            ),
-            Some(other) => c.fail(
-                format!("{at}.oauth2.grant"),
-                format!("unknown grant {other:?} (expected client_credentials)"),
-            ),
-        }
+        let exchange = match oauth2.grant.as_deref() {
+            None | Some("client_credentials") => false,
+            Some("token_exchange") => true,
+            Some(other) => {
+                c.fail(
+                    format!("{at}.oauth2.grant"),
+                    format!(
+                        "unknown grant {other:?} (expected client_credentials or token_exchange)"
+                    ),
+                );
+                false
+            }
+        };
         let secret = secret_ref(c, "oauth2.client_secret", Some(oauth2.client_secret))?;
         return Some(Injection {
             secret,
@@ -205,6 +207,7 @@ pub(super) fn check(
                 client_id: oauth2.client_id,
                 scope: oauth2.scope,
                 audience: oauth2.audience,
+                exchange,
             }))),
             sigv4: None,
         });

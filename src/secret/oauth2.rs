@@ -27,6 +27,8 @@ const RENEW_BEFORE: Duration = Duration::from_secs(30);
 /// When the endpoint does not say (`expires_in` absent).
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// Exchanged tokens are cached per agent token; the cache starts over past this.
+const MAX_ENTRIES: usize = 10_000;
 /// Tokens are fetched again at least daily, whatever the endpoint says.
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
@@ -90,11 +92,24 @@ impl TokenCache {
         grant: &TokenGrant,
         secret_name: &str,
         secret: &Secret,
+        subject: &str,
         client: &UpstreamClient,
     ) -> Result<Arc<AccessToken>, String> {
-        let key = format!("{secret_name}|{grant:?}");
+        let exchange = matches!(grant, TokenGrant::ClientCredentials(c) if c.exchange);
+        if exchange && subject.is_empty() {
+            return Err("token exchange needs the agent to present a token".to_string());
+        }
+        // An exchanged token belongs to its subject: one entry per agent token.
+        let key = if exchange {
+            format!("{secret_name}|{grant:?}|{subject}")
+        } else {
+            format!("{secret_name}|{grant:?}")
+        };
         let entry = {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if entries.len() >= MAX_ENTRIES {
+                entries.clear();
+            }
             entries.entry(key).or_default().clone()
         };
         let mut slot = entry.lock().await;
@@ -111,7 +126,7 @@ impl TokenCache {
             .cloned();
         let fetched = match grant {
             TokenGrant::ClientCredentials(config) => {
-                client_credentials(config, secret, client).await
+                client_credentials(config, secret, subject, client).await
             }
             TokenGrant::GcpServiceAccount { scopes } => {
                 gcp_service_account(scopes, secret, client).await
@@ -130,10 +145,12 @@ impl TokenCache {
     }
 }
 
-/// RFC 6749 §4.4, the client authenticated with HTTP Basic (§2.3.1).
+/// RFC 6749 §4.4, or RFC 8693 token exchange with `subject` (the agent's
+/// token) as the subject token; the client authenticated with HTTP Basic.
 async fn client_credentials(
     config: &OAuth2,
     client_secret: &Secret,
+    subject: &str,
     client: &UpstreamClient,
 ) -> Result<AccessToken, String> {
     let pair = Zeroizing::new(format!(
@@ -148,7 +165,16 @@ async fn client_credentials(
     let mut authorization = http::HeaderValue::from_str(&basic)
         .map_err(|_| "client credentials are not header-safe")?;
     authorization.set_sensitive(true);
-    let mut form = String::from("grant_type=client_credentials");
+    let mut form = if config.exchange {
+        format!(
+            "grant_type={}&subject_token={}&subject_token_type={}",
+            form_encode("urn:ietf:params:oauth:grant-type:token-exchange"),
+            form_encode(subject),
+            form_encode("urn:ietf:params:oauth:token-type:jwt")
+        )
+    } else {
+        String::from("grant_type=client_credentials")
+    };
     for (name, value) in [("scope", &config.scope), ("audience", &config.audience)] {
         if let Some(value) = value {
             form.push_str(&format!("&{name}={}", form_encode(value)));

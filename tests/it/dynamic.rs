@@ -432,3 +432,66 @@ action = "allow"
     }
     assert_no_leak(&sidekey.stderr(), "real/secret+key", "stderr");
 }
+
+#[test]
+fn token_exchange_uses_the_agents_token_as_the_subject() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.idp]
+source = "store"
+[routes.api]
+upstream = "{base}"
+inject = {{ oauth2 = {{ token_url = "{base}/token", client_id = "sidekey", client_secret = "idp", grant = "token_exchange", audience = "api" }} }}
+[[rules]]
+agents = ["coder", "reviewer"]
+route = "api"
+action = "allow"
+"#,
+        base = upstream.base()
+    ));
+    env.set_secret("idp", "client-secret-value");
+    let coder = env.token("coder");
+    let reviewer = env.token("reviewer");
+    let sidekey = env.spawn();
+    for token in [&coder, &coder, &reviewer] {
+        let res = client()
+            .get(sidekey.url("/api/x"))
+            .bearer_auth(token)
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let seen = upstream.seen();
+    let exchanges: Vec<String> = seen
+        .iter()
+        .filter(|s| s.uri.ends_with("/token"))
+        .map(|s| String::from_utf8_lossy(&s.body).into_owned())
+        .collect();
+    assert_eq!(
+        exchanges.len(),
+        2,
+        "one exchange per agent token, then cached"
+    );
+    assert!(
+        exchanges[0]
+            .contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange")
+    );
+    assert!(
+        exchanges[0].contains(&format!("subject_token={coder}")),
+        "{}",
+        exchanges[0]
+    );
+    assert!(exchanges[1].contains(&format!("subject_token={reviewer}")));
+    assert!(exchanges[0].contains("audience=api"));
+    // Each agent's requests carry its own exchanged token.
+    let api: Vec<_> = seen.iter().filter(|s| s.uri == "/x").collect();
+    assert_eq!(
+        api[0].header("authorization"),
+        api[1].header("authorization")
+    );
+    assert_ne!(
+        api[0].header("authorization"),
+        api[2].header("authorization")
+    );
+}
