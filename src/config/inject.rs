@@ -32,8 +32,8 @@ pub(super) struct RawBasic {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSigV4 {
-    service: String,
-    region: String,
+    pub(super) service: Option<String>,
+    pub(super) region: String,
     access_key_id: String,
     secret_access_key: String,
     session_token: Option<String>,
@@ -107,10 +107,11 @@ pub(super) fn check(
         }
         let plain =
             |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        if !plain(&aws.service) {
+        let service = aws.service.unwrap_or_default();
+        if !plain(&service) {
             c.fail(
                 format!("{at}.aws_sigv4.service"),
-                format!("invalid service {:?}", aws.service),
+                format!("invalid or missing service {service:?}"),
             );
         }
         if !plain(&aws.region) {
@@ -134,7 +135,7 @@ pub(super) fn check(
             slot: Slot::AwsSigV4,
             grant: None,
             sigv4: Some(std::sync::Arc::new(crate::inject::sigv4::SigV4 {
-                service: aws.service,
+                service,
                 region: aws.region,
                 secret_access_key: secret_key?,
                 session_token: session,

@@ -60,9 +60,6 @@ pub(super) struct Filled {
 
 /// Looks a preset up; an error says what is wrong, for the route's `preset` key.
 pub(super) fn fill(name: &str) -> Result<Filled, String> {
-    if name == "bedrock" {
-        return Err("preset \"bedrock\" is not there yet: write upstream = \"https://bedrock-runtime.REGION.amazonaws.com\" and inject = { aws_sigv4 = { service = \"bedrock\", region, access_key_id, secret_access_key } }".to_string());
-    }
     let preset = PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
         let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
         format!("unknown preset {name:?} (known: {})", names.join(", "))

@@ -600,6 +600,25 @@ fn check_route(
     }
     let mut raw = raw;
     match (&raw.preset, &raw.secret) {
+        (Some(preset), _) if preset == "bedrock" => {
+            // Bedrock is signed, not keyed: the route names its SigV4 keys
+            // and region; the preset fills the service and the endpoint.
+            match raw.inject.as_mut().and_then(|i| i.aws_sigv4.as_mut()) {
+                Some(sigv4) => {
+                    sigv4.service.get_or_insert_with(|| "bedrock".to_string());
+                    let endpoint = format!("https://bedrock-runtime.{}.amazonaws.com", sigv4.region);
+                    raw.upstream = raw.upstream.take().or(Some(endpoint));
+                    raw.placeholder_env = raw
+                        .placeholder_env
+                        .take()
+                        .or(Some("AWS_ACCESS_KEY_ID".to_string()));
+                }
+                None => c.fail(
+                    format!("{at}.inject"),
+                    "preset \"bedrock\" needs inject = { aws_sigv4 = { region, access_key_id, secret_access_key } }",
+                ),
+            }
+        }
         (Some(preset), secret) => match super::preset::fill(preset) {
             Ok(filled) => {
                 raw.upstream = raw.upstream.take().or(filled.upstream);

@@ -238,6 +238,26 @@ placeholder_env = "MY_KEY"
             suffix: String::new()
         }
     );
+    let bedrock = parse(
+        r#"
+[secrets.key]
+source = "store"
+[routes.bedrock]
+preset = "bedrock"
+inject = { aws_sigv4 = { region = "eu-west-1", access_key_id = "key", secret_access_key = "key" } }
+"#,
+    )
+    .unwrap();
+    let route = &bedrock.routes["bedrock"];
+    assert_eq!(
+        route.upstream.origin(),
+        "https://bedrock-runtime.eu-west-1.amazonaws.com"
+    );
+    let sigv4 = route.inject.as_ref().unwrap().sigv4.as_ref().unwrap();
+    assert_eq!(
+        (sigv4.service.as_str(), sigv4.region.as_str()),
+        ("bedrock", "eu-west-1")
+    );
     let local = &config.routes["local"];
     assert_eq!(local.upstream.origin(), "http://127.0.0.1:9000");
     assert_eq!(local.placeholder_env.as_deref(), Some("MY_KEY"));
@@ -261,7 +281,7 @@ placeholder_env = "MY_KEY"
         ),
         (
             "[routes.r]\npreset = \"bedrock\"\nsecret = \"key\"",
-            "routes.r.preset: preset \"bedrock\"",
+            "routes.r.inject: preset \"bedrock\"",
         ),
     ] {
         let found = problems(&format!("[secrets.key]\nsource = \"store\"\n{text}"));
