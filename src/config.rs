@@ -55,12 +55,30 @@ pub struct Config {
     pub vault: Option<VaultConfig>,
 }
 
+/// How sidekey logs in to Vault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultAuth {
+    /// The secret holding a Vault token.
+    Token(String),
+    /// AppRole: a role id and the secret holding its secret id.
+    AppRole { role_id: String, secret_id: String },
+}
+
+impl VaultAuth {
+    /// The secret this login needs.
+    pub fn secret(&self) -> &str {
+        match self {
+            Self::Token(name) => name,
+            Self::AppRole { secret_id, .. } => secret_id,
+        }
+    }
+}
+
 /// `[vault]`: a Vault (or OpenBao) server for `vault:` secrets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VaultConfig {
     pub addr: http::Uri,
-    /// The secret holding the Vault token.
-    pub token: String,
+    pub auth: VaultAuth,
     /// How long a value read from Vault is used before it is read again.
     pub ttl: Duration,
 }

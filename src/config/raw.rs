@@ -71,8 +71,16 @@ fn default_claim() -> String {
 #[serde(deny_unknown_fields)]
 struct RawVault {
     addr: String,
-    token: String,
+    token: Option<String>,
+    approle: Option<RawAppRole>,
     ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAppRole {
+    role_id: String,
+    secret_id: String,
 }
 
 #[derive(Deserialize)]
@@ -417,21 +425,29 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
                 None
             }
         };
-        if !secret_sources.contains_key(&raw.token) {
-            c.fail("vault.token", format!("no secret named {:?}", raw.token));
-        } else if matches!(
-            secret_sources.get(&raw.token),
-            Some(SecretSource::Vault { .. })
-        ) {
-            c.fail(
-                "vault.token",
-                "the Vault token cannot itself come from Vault",
-            );
+        let auth = match (raw.token, raw.approle) {
+            (Some(token), None) => Some(super::VaultAuth::Token(token)),
+            (None, Some(approle)) => Some(super::VaultAuth::AppRole {
+                role_id: approle.role_id,
+                secret_id: approle.secret_id,
+            }),
+            _ => {
+                c.fail("vault", "give `token` or `approle`, exactly one");
+                None
+            }
+        };
+        if let Some(auth) = &auth {
+            let name = auth.secret();
+            if !secret_sources.contains_key(name) {
+                c.fail("vault", format!("no secret named {name:?}"));
+            } else if matches!(secret_sources.get(name), Some(SecretSource::Vault { .. })) {
+                c.fail("vault", "Vault's own credential cannot come from Vault");
+            }
         }
         let ttl = c.duration("vault.ttl", raw.ttl.as_deref(), Duration::from_secs(60));
         Some(super::VaultConfig {
             addr: addr?,
-            token: raw.token,
+            auth: auth?,
             ttl,
         })
     });

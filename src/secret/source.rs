@@ -128,21 +128,20 @@ impl SecretTable {
                 SecretSource::File(path) => read_file(path),
                 SecretSource::Vault { path, field } => match &config.vault {
                     None => Err("no [vault] section".to_string()),
-                    Some(vault) => match values.get(&vault.token) {
-                        Some(Ok(token)) => {
-                            let token: &Arc<Secret> = token;
-                            crate::secret::vault::read(config, vault, token, path, field).inspect(
-                                |_| {
+                    Some(vault) => match values.get(vault.auth.secret()) {
+                        Some(Ok(credential)) => {
+                            let credential: &Arc<Secret> = credential;
+                            crate::secret::vault::read(config, vault, credential, path, field)
+                                .inspect(|_| {
                                     let at = std::time::SystemTime::now() + vault.ttl;
                                     expires = Some(
                                         expires.map_or(at, |e: std::time::SystemTime| e.min(at)),
                                     );
-                                },
-                            )
+                                })
                         }
                         _ => Err(format!(
-                            "the Vault token secret {:?} is unavailable",
-                            vault.token
+                            "the Vault credential secret {:?} is unavailable",
+                            vault.auth.secret()
                         )),
                     },
                 },

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 
-use crate::config::{Config, VaultConfig};
+use crate::config::{Config, VaultAuth, VaultConfig};
 use crate::egress::Reach;
 use crate::secret::Secret;
 
@@ -39,12 +39,13 @@ pub fn parse_source(spec: &str) -> Result<(String, String), String> {
     Ok((api_path, field.to_string()))
 }
 
-/// Reads one field. Runs its own small runtime on a scoped thread, so it
-/// can be called from anywhere, the async runtime included.
+/// Reads one field, logging in first with AppRole if configured (`credential`
+/// is then the secret id, else the token). Runs its own small runtime on a
+/// scoped thread, so it can be called from anywhere, the async runtime included.
 pub fn read(
     config: &Config,
     vault: &VaultConfig,
-    token: &Secret,
+    credential: &Secret,
     path: &str,
     field: &str,
 ) -> Result<Secret, String> {
@@ -55,32 +56,58 @@ pub fn read(
                     .enable_all()
                     .build()
                     .map_err(|e| format!("cannot start a runtime for Vault: {e}"))?;
-                runtime.block_on(fetch(config, vault, token, path, field))
+                runtime.block_on(async {
+                    let clients = crate::proxy::upstream::Clients::build(config)
+                        .map_err(|e| e.to_string())?;
+                    let client = clients.get(Reach::Any);
+                    let token = match &vault.auth {
+                        VaultAuth::Token(_) => Secret::new(credential.expose().to_string()),
+                        VaultAuth::AppRole { role_id, .. } => {
+                            login(client, vault, role_id, credential).await?
+                        }
+                    };
+                    fetch(client, vault, &token, path, field).await
+                })
             })
             .join()
             .map_err(|_| "the Vault read failed".to_string())?
     })
 }
 
-async fn fetch(
-    config: &Config,
+type Client = crate::proxy::upstream::UpstreamClient;
+
+/// AppRole login: a short-lived client token for this load.
+async fn login(
+    client: &Client,
     vault: &VaultConfig,
-    token: &Secret,
-    path: &str,
-    field: &str,
+    role_id: &str,
+    secret_id: &Secret,
 ) -> Result<Secret, String> {
     let base = vault.addr.to_string();
-    let url = format!("{}/v1/{path}", base.trim_end_matches('/'));
-    let clients = crate::proxy::upstream::Clients::build(config).map_err(|e| e.to_string())?;
-    let mut header = http::HeaderValue::from_str(token.expose())
-        .map_err(|_| "the Vault token is not header-safe".to_string())?;
-    header.set_sensitive(true);
-    let req = http::Request::get(&url)
-        .header("x-vault-token", header)
-        .body(crate::proxy::body::empty())
+    let url = format!("{}/v1/auth/approle/login", base.trim_end_matches('/'));
+    let body = zeroize::Zeroizing::new(
+        serde_json::json!({"role_id": role_id, "secret_id": secret_id.expose()}).to_string(),
+    );
+    let req = http::Request::post(&url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(crate::proxy::body::full(bytes::Bytes::from(
+            body.as_bytes().to_vec(),
+        )))
         .map_err(|_| format!("invalid Vault URL {url}"))?;
-    // The Vault server is the operator's own: it may be private.
-    let response = tokio::time::timeout(TIMEOUT, clients.get(Reach::Any).request(req))
+    let json = send(client, req, &base, "AppRole login").await?;
+    let token = json["auth"]["client_token"]
+        .as_str()
+        .ok_or("the AppRole login returned no client_token")?;
+    Ok(Secret::new(token.to_string()))
+}
+
+async fn send(
+    client: &Client,
+    req: http::Request<crate::proxy::body::Body>,
+    base: &str,
+    what: &str,
+) -> Result<serde_json::Value, String> {
+    let response = tokio::time::timeout(TIMEOUT, client.request(req))
         .await
         .map_err(|_| format!("Vault at {base} timed out"))?
         .map_err(|e| format!("Vault at {base}: {e}"))?;
@@ -91,10 +118,28 @@ async fn fetch(
         .map_err(|e| format!("Vault at {base}: {e}"))?
         .to_bytes();
     if !status.is_success() {
-        return Err(format!("Vault answered {status} for {path}"));
+        return Err(format!("Vault answered {status} for {what}"));
     }
-    let json: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|_| format!("Vault sent no JSON for {path}"))?;
+    serde_json::from_slice(&body).map_err(|_| format!("Vault sent no JSON for {what}"))
+}
+
+async fn fetch(
+    client: &Client,
+    vault: &VaultConfig,
+    token: &Secret,
+    path: &str,
+    field: &str,
+) -> Result<Secret, String> {
+    let base = vault.addr.to_string();
+    let url = format!("{}/v1/{path}", base.trim_end_matches('/'));
+    let mut header = http::HeaderValue::from_str(token.expose())
+        .map_err(|_| "the Vault token is not header-safe".to_string())?;
+    header.set_sensitive(true);
+    let req = http::Request::get(&url)
+        .header("x-vault-token", header)
+        .body(crate::proxy::body::empty())
+        .map_err(|_| format!("invalid Vault URL {url}"))?;
+    let json = send(client, req, &base, path).await?;
     let value = json["data"]["data"][field]
         .as_str()
         .ok_or_else(|| format!("{path} has no string field {field:?}"))?;

@@ -495,3 +495,47 @@ action = "allow"
         api[2].header("authorization")
     );
 }
+
+#[test]
+fn vault_approle_logs_in_before_reading() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[vault]
+addr = "{base}"
+approle = {{ role_id = "role-1", secret_id = "vault_secret_id" }}
+[secrets.vault_secret_id]
+source = "store"
+[secrets.api]
+source = "vault:secret/data/agents/openai#api_key"
+[routes.echo]
+upstream = "{base}"
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+[[rules]]
+agents = ["coder"]
+route = "echo"
+action = "allow"
+"#,
+        base = upstream.base()
+    ));
+    env.set_secret("vault_secret_id", "secret-id-1");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let res = client()
+        .get(sidekey.url("/echo/x"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        upstream.last().header("authorization"),
+        Some("Bearer kv-vault-token-approle")
+    );
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .any(|s| s.uri == "/v1/auth/approle/login" && s.method == "POST")
+    );
+    assert_no_leak(&sidekey.stderr(), "secret-id-1", "stderr");
+}

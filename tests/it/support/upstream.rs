@@ -264,6 +264,20 @@ async fn handle(
             .header("connection", "upgrade")
             .body(full(Bytes::new()))
             .unwrap()
+    } else if path == "/v1/auth/approle/login" {
+        // Vault AppRole: a client token for the right role and secret id.
+        let login: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
+        if login["role_id"] == "role-1" && login["secret_id"] == "secret-id-1" {
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(r#"{"auth":{"client_token":"vault-token-approle"}}"#))
+                .unwrap()
+        } else {
+            Response::builder()
+                .status(400)
+                .body(full(r#"{"errors":["invalid role or secret id"]}"#))
+                .unwrap()
+        }
     } else if path.starts_with("/v1/secret/data/") {
         // A Vault KV v2 read: the value depends on the token, so a test
         // can tell which token sidekey used.
