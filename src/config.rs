@@ -79,6 +79,8 @@ impl VaultAuth {
 pub struct VaultConfig {
     pub addr: http::Uri,
     pub auth: VaultAuth,
+    /// A CA for the Vault server, besides the system roots and `tls.upstream_ca`.
+    pub ca: Option<PathBuf>,
     /// How long a value read from Vault is used before it is read again.
     pub ttl: Duration,
 }

@@ -73,6 +73,7 @@ struct RawVault {
     addr: String,
     token: Option<String>,
     approle: Option<RawAppRole>,
+    ca: Option<String>,
     ttl: Option<String>,
 }
 
@@ -445,9 +446,19 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
             }
         }
         let ttl = c.duration("vault.ttl", raw.ttl.as_deref(), Duration::from_secs(60));
+        let ca = raw.ca.map(|ca| base.join(ca));
+        if let Some(ca) = &ca
+            && !ca.is_file()
+        {
+            c.fail(
+                "vault.ca",
+                format!("{} is not a readable file", ca.display()),
+            );
+        }
         Some(super::VaultConfig {
             addr: addr?,
             auth: auth?,
+            ca,
             ttl,
         })
     });

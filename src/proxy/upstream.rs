@@ -62,14 +62,17 @@ pub enum ClientError {
 }
 
 /// The roots upstream certificates are checked against.
-pub fn root_store(config: &Config) -> Result<RootCertStore, ClientError> {
+pub fn root_store(
+    config: &Config,
+    extra_ca: &[std::path::PathBuf],
+) -> Result<RootCertStore, ClientError> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         // A system root rustls cannot parse is skipped, as browsers do.
         let _ = roots.add(cert);
     }
-    for path in &config.upstream_ca {
+    for path in config.upstream_ca.iter().chain(extra_ca) {
         let shown = || path.display().to_string();
         let pem = std::fs::read(path).map_err(|e| ClientError::CaFile {
             path: shown(),
@@ -97,12 +100,30 @@ pub fn root_store(config: &Config) -> Result<RootCertStore, ClientError> {
     Ok(roots)
 }
 
+/// A client for the operator's own services (Vault): any address, and the
+/// system roots, `tls.upstream_ca` and `extra_ca`.
+pub fn service_client(
+    config: &Config,
+    extra_ca: &[std::path::PathBuf],
+) -> Result<UpstreamClient, ClientError> {
+    build_with(config, Reach::Any, true, extra_ca)
+}
+
 fn build(config: &Config, reach: Reach, h2: bool) -> Result<UpstreamClient, ClientError> {
+    build_with(config, reach, h2, &[])
+}
+
+fn build_with(
+    config: &Config,
+    reach: Reach,
+    h2: bool,
+    extra_ca: &[std::path::PathBuf],
+) -> Result<UpstreamClient, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_root_certificates(root_store(config)?)
+        .with_root_certificates(root_store(config, extra_ca)?)
         .with_no_client_auth();
     let mut http = HttpConnector::new_with_resolver(GuardedResolver { reach });
     http.enforce_http(false);

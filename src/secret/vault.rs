@@ -7,7 +7,6 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 
 use crate::config::{Config, VaultAuth, VaultConfig};
-use crate::egress::Reach;
 use crate::secret::Secret;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,9 +56,9 @@ pub fn read(
                     .build()
                     .map_err(|e| format!("cannot start a runtime for Vault: {e}"))?;
                 runtime.block_on(async {
-                    let clients = crate::proxy::upstream::Clients::build(config)
+                    let extra: Vec<std::path::PathBuf> = vault.ca.iter().cloned().collect();
+                    let client = &crate::proxy::upstream::service_client(config, &extra)
                         .map_err(|e| e.to_string())?;
-                    let client = clients.get(Reach::Any);
                     let token = match &vault.auth {
                         VaultAuth::Token(_) => Secret::new(credential.expose().to_string()),
                         VaultAuth::AppRole { role_id, .. } => {

@@ -539,3 +539,56 @@ action = "allow"
     );
     assert_no_leak(&sidekey.stderr(), "secret-id-1", "stderr");
 }
+
+#[test]
+fn vault_over_https_trusts_its_own_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = Upstream::https(dir.path());
+    let api = Upstream::http();
+    let config = |ca: &str| {
+        format!(
+            r#"
+[vault]
+addr = "{vault}"
+token = "vt"
+{ca}
+[secrets.vt]
+source = "store"
+[secrets.api]
+source = "vault:secret/agents/openai#api_key"
+[routes.echo]
+upstream = "{api}"
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+[[rules]]
+agents = ["coder"]
+route = "echo"
+action = "allow"
+"#,
+            vault = vault.base(),
+            api = api.base()
+        )
+    };
+    let env = TestEnv::new(&config(""));
+    env.set_secret("vt", "vault-token-tls");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = || {
+        client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get(), 503, "an unknown CA is not trusted");
+    env.write_config(&config(&format!(
+        "ca = \"{}\"",
+        vault.ca.as_ref().unwrap().display()
+    )));
+    env.ok(&["reload"], None);
+    assert_eq!(get(), 200);
+    assert_eq!(
+        api.last().header("authorization"),
+        Some("Bearer kv-vault-token-tls")
+    );
+}
