@@ -32,7 +32,7 @@ action = "allow"
     let sidekey = env.spawn();
     let url = sidekey.url("/api/v1/data");
     let bodies: Vec<String> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..6)
+        let handles: Vec<_> = (0..50)
             .map(|_| {
                 scope.spawn(|| {
                     let res = client().get(&url).bearer_auth(&token).send().unwrap();
@@ -68,7 +68,7 @@ action = "allow"
         "{form}"
     );
     let api: Vec<_> = seen.iter().filter(|s| s.uri == "/v1/data").collect();
-    assert_eq!(api.len(), 6);
+    assert_eq!(api.len(), 50);
     assert!(
         api.iter()
             .all(|s| s.header("authorization") == Some("Bearer at-1-opaque"))
@@ -92,6 +92,43 @@ action = "allow"
     assert_no_leak(&sidekey.stderr(), "at-1-opaque", "stderr");
     assert_no_leak(&sidekey.stderr(), "client-secret-value", "stderr");
     assert_no_leak(&env.audit_text(), "at-1-opaque", "audit");
+}
+
+#[test]
+fn an_access_token_is_renewed_before_it_expires() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.idp]
+source = "store"
+[routes.api]
+upstream = "{base}"
+inject = {{ oauth2 = {{ token_url = "{base}/token-short", client_id = "c", client_secret = "idp" }} }}
+[[rules]]
+agents = ["coder"]
+route = "api"
+action = "allow"
+"#,
+        base = upstream.base()
+    ));
+    env.set_secret("idp", "s");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = || {
+        let res = client()
+            .get(sidekey.url("/api/x"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        upstream.last().header("authorization").unwrap().to_string()
+    };
+    assert_eq!(get(), "Bearer at-1-opaque");
+    // The 32 s token enters the 30 s renewal margin after 2 s: a new one is
+    // fetched while the old one is still valid.
+    eventually(std::time::Duration::from_secs(6), || {
+        (get() == "Bearer at-2-opaque").then_some(())
+    });
 }
 
 #[test]
@@ -161,6 +198,22 @@ action = "allow"
         "{form}"
     );
     let assertion = form.split("assertion=").nth(1).unwrap();
+    // Verified with the public half of the key.
+    let public = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&pem)
+        .output()
+        .unwrap()
+        .stdout;
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_audience(&[token_uri.as_str()]);
+    let verified = jsonwebtoken::decode::<serde_json::Value>(
+        assertion,
+        &jsonwebtoken::DecodingKey::from_rsa_pem(&public).unwrap(),
+        &validation,
+    )
+    .expect("the assertion is signed with the service-account key");
+    assert_eq!(verified.header.kid.as_deref(), Some("k-1"));
     let claims = decode_claims(assertion);
     assert_eq!(claims["iss"], "agent@project.iam.gserviceaccount.com");
     assert_eq!(claims["aud"], token_uri.as_str());

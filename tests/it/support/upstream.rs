@@ -299,19 +299,25 @@ async fn handle(
             .status(500)
             .body(full("token endpoint down"))
             .unwrap()
-    } else if path.ends_with("/token") {
+    } else if path.ends_with("/token") || path.ends_with("/token-short") {
         // An OAuth 2 token endpoint: a new access token per call.
         let issued = shared
             .seen
             .lock()
             .unwrap()
             .iter()
-            .filter(|s| s.uri.ends_with("/token"))
+            .filter(|s| s.uri.ends_with(path))
             .count();
+        // `/token-short` tokens live 32 s: inside sidekey's 30 s renewal margin after 2 s.
+        let lifetime = if path.ends_with("/token-short") {
+            32
+        } else {
+            3600
+        };
         Response::builder()
             .header("content-type", "application/json")
             .body(full(format!(
-                r#"{{"access_token":"at-{issued}-opaque","token_type":"Bearer","expires_in":3600}}"#
+                r#"{{"access_token":"at-{issued}-opaque","token_type":"Bearer","expires_in":{lifetime}}}"#
             )))
             .unwrap()
     } else if path.ends_with("/sse") {
