@@ -434,54 +434,7 @@ action = "allow"
         assert_no_leak(&text, "real/secret+key", "response");
         assert_no_leak(&text, "AKIAREALKEY0001", "response");
 
-        // What arrived is signed with the real keys: recompute and compare.
-        let seen = upstream.last();
-        assert_eq!(seen.body, body);
-        let auth = seen.header("authorization").unwrap().to_string();
-        assert!(
-            auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIAREALKEY0001/"),
-            "{auth}"
-        );
-        assert!(!auth.contains(&token));
-        let upstream_url = format!("{}{}", upstream.base(), seen.uri);
-        // Sign again what the signature says it covered.
-        let signed: Vec<&str> = auth
-            .split("SignedHeaders=")
-            .nth(1)
-            .unwrap()
-            .split(',')
-            .next()
-            .unwrap()
-            .split(';')
-            .collect();
-        let covered: Vec<(String, String)> = seen
-            .headers
-            .iter()
-            .filter(|(k, _)| signed.contains(&k.as_str()))
-            .filter(|(k, _)| !matches!(k.as_str(), "host" | "x-amz-date" | "x-amz-content-sha256"))
-            .cloned()
-            .collect();
-        let expected = sigv4_headers(
-            "POST",
-            &upstream_url,
-            service,
-            "AKIAREALKEY0001",
-            "real/secret+key",
-            &body,
-            declared,
-            amz_time(seen.header("x-amz-date").unwrap()),
-            &covered,
-        );
-        let expected_auth = expected
-            .iter()
-            .find(|(k, _)| k == "authorization")
-            .unwrap()
-            .1
-            .clone();
-        assert_eq!(
-            auth, expected_auth,
-            "{route}: the signature is the real keys'"
-        );
+        verify_resigned(&upstream, service, &body, declared, &token);
     }
     assert_no_leak(&sidekey.stderr(), "real/secret+key", "stderr");
 }
@@ -643,5 +596,64 @@ action = "allow"
     assert_eq!(
         api.last().header("authorization"),
         Some("Bearer kv-vault-token-tls")
+    );
+}
+
+/// Checks that the upstream's last request carries a SigV4 signature made
+/// with the real keys (recomputed here), and nothing of the agent's.
+fn verify_resigned(
+    upstream: &Upstream,
+    service: &str,
+    body: &[u8],
+    declared: Option<&str>,
+    token: &str,
+) {
+    // What arrived is signed with the real keys: recompute and compare.
+    let seen = upstream.last();
+    assert_eq!(seen.body, body);
+    let auth = seen.header("authorization").unwrap().to_string();
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIAREALKEY0001/"),
+        "{auth}"
+    );
+    assert!(!auth.contains(token));
+    let upstream_url = format!("{}{}", upstream.base(), seen.uri);
+    // Sign again what the signature says it covered.
+    let signed: Vec<&str> = auth
+        .split("SignedHeaders=")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .split(';')
+        .collect();
+    let covered: Vec<(String, String)> = seen
+        .headers
+        .iter()
+        .filter(|(k, _)| signed.contains(&k.as_str()))
+        .filter(|(k, _)| !matches!(k.as_str(), "host" | "x-amz-date" | "x-amz-content-sha256"))
+        .cloned()
+        .collect();
+    let expected = sigv4_headers(
+        "POST",
+        &upstream_url,
+        service,
+        "AKIAREALKEY0001",
+        "real/secret+key",
+        body,
+        declared,
+        amz_time(seen.header("x-amz-date").unwrap()),
+        &covered,
+    );
+    let expected_auth = expected
+        .iter()
+        .find(|(k, _)| k == "authorization")
+        .unwrap()
+        .1
+        .clone();
+    assert_eq!(
+        auth, expected_auth,
+        "{service}: the signature is the real keys'"
     );
 }
