@@ -7,6 +7,8 @@
 mod inject;
 mod preset;
 mod raw;
+mod route;
+mod rule;
 
 use std::collections::BTreeMap;
 use std::fmt;

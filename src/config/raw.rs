@@ -6,15 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Method;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::{
-    Action, Agents, AuditConfig, AuditSink, Config, DEFAULT_LISTEN, Limits, OnFailure, Problem,
-    Route, Rule, Target, Upstream, base_dir,
-};
-use crate::policy::{HostPattern, PathPattern};
+use super::route::{RawRoute, check_route};
+use super::rule::{RawRule, check_rule};
+use super::{AuditConfig, AuditSink, Config, DEFAULT_LISTEN, Limits, OnFailure, Problem, base_dir};
 use crate::secret::source::SecretSource;
 
 #[derive(Deserialize, Default)]
@@ -102,37 +99,6 @@ struct RawAgent {
 #[serde(deny_unknown_fields)]
 struct RawSecret {
     source: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRoute {
-    upstream: Option<String>,
-    inject: Option<super::inject::RawInject>,
-    placeholder_env: Option<String>,
-    #[serde(default)]
-    allow_private: bool,
-    /// A provider preset that fills upstream and injection.
-    preset: Option<String>,
-    /// With a preset: the secret it injects.
-    secret: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRule {
-    name: Option<String>,
-    agents: Vec<String>,
-    sessions: Option<Vec<String>>,
-    claims: Option<BTreeMap<String, String>>,
-    route: Option<String>,
-    host: Option<String>,
-    port: Option<u16>,
-    methods: Option<Vec<String>>,
-    paths: Option<Vec<String>>,
-    action: String,
-    #[serde(default)]
-    allow_private: bool,
 }
 
 /// Collects problems while validating; every check reports and goes on.
@@ -522,22 +488,28 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     })
 }
 
-impl RawRule {
-    fn placeholder() -> Self {
-        Self {
-            name: None,
-            agents: Vec::new(),
-            sessions: None,
-            claims: None,
-            route: None,
-            host: None,
-            port: None,
-            methods: None,
-            paths: None,
-            action: String::new(),
-            allow_private: false,
+fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let at = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}")
         }
+        None => "file".to_string(),
+    };
+    Problem {
+        at,
+        message: e.message().trim().replace('\n', " "),
     }
+}
+
+pub(super) fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn check_oidc(
@@ -587,326 +559,5 @@ fn check_oidc(
         jwks: jwks?,
         claim: raw.claim,
         map: raw.map,
-    })
-}
-
-fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
-    let at = match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line}, column {column}")
-        }
-        None => "file".to_string(),
-    };
-    Problem {
-        at,
-        message: e.message().trim().replace('\n', " "),
-    }
-}
-
-pub(super) fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-}
-
-fn check_route(
-    c: &mut Checker,
-    name: &str,
-    raw: RawRoute,
-    secrets: &BTreeMap<String, SecretSource>,
-) -> Option<Route> {
-    let at = format!("routes.{name}");
-    // The route name is the first path segment of the reverse gateway.
-    if !valid_name(name) || name == "." || name == ".." {
-        c.fail(&at, "route names use letters, digits, `-`, `_` and `.`");
-    }
-    let mut raw = raw;
-    match (&raw.preset, &raw.secret) {
-        (Some(preset), _) if preset == "bedrock" => {
-            // Bedrock is signed, not keyed: the route names its SigV4 keys
-            // and region; the preset fills the service and the endpoint.
-            match raw.inject.as_mut().and_then(|i| i.aws_sigv4.as_mut()) {
-                Some(sigv4) => {
-                    sigv4.service.get_or_insert_with(|| "bedrock".to_string());
-                    let endpoint = format!("https://bedrock-runtime.{}.amazonaws.com", sigv4.region);
-                    raw.upstream = raw.upstream.take().or(Some(endpoint));
-                    raw.placeholder_env = raw
-                        .placeholder_env
-                        .take()
-                        .or(Some("AWS_ACCESS_KEY_ID".to_string()));
-                }
-                None => c.fail(
-                    format!("{at}.inject"),
-                    "preset \"bedrock\" needs inject = { aws_sigv4 = { region, access_key_id, secret_access_key } }",
-                ),
-            }
-        }
-        (Some(preset), secret) => match super::preset::fill(preset) {
-            Ok(filled) => {
-                raw.upstream = raw.upstream.take().or(filled.upstream);
-                raw.placeholder_env = raw.placeholder_env.take().or(filled.placeholder_env);
-                if raw.inject.is_none() {
-                    match (secret, filled.header) {
-                        (Some(secret), Some((header, format))) => {
-                            raw.inject = Some(super::inject::RawInject {
-                                header: Some(header),
-                                format: Some(format),
-                                secret: Some(secret.clone()),
-                                ..Default::default()
-                            });
-                        }
-                        _ => c.fail(
-                            format!("{at}.secret"),
-                            "missing: name the secret the preset injects",
-                        ),
-                    }
-                } else if secret.is_some() {
-                    c.fail(
-                        format!("{at}.secret"),
-                        "give `secret` or `inject`, not both",
-                    );
-                }
-            }
-            Err(message) => c.fail(format!("{at}.preset"), message),
-        },
-        (None, Some(_)) => c.fail(
-            format!("{at}.secret"),
-            "`secret` goes with `preset`; otherwise name it in `inject`",
-        ),
-        (None, None) => {}
-    }
-    let upstream = match raw.upstream.as_deref() {
-        None => {
-            c.fail(
-                format!("{at}.upstream"),
-                "missing: the origin this route forwards to",
-            );
-            None
-        }
-        Some(text) => match parse_upstream(text) {
-            Ok(u) => Some(u),
-            Err(message) => {
-                c.fail(format!("{at}.upstream"), message);
-                None
-            }
-        },
-    };
-    let inject = raw
-        .inject
-        .and_then(|inject| super::inject::check(c, &at, inject, secrets));
-    if let Some(var) = &raw.placeholder_env {
-        let valid = !var.is_empty()
-            && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && !var.as_bytes()[0].is_ascii_digit();
-        if !valid {
-            c.fail(
-                format!("{at}.placeholder_env"),
-                format!("invalid environment variable name {var:?}"),
-            );
-        }
-    }
-    Some(Route {
-        name: name.to_string(),
-        upstream: upstream?,
-        inject,
-        placeholder_env: raw.placeholder_env,
-        allow_private: raw.allow_private,
-    })
-}
-
-/// Parses `http(s)://host[:port][/base]`.
-fn parse_upstream(text: &str) -> Result<Upstream, String> {
-    let uri: http::Uri = text.parse().map_err(|_| format!("invalid URL {text:?}"))?;
-    let https = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") => false,
-        _ => return Err(format!("{text:?} must start with http:// or https://")),
-    };
-    let authority = uri
-        .authority()
-        .ok_or_else(|| format!("{text:?} has no host"))?;
-    if authority.as_str().contains('@') {
-        return Err(format!("{text:?} must not contain user info; use `inject`"));
-    }
-    if uri.query().is_some() || text.contains('#') {
-        return Err(format!("{text:?} must not have a query or fragment"));
-    }
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    if host.is_empty() {
-        return Err(format!("{text:?} has no host"));
-    }
-    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let base_path = uri.path().trim_end_matches('/').to_string();
-    if base_path.split('/').any(|s| s == ".." || s == ".") || base_path.contains('%') {
-        return Err(format!("{text:?} has a path that is not plain"));
-    }
-    Ok(Upstream {
-        https,
-        host,
-        port,
-        base_path,
-    })
-}
-
-fn check_rule(
-    c: &mut Checker,
-    index: usize,
-    raw: RawRule,
-    routes: &BTreeMap<String, Arc<Route>>,
-) -> Option<Rule> {
-    let at = format!("rules[{index}]");
-    if raw.action.is_empty() && raw.agents.is_empty() {
-        return None; // already reported when deserialising
-    }
-    let action = match raw.action.as_str() {
-        "allow" => Some(Action::Allow),
-        "deny" => Some(Action::Deny),
-        other => {
-            c.fail(
-                format!("{at}.action"),
-                format!("invalid action {other:?} (expected \"allow\" or \"deny\")"),
-            );
-            None
-        }
-    };
-    let agents = if raw.agents.is_empty() {
-        c.fail(
-            format!("{at}.agents"),
-            "empty list: name agents, or [\"*\"] for all",
-        );
-        None
-    } else if raw.agents.iter().any(|a| a == "*") {
-        if raw.agents.len() > 1 {
-            c.fail(format!("{at}.agents"), "\"*\" already names every agent");
-        }
-        Some(Agents::Any)
-    } else {
-        for agent in &raw.agents {
-            if !valid_name(agent) {
-                c.fail(
-                    format!("{at}.agents"),
-                    format!("invalid agent name {agent:?}"),
-                );
-            }
-        }
-        Some(Agents::Named(raw.agents))
-    };
-    let target = match (raw.route, raw.host) {
-        (Some(_), Some(_)) => {
-            c.fail(&at, "give `route` or `host`, not both");
-            None
-        }
-        (None, None) => {
-            c.fail(&at, "give `route` or `host`");
-            None
-        }
-        (Some(route), None) => {
-            if raw.port.is_some() {
-                c.fail(
-                    format!("{at}.port"),
-                    "`port` goes with `host`; a route has its own",
-                );
-            }
-            if routes.contains_key(&route) {
-                Some(Target::Route(route))
-            } else {
-                c.fail(format!("{at}.route"), format!("no route named {route:?}"));
-                None
-            }
-        }
-        (None, Some(host)) => match HostPattern::parse(&host) {
-            Ok(pattern) => Some(Target::Host {
-                pattern,
-                port: raw.port,
-            }),
-            Err(message) => {
-                c.fail(format!("{at}.host"), message);
-                None
-            }
-        },
-    };
-    let methods = raw.methods.map(|methods| {
-        if methods.is_empty() {
-            c.fail(
-                format!("{at}.methods"),
-                "empty list: leave it out to match every method",
-            );
-        }
-        methods
-            .iter()
-            .filter_map(|m| {
-                let upper = m.to_ascii_uppercase();
-                match Method::from_bytes(upper.as_bytes()) {
-                    Ok(method) if !upper.is_empty() => Some(method),
-                    _ => {
-                        c.fail(format!("{at}.methods"), format!("invalid method {m:?}"));
-                        None
-                    }
-                }
-            })
-            .collect()
-    });
-    let paths = raw.paths.map(|paths| {
-        if paths.is_empty() {
-            c.fail(
-                format!("{at}.paths"),
-                "empty list: leave it out to match every path",
-            );
-        }
-        paths
-            .iter()
-            .filter_map(|p| match PathPattern::parse(p) {
-                Ok(pattern) => Some(pattern),
-                Err(message) => {
-                    c.fail(format!("{at}.paths"), message);
-                    None
-                }
-            })
-            .collect()
-    });
-    if let Some(sessions) = &raw.sessions {
-        if sessions.is_empty() {
-            c.fail(
-                format!("{at}.sessions"),
-                "empty list: leave it out to match every session",
-            );
-        }
-        for session in sessions {
-            if !valid_name(session) {
-                c.fail(
-                    format!("{at}.sessions"),
-                    format!("invalid session name {session:?}"),
-                );
-            }
-        }
-    }
-    let label = match raw.name {
-        Some(name) if valid_name(&name) => name,
-        Some(name) => {
-            c.fail(format!("{at}.name"), format!("invalid rule name {name:?}"));
-            at.clone()
-        }
-        None => at.clone(),
-    };
-    Some(Rule {
-        label,
-        agents: agents?,
-        sessions: raw.sessions,
-        claims: raw.claims,
-        target: target?,
-        methods,
-        paths,
-        action: action?,
-        allow_private: raw.allow_private,
     })
 }
