@@ -264,6 +264,12 @@ async fn handle(
             .header("connection", "upgrade")
             .body(full(Bytes::new()))
             .unwrap()
+    } else if path.starts_with("/bucket/") {
+        // S3-shaped: an empty 200 with an ETag, as PutObject answers.
+        Response::builder()
+            .header("etag", "\"9a0364b9e99bb480dd25e1f0284c8555\"")
+            .body(full(Bytes::new()))
+            .unwrap()
     } else if path == "/v1/auth/approle/login" {
         // Vault AppRole: a client token for the right role and secret id.
         let login: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
