@@ -197,16 +197,26 @@ pub fn verify(
     if user.is_some_and(|u| !u.is_empty() && u != claims.sub) {
         return Err(IdentityError::AgentMismatch);
     }
-    let revocations = revocations.map_err(|()| IdentityError::RevocationsUnavailable)?;
-    if revocations.is_revoked(&claims) {
-        return Err(TokenError::Revoked.into());
-    }
+    check_revoked(&claims, revocations)?;
     Ok(Agent {
         name: claims.sub,
         session: claims.sid,
         token_id: Some(claims.jti),
         claims: None,
     })
+}
+
+/// Refuses claims the revocation list covers, and everything when the list
+/// cannot be read.
+pub fn check_revoked(
+    claims: &crate::token::Claims,
+    revocations: Result<&Revocations, ()>,
+) -> Result<(), IdentityError> {
+    let revocations = revocations.map_err(|()| IdentityError::RevocationsUnavailable)?;
+    if revocations.is_revoked(claims) {
+        return Err(TokenError::Revoked.into());
+    }
+    Ok(())
 }
 
 /// The agent a unix peer uid is mapped to, unless that agent is revoked.
@@ -244,7 +254,6 @@ pub fn verify_cert(
     if now > cert.not_after {
         return Err(TokenError::Expired.into());
     }
-    let revocations = revocations.map_err(|()| IdentityError::RevocationsUnavailable)?;
     let claims = crate::token::Claims {
         iss: crate::ca::TRUST_DOMAIN.to_string(),
         sub: cert.agent.clone(),
@@ -254,9 +263,7 @@ pub fn verify_cert(
         exp: cert.not_after,
         iat_ms: cert.not_before.saturating_mul(1000),
     };
-    if revocations.is_revoked(&claims) {
-        return Err(TokenError::Revoked.into());
-    }
+    check_revoked(&claims, revocations)?;
     Ok(Agent {
         name: claims.sub,
         session: claims.sid,

@@ -247,24 +247,19 @@ pub const JWKS_REFRESH: std::time::Duration = std::time::Duration::from_secs(300
 
 /// Fetches a key set; the issuer is the operator's, so it may be private.
 async fn fetch_jwks(snapshot: &Snapshot, url: &str) -> Result<jsonwebtoken::jwk::JwkSet, String> {
-    use http_body_util::BodyExt;
     let uri: http::Uri = url.parse().map_err(|_| format!("invalid URL {url}"))?;
     let req = http::Request::get(uri)
         .body(crate::proxy::body::empty())
         .map_err(|e| e.to_string())?;
     let client = snapshot.clients.get(crate::egress::Reach::Any);
-    let response = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
-        .await
-        .map_err(|_| format!("{url}: timed out"))?
-        .map_err(|e| format!("{url}: {e}"))?;
-    if !response.status().is_success() {
-        return Err(format!("{url}: status {}", response.status()));
-    }
-    let body = http_body_util::Limited::new(response.into_body(), 1024 * 1024)
-        .collect()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?
-        .to_bytes();
+    let body = crate::proxy::upstream::call_service(
+        client,
+        req,
+        std::time::Duration::from_secs(10),
+        1024 * 1024,
+    )
+    .await
+    .map_err(|e| format!("{url}: {e}"))?;
     parse_jwks(&body)
 }
 

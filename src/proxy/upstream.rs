@@ -143,3 +143,28 @@ fn build_with(
         .pool_idle_timeout(std::time::Duration::from_secs(60))
         .build(connector))
 }
+
+/// One call to a service the operator configured (a token endpoint, a key
+/// set, Vault): a deadline, a bounded body, and only a success counts.
+pub async fn call_service(
+    client: &UpstreamClient,
+    req: http::Request<Body>,
+    timeout: std::time::Duration,
+    max_body: usize,
+) -> Result<bytes::Bytes, String> {
+    use http_body_util::BodyExt;
+    let response = tokio::time::timeout(timeout, client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = http_body_util::Limited::new(response.into_body(), max_body)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("answered {status}"));
+    }
+    Ok(body)
+}

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use zeroize::Zeroizing;
 
@@ -248,19 +247,9 @@ async fn post_for_token(
     let req = req
         .body(crate::proxy::body::full(Bytes::from(form)))
         .map_err(|e| e.to_string())?;
-    let response = tokio::time::timeout(TIMEOUT, client.request(req))
+    let body = crate::proxy::upstream::call_service(client, req, TIMEOUT, 64 * 1024)
         .await
-        .map_err(|_| format!("token endpoint {url} timed out"))?
         .map_err(|e| format!("token endpoint {url}: {e}"))?;
-    let status = response.status();
-    let body = http_body_util::Limited::new(response.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map_err(|e| format!("token endpoint {url}: {e}"))?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(format!("token endpoint {url} answered {status}"));
-    }
     #[derive(serde::Deserialize)]
     struct Grant {
         access_token: String,

@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use http_body_util::BodyExt;
-
 use crate::config::{Config, VaultAuth, VaultConfig};
 use crate::secret::Secret;
 
@@ -106,19 +104,9 @@ async fn send(
     base: &str,
     what: &str,
 ) -> Result<serde_json::Value, String> {
-    let response = tokio::time::timeout(TIMEOUT, client.request(req))
+    let body = crate::proxy::upstream::call_service(client, req, TIMEOUT, 1024 * 1024)
         .await
-        .map_err(|_| format!("Vault at {base} timed out"))?
-        .map_err(|e| format!("Vault at {base}: {e}"))?;
-    let status = response.status();
-    let body = http_body_util::Limited::new(response.into_body(), 1024 * 1024)
-        .collect()
-        .await
-        .map_err(|e| format!("Vault at {base}: {e}"))?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(format!("Vault answered {status} for {what}"));
-    }
+        .map_err(|e| format!("Vault at {base}, {what}: {e}"))?;
     serde_json::from_slice(&body).map_err(|_| format!("Vault sent no JSON for {what}"))
 }
 
