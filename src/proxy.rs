@@ -538,7 +538,7 @@ impl Proxy {
         let revocations = self.live.revocations();
         let list = revocations.as_ref().as_ref().map_err(|_| ());
         Ok(match presented {
-            Presented::Token { token, .. }
+            Presented::Token { token, user }
                 if flow.snapshot.oidc.as_ref().is_some_and(|o| o.is_for(token)) =>
             {
                 let oidc = flow
@@ -547,12 +547,14 @@ impl Proxy {
                     .as_ref()
                     .ok_or(identity::IdentityError::Missing)?;
                 let (agent, claims) = oidc.verify(token)?;
-                let list = list.map_err(|()| identity::IdentityError::RevocationsUnavailable)?;
-                if list.is_revoked(&claims) {
-                    return Err(
-                        identity::IdentityError::Token(crate::token::TokenError::Revoked).into(),
-                    );
+                // As for agent tokens: a Basic user name must be the agent.
+                if user
+                    .as_deref()
+                    .is_some_and(|u| !u.is_empty() && u != agent.name)
+                {
+                    return Err(identity::IdentityError::AgentMismatch.into());
                 }
+                identity::check_revoked(&claims, list)?;
                 agent
             }
             Presented::Token { token, user } => {

@@ -303,3 +303,41 @@ action = "allow"
         .unwrap();
     assert_eq!(res.status(), 403);
 }
+
+#[test]
+fn a_workload_jwt_must_match_its_proxy_user_name() {
+    let upstream = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys(dir.path());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, keys.jwks.to_string()).unwrap();
+    let env = TestEnv::new(&format!(
+        "[identity.oidc]\nissuer = \"{ISSUER}\"\naudience = \"sidekey\"\njwks_file = \"{}\"\n[identity.oidc.map]\n\"w\" = \"coder\"\n{}",
+        jwks.display(),
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let sidekey = env.spawn();
+    let jwt = sign(
+        Algorithm::ES256,
+        "ec-1",
+        &keys.es256,
+        &claims("w", "sidekey", now() + 300),
+    );
+    let basic = |user: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{jwt}"))
+        )
+    };
+    let status = |user: &str| {
+        client()
+            .get(sidekey.url("/echo/x"))
+            .header("proxy-authorization", basic(user))
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(status("coder"), 200);
+    assert_eq!(status("mallory"), 401);
+}
