@@ -70,15 +70,21 @@ pub async fn serve(listener: UnixListener, admin: Arc<Admin>) {
 /// `Authorization: Bearer <the admin_tcp token secret>`.
 pub async fn serve_tcp(listener: tokio::net::TcpListener, admin: Arc<Admin>, token: String) {
     let token = Arc::new(crate::secret::Secret::new(token));
+    // Reachable by anyone who can reach the address: few connections, and
+    // each must send its headers promptly (see serve_conn).
+    let slots = Arc::new(tokio::sync::Semaphore::new(32));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        tokio::spawn(serve_conn(
-            TokioIo::new(stream),
-            admin.clone(),
-            Some(token.clone()),
-        ));
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (admin, token) = (admin.clone(), token.clone());
+        tokio::spawn(async move {
+            serve_conn(TokioIo::new(stream), admin, Some(token)).await;
+            drop(permit);
+        });
     }
 }
 

@@ -306,7 +306,7 @@ impl Proxy {
             .map_err(|_| ProxyError::BadRequest("invalid x-amz-content-sha256".into()))?;
         if declared
             .as_deref()
-            .is_some_and(|d| d.starts_with("STREAMING-"))
+            .is_some_and(|d| d.starts_with("STREAMING-AWS4-"))
         {
             return Err(ProxyError::BadRequest(
                 "chunk-signed streaming uploads cannot be re-signed; send UNSIGNED-PAYLOAD".into(),

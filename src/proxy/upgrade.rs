@@ -22,8 +22,14 @@ pub(super) fn requested(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    // Only WebSocket: another protocol (h2c, say) would leave per-request
+    // checks behind and carry compressed headers past the scrubber.
     asks.then(|| headers.get(header::UPGRADE).cloned())
         .flatten()
+        .filter(|p| {
+            p.to_str()
+                .is_ok_and(|p| p.trim().eq_ignore_ascii_case("websocket"))
+        })
 }
 
 /// Puts the upgrade back after hop-by-hop headers were stripped. Compression

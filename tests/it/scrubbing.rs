@@ -160,3 +160,17 @@ fn websocket_upgrade_carries_the_credential_and_masks_it_in_frames() {
     reader.read_exact(&mut echo).unwrap();
     assert_eq!(&echo, b"ping-1234");
 }
+
+#[test]
+fn only_websocket_upgrades_are_forwarded() {
+    let (upstream, _env, token, sidekey) = setup();
+    let mut conn = RawConn::connect(sidekey.addr);
+    conn.send(&format!(
+        "GET /echo/x HTTP/1.1\r\nHost: s\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+    ));
+    let (status, _, _) = conn.read_response();
+    assert_eq!(status, 200);
+    let seen = upstream.last();
+    assert!(seen.header("upgrade").is_none(), "{:?}", seen.headers);
+    assert!(seen.header("http2-settings").is_none());
+}
