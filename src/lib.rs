@@ -24,6 +24,8 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod egress;
+pub mod exec;
+pub mod harden;
 pub mod identity;
 pub mod inject;
 pub mod listen;

@@ -21,6 +21,7 @@ mod reverse;
 mod upgrade;
 pub mod upstream;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -61,6 +62,10 @@ pub struct Proxy {
     minter: LeafMinter,
     metrics: Arc<Metrics>,
     tokens: TokenCache,
+    /// The agent listener's address: an absolute-form request naming it is
+    /// meant for the gateway (an SDK whose base URL is the gateway, behind
+    /// `HTTP_PROXY` pointing at the same port).
+    gateway: SocketAddr,
 }
 
 /// The uid of the process on the other end of a unix-socket connection,
@@ -169,6 +174,7 @@ impl Proxy {
         verifier: Verifier,
         minter: LeafMinter,
         metrics: Arc<Metrics>,
+        gateway: SocketAddr,
     ) -> Self {
         Self {
             live,
@@ -176,6 +182,27 @@ impl Proxy {
             minter,
             metrics,
             tokens: TokenCache::default(),
+            gateway,
+        }
+    }
+
+    /// Whether an absolute-form URI names this proxy's own listener.
+    fn names_gateway(&self, uri: &Uri) -> bool {
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        if uri.scheme_str() != Some("http") || authority.port_u16() != Some(self.gateway.port()) {
+            return false;
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                ip == self.gateway.ip() || (self.gateway.ip().is_unspecified() && ip.is_loopback())
+            }
+            Err(_) => host.eq_ignore_ascii_case("localhost") && self.gateway.ip().is_loopback(),
         }
     }
 
@@ -191,7 +218,7 @@ impl Proxy {
     /// Serves a request on the listener, or inside an intercepted tunnel.
     async fn handle_in(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         tunnel: Option<&forward::Tunnel>,
     ) -> Response<Body> {
         let started = Instant::now();
@@ -199,6 +226,16 @@ impl Proxy {
         let mode = match tunnel {
             Some(_) => Mode::Intercept,
             None => mode_of(&req),
+        };
+        let mode = if mode == Mode::Forward && self.names_gateway(req.uri()) {
+            // Served as if it had come straight to the gateway.
+            let origin_form = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            if let Ok(uri) = origin_form.parse() {
+                *req.uri_mut() = uri;
+            }
+            Mode::Reverse
+        } else {
+            mode
         };
         let Some((snapshot, secrets)) = self.live.current() else {
             let mut response =

@@ -3,11 +3,13 @@
 
 mod audit;
 mod demo;
+mod exec;
 mod init;
 mod secret;
 mod serve;
 mod token;
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -82,10 +84,52 @@ enum Command {
     /// Show the audit log
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Run a command as an agent, through a proxy started for it
+    Exec(ExecArgs),
     /// Ask the running proxy for its status
     Status,
     /// Make the running proxy re-read its config
     Reload,
+    /// Internal: the parent of an `exec` command
+    #[command(name = "__supervise", hide = true)]
+    Supervise {
+        #[arg(long)]
+        isolated: bool,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<OsString>,
+    },
+    /// Internal: builds the `exec --isolate` sandbox
+    #[command(name = "__isolate", hide = true)]
+    Isolate {
+        #[arg(long)]
+        handoff: PathBuf,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        hide: Vec<PathBuf>,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<OsString>,
+    },
+}
+
+#[derive(Debug, ClapArgs)]
+struct ExecArgs {
+    /// The agent the command runs as
+    #[arg(long)]
+    agent: String,
+    /// Lifetime of the session's token (revoked anyway when the command exits)
+    #[arg(long, default_value = "12h")]
+    ttl: String,
+    /// Run the command in its own user, PID, mount and network namespaces
+    /// (Linux): its only way out is the proxy, and the state dir is hidden
+    #[arg(long)]
+    isolate: bool,
+    /// With --isolate, also hide this file or directory (repeatable)
+    #[arg(long, value_name = "PATH", requires = "isolate")]
+    hide: Vec<PathBuf>,
+    /// The command and its arguments (after `--`)
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<OsString>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,6 +217,10 @@ enum AuditCommand {
 pub(crate) struct SilentExit(pub(crate) u8);
 
 pub fn main() -> ExitCode {
+    if let Err(e) = crate::harden::harden_process() {
+        eprintln!("sidekey: cannot protect this process's memory: {e}");
+        return ExitCode::FAILURE;
+    }
     let args = Args::parse();
     let Err(error) = run(args) else {
         return ExitCode::SUCCESS;
@@ -219,6 +267,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Audit(AuditCommand::Tail { follow, lines }) => audit::tail(&ctx, follow, lines),
         Command::Status => serve::status(&ctx),
         Command::Reload => serve::reload(&ctx),
+        Command::Exec(args) => exec::run(&ctx, args),
+        Command::Supervise { isolated, command } => {
+            Err(SilentExit(crate::exec::supervisor::run(&command, isolated)).into())
+        }
+        Command::Isolate {
+            handoff,
+            port,
+            hide,
+            command,
+        } => Err(
+            SilentExit(crate::exec::isolate::run(&crate::exec::isolate::Sandbox {
+                handoff,
+                port,
+                hide,
+                command,
+            }))
+            .into(),
+        ),
     }
 }
 
@@ -333,9 +399,10 @@ fn check_name(kind: &str, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging() {
+/// Logs to stderr at `default` level, or as `$SIDEKEY_LOG` says.
+fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SIDEKEY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("SIDEKEY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

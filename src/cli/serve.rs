@@ -116,7 +116,7 @@ pub(crate) async fn start(
         }
         None => None,
     };
-    let proxy = Arc::new(Proxy::new(live.clone(), verifier, minter, metrics));
+    let proxy = Arc::new(Proxy::new(live.clone(), verifier, minter, metrics, addr));
     let (shutdown, shutdown_rx) = watch::channel(false);
     if let Some(path) = &unix_path {
         tracing::info!("agents by uid on unix socket {}", path.display());
@@ -136,8 +136,38 @@ pub(crate) async fn start(
     })
 }
 
+/// Starts a proxy private to one `exec`: its one listener, no admin API,
+/// no unix or mTLS listeners (those belong to `sidekey run`).
+pub(crate) fn start_private(
+    live: Arc<Live>,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<Running> {
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    let verifier = Verifier::load(&live.state)?;
+    let minter = crate::ca::LeafMinter::load(&live.state)?;
+    let limits = live.snapshot().config.limits.clone();
+    let metrics = Arc::new(Metrics::default());
+    let proxy = Arc::new(Proxy::new(live.clone(), verifier, minter, metrics, addr));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let listeners = crate::listen::Listeners {
+        tcp: listener,
+        unix: None,
+        tls: None,
+    };
+    let server = tokio::spawn(crate::listen::serve(listeners, proxy, limits, shutdown_rx));
+    Ok(Running {
+        addr,
+        background: vec![tokio::spawn(live.clone().watch())],
+        live,
+        shutdown,
+        server,
+    })
+}
+
 pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<()> {
-    init_logging();
+    init_logging("info");
     let config = paths.config()?;
     let state = paths.state_dir_of(&config)?;
     let admin_path = config.admin.clone().unwrap_or_else(|| state.admin_socket());

@@ -1,0 +1,216 @@
+//! `sidekey exec`: a proxy for one command, a session token for it, and the
+//! command run with that token in place of every secret (SPEC §8).
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rand::Rng;
+
+use super::serve::{Running, start_private};
+use super::{ExecArgs, Paths, SilentExit, check_name, init_logging, runtime};
+use crate::config::Config;
+use crate::exec::env::{AgentEnv, Dropped};
+use crate::exec::isolate::receive_listener;
+use crate::live::Live;
+use crate::secret::source::SecretSource;
+use crate::secret::store::now_ms;
+use crate::token::revocation::{Revocations, Revoke};
+use crate::token::{Issuer, parse_ttl, random_id};
+
+/// How long the sandbox may take to hand over its listener.
+const SANDBOX_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
+    // Quiet by default: the command's own output is what its user reads.
+    init_logging("warn");
+    check_name("agent", &args.agent)?;
+    let ttl = parse_ttl(&args.ttl).map_err(anyhow::Error::msg)?;
+    let config = paths.config()?;
+    let state = paths.state_dir_of(&config)?;
+    let issuer = Issuer::load(&state)?;
+    let session = random_id("exec");
+    let (token, claims) = issuer.issue(&args.agent, Some(&session), ttl);
+    drop(issuer);
+
+    // The CA bundle lives outside the state dir, which the sandbox hides.
+    let workdir = tempfile::Builder::new()
+        .prefix("sidekey-exec-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let bundle = workdir.path().join("ca-bundle.pem");
+    crate::state::write_atomic(&bundle, crate::ca::bundle_pem(&state)?.as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", bundle.display()))?;
+    let hide = hidden_paths(&config, state.root(), &args.hide);
+
+    let code = runtime()?.block_on(async {
+        let (listener, port) = if args.isolate {
+            // Any port is free in a network namespace of its own.
+            (None, rand::thread_rng().gen_range(20_000..60_000))
+        } else {
+            let listener = crate::listen::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
+            let port = listener
+                .local_addr()
+                .context("cannot read the bound address")?
+                .port();
+            (Some(listener), port)
+        };
+        let proxy_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let live = Arc::new(Live::new(config, state.clone(), Some(proxy_addr))?);
+        let env = agent_environment(&live, &token, &args.agent, proxy_addr, &bundle)?;
+
+        let mut command = tokio::process::Command::new("/proc/self/exe");
+        command.env_clear().envs(&env);
+        let handoff = workdir.path().join("handoff.sock");
+        if args.isolate {
+            command
+                .arg("__isolate")
+                .arg("--handoff")
+                .arg(&handoff)
+                .arg("--port")
+                .arg(port.to_string());
+            for path in &hide {
+                command.arg("--hide").arg(path);
+            }
+        } else {
+            command.arg("__supervise");
+        }
+        command.arg("--").args(&args.command);
+
+        let handoff_listener = match args.isolate {
+            true => Some(
+                tokio::net::UnixListener::bind(&handoff)
+                    .with_context(|| format!("cannot listen on {}", handoff.display()))?,
+            ),
+            false => None,
+        };
+        let mut child = command.spawn().context("cannot start the command")?;
+        let child_pid = child.id().context("the command ended at once")?;
+        let listener = match (listener, handoff_listener) {
+            (Some(listener), _) => listener,
+            (None, Some(handoff_listener)) => {
+                // accept() can be cancelled without losing a connection.
+                let accepted = tokio::select! {
+                    accepted = handoff_listener.accept() => Some(accepted),
+                    _ = child.wait() => {
+                        // Its reason for failing, if it gave one, is queued.
+                        tokio::time::timeout(Duration::from_millis(200), handoff_listener.accept())
+                            .await
+                            .ok()
+                    }
+                    () = tokio::time::sleep(SANDBOX_READY_TIMEOUT) => None,
+                };
+                let received = match accepted {
+                    Some(Ok((stream, _))) => sandbox_listener(stream).await,
+                    Some(Err(e)) => Err(format!("--isolate: {e}")),
+                    None => Err("--isolate: the sandbox ended before it was ready".to_string()),
+                };
+                let _ = std::fs::remove_file(&handoff);
+                match received {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        let _ = child.start_kill();
+                        let _ = child.wait().await;
+                        bail!("{e}");
+                    }
+                }
+            }
+            (None, None) => bail!("no listener"),
+        };
+        let running = start_private(live, listener)?;
+        let forwarding = crate::exec::signals::forward_to(child_pid)
+            .context("cannot forward signals to the command")?;
+        let status = child.wait().await.context("cannot wait for the command")?;
+        drop(forwarding);
+        finish(running, &state, &session).await;
+        Ok::<_, anyhow::Error>(crate::exec::exit_code_of(status))
+    });
+    let _ = claims;
+    drop(workdir);
+    match code? {
+        0 => Ok(()),
+        code => Err(SilentExit(code).into()),
+    }
+}
+
+/// The command's environment, with a warning for each variable that held a
+/// copy of a secret under another name.
+fn agent_environment(
+    live: &Live,
+    token: &str,
+    agent: &str,
+    proxy_addr: SocketAddr,
+    bundle: &std::path::Path,
+) -> anyhow::Result<BTreeMap<OsString, OsString>> {
+    let (snapshot, secrets) = live
+        .current()
+        .context("config and secrets out of step; try again")?;
+    let builder = AgentEnv {
+        config: &snapshot.config,
+        token,
+        agent,
+        proxy_addr,
+        ca_bundle: bundle,
+    };
+    let values = secrets
+        .table
+        .values()
+        .map(|(name, secret)| (name, secret.expose()));
+    let (env, dropped) = builder.build(std::env::vars_os(), values);
+    for dropped in dropped {
+        if let Dropped::HoldsSecret { var, secret } = dropped {
+            tracing::warn!(
+                "{var} holds the value of secret {secret:?}; the command does not get it"
+            );
+        }
+    }
+    Ok(env)
+}
+
+/// The listening socket the sandbox made inside its network namespace.
+async fn sandbox_listener(
+    stream: tokio::net::UnixStream,
+) -> Result<tokio::net::TcpListener, String> {
+    let stream = stream.into_std().map_err(|e| format!("--isolate: {e}"))?;
+    let listener = tokio::task::spawn_blocking(move || {
+        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(SANDBOX_READY_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        receive_listener(&stream)
+    })
+    .await
+    .map_err(|e| format!("--isolate: {e}"))??;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("--isolate: {e}"))?;
+    tokio::net::TcpListener::from_std(listener).map_err(|e| format!("--isolate: {e}"))
+}
+
+/// The session ends with the command: its token is revoked for good (a
+/// `sidekey run` on the same state dir refuses it too), then the proxy stops.
+async fn finish(running: Running, state: &crate::state::StateDir, session: &str) {
+    if let Err(e) = Revocations::add(state, Revoke::Session(session.to_string()), now_ms()) {
+        eprintln!(
+            "sidekey exec: cannot revoke session {session}: {e}; revoke it with `sidekey token revoke --session {session}`"
+        );
+    }
+    running.stop().await;
+}
+
+/// What the sandbox hides: the state dir, every secret file, and `--hide`.
+fn hidden_paths(config: &Config, state_dir: &std::path::Path, extra: &[PathBuf]) -> Vec<PathBuf> {
+    let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut paths = vec![absolute(state_dir)];
+    for source in config.secrets.values() {
+        if let SecretSource::File(path) = source {
+            paths.push(absolute(path));
+        }
+    }
+    paths.extend(extra.iter().map(|p| absolute(p)));
+    paths
+}
