@@ -7,6 +7,7 @@ mod support;
 mod admin; // the admin socket: status, metrics, revoke
 mod cli; // init, secret, token, check, explain, demo through the command line
 mod dynamic; // OAuth 2 and GCP service-account access tokens
+mod exec; // `sidekey exec`: real clients in a command with no secret, --isolate
 mod forward; // HTTP(S)_PROXY: absolute-form, CONNECT, interception, SSRF
 mod gateway; // the reverse gateway: injection, identity, policy, errors
 mod git; // git clone and push through HTTPS_PROXY

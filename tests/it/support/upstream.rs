@@ -86,6 +86,8 @@ impl Seen {
 struct Shared {
     seen: Mutex<Vec<Seen>>,
     release: Semaphore,
+    /// Static files a test put: path -> (content type, body).
+    files: Mutex<std::collections::HashMap<String, (String, Vec<u8>)>>,
 }
 
 pub struct Upstream {
@@ -134,6 +136,7 @@ impl Upstream {
         let shared = Arc::new(Shared {
             seen: Mutex::new(Vec::new()),
             release: Semaphore::new(0),
+            files: Mutex::default(),
         });
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
@@ -198,6 +201,15 @@ impl Upstream {
         self.seen().pop().expect("the upstream received a request")
     }
 
+    /// Serves `body` at `path` from now on.
+    pub fn put(&self, path: &str, content_type: &str, body: Vec<u8>) {
+        self.shared
+            .files
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), (content_type.to_string(), body));
+    }
+
     /// Lets one waiting `/sse` response finish.
     pub fn release(&self) {
         self.shared.release.add_permits(1);
@@ -238,7 +250,13 @@ async fn handle(
     shared.seen.lock().unwrap().push(seen.clone());
     let path = parts.uri.path();
     let auth = seen.header("authorization").unwrap_or_default().to_string();
-    let response = if let Some(upgrade) = upgrade {
+    let file = shared.files.lock().unwrap().get(path).cloned();
+    let response = if let Some((content_type, body)) = file {
+        Response::builder()
+            .header("content-type", content_type)
+            .body(full(body))
+            .unwrap()
+    } else if let Some(upgrade) = upgrade {
         // WebSocket: greet with a text frame carrying the credential it got
         // (a hostile upstream), then echo raw bytes.
         let greeting = format!("hello {auth}");
