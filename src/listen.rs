@@ -181,6 +181,7 @@ impl Conn {
             slot,
             proxy,
         } = self;
+        let audit = proxy.clone();
         let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let proxy = proxy.clone();
             let busy = slot.busy();
@@ -203,7 +204,10 @@ impl Conn {
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(conn.into_owned()).await {
-            tracing::debug!(error = %e, "connection ended with an error");
+            match e.downcast_ref::<hyper::Error>() {
+                Some(e) if e.is_parse() || e.is_parse_too_large() => audit.audit_unparsed(e),
+                _ => tracing::debug!(error = %e, "connection ended with an error"),
+            }
         }
     }
 }

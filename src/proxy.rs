@@ -273,16 +273,20 @@ impl Proxy {
             + req.uri().path_and_query().map_or(0, |p| p.as_str().len())
             + req.uri().authority().map_or(0, |a| a.as_str().len());
         let max_header_bytes = snapshot.config.limits.max_header_bytes;
-        let result = match (mode, tunnel) {
-            // Checked here, not only by the parser, so the refusal has the
-            // JSON body, code and request id of every other one.
-            _ if header_bytes > max_header_bytes => {
-                Err(ProxyError::HeadersTooLarge(max_header_bytes))
+        let framing = ambiguous_framing(&req);
+        // Checked here, not only by the parser, so the refusal has the JSON
+        // body, code and request id of every other one.
+        let result = if header_bytes > max_header_bytes {
+            Err(ProxyError::HeadersTooLarge(max_header_bytes))
+        } else if let Some(why) = framing {
+            Err(ProxyError::BadRequest(why.to_string()))
+        } else {
+            match (mode, tunnel) {
+                (_, Some(tunnel)) => self.intercept(&mut flow, req, tunnel).await,
+                (Mode::Connect, None) => self.connect(&mut flow, req).await,
+                (Mode::Forward, None) => self.forward(&mut flow, req).await,
+                _ => self.reverse(&mut flow, req).await,
             }
-            (_, Some(tunnel)) => self.intercept(&mut flow, req, tunnel).await,
-            (Mode::Connect, None) => self.connect(&mut flow, req).await,
-            (Mode::Forward, None) => self.forward(&mut flow, req).await,
-            _ => self.reverse(&mut flow, req).await,
         };
         let mut response = match result {
             Ok(response) => response,
@@ -309,8 +313,45 @@ impl Proxy {
                 response = ProxyError::AuditUnavailable.into_response(mode, &request_id);
             }
         }
+        if framing.is_some() {
+            // Where this body ends is in doubt, so nothing may follow it.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         set_request_id(&mut response, &request_id);
         response
+    }
+
+    /// Audits a request that hyper's parser refused (bad framing or header
+    /// bytes, a head too large): it never reached [`Self::handle`], and hyper
+    /// has already answered 400 or 431 and closed the connection.
+    pub fn audit_unparsed(&self, error: &hyper::Error) {
+        let (status, reason) = if error.is_parse_too_large() {
+            (431, "request_too_large")
+        } else if error.is_parse() {
+            (400, "bad_request")
+        } else {
+            return;
+        };
+        let Some((snapshot, _)) = self.live.current() else {
+            return;
+        };
+        let event = AuditEvent {
+            ts: timestamp(),
+            request_id: random_id("req"),
+            // Nothing was parsed to tell the mode; the listener's default.
+            mode: Mode::Reverse.as_str(),
+            decision: "deny",
+            reason,
+            status,
+            ..AuditEvent::default()
+        };
+        tracing::info!(request_id = event.request_id, %error, "malformed request refused");
+        if let Err(e) = snapshot.audit.record(&event) {
+            self.metrics.audit_errors.inc();
+            tracing::error!(error = %e, "audit write failed");
+        }
     }
 
     /// Replaces the agent's SigV4 signature with one made with the real keys.
@@ -741,6 +782,31 @@ fn mode_of<B>(req: &Request<B>) -> Mode {
     }
 }
 
+/// An HTTP/1 request whose body length could be read two ways (by two
+/// Content-Length headers, by Content-Length and Transfer-Encoding, or by a
+/// transfer coding other than plain `chunked`). hyper picks one reading;
+/// another hop might pick the other, which is how requests are smuggled,
+/// so sidekey refuses them all (RFC 9112 §6.1 allows it).
+fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
+    if req.version() >= http::Version::HTTP_2 {
+        return None;
+    }
+    let lengths = req.headers().get_all(header::CONTENT_LENGTH).iter().count();
+    let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    let coding = codings.next();
+    if lengths > 1 {
+        Some("more than one Content-Length")
+    } else if coding.is_some() && lengths > 0 {
+        Some("both Content-Length and Transfer-Encoding")
+    } else if codings.next().is_some()
+        || coding.is_some_and(|c| !c.as_bytes().eq_ignore_ascii_case(b"chunked"))
+    {
+        Some("a Transfer-Encoding other than chunked")
+    } else {
+        None
+    }
+}
+
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
@@ -753,11 +819,19 @@ fn upstream_error(
     max_body: u64,
     error: &hyper_util::client::legacy::Error,
 ) -> ProxyError {
+    let chain = || {
+        std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+    };
+    if chain().any(|e| e.is::<http_body_util::LengthLimitError>()) {
+        return ProxyError::BodyTooLarge(max_body);
+    }
+    if chain().any(|e| e.is::<body::AgentBodyError>()) {
+        return ProxyError::BadRequest("the request body is malformed or was cut short".into());
+    }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return ProxyError::BodyTooLarge(max_body);
-        }
         // The guarded resolver refused every address of the name.
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && io.kind() == std::io::ErrorKind::PermissionDenied

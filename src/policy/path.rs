@@ -194,12 +194,17 @@ impl PathPattern {
 
     /// Loose match, for deny rules: a deny also covers the spellings that
     /// some servers read as the same resource (a `;param`, a trailing slash,
-    /// other letter case), so a denied path cannot be reached by respelling it.
+    /// other letter case, trailing dots and spaces as Windows servers drop
+    /// them), so a denied path cannot be reached by respelling it.
     pub fn matches_loosely(&self, path: &NormalPath) -> bool {
         let mut loose: Vec<&str> = path
             .segments()
             .iter()
-            .map(|s| s.split(';').next().unwrap_or_default())
+            .map(|s| {
+                let s = s.split(';').next().unwrap_or_default();
+                let trimmed = s.trim_end_matches(['.', ' ']);
+                if trimmed.is_empty() { s } else { trimmed }
+            })
             .collect();
         if loose.last().is_some_and(|s| s.is_empty()) {
             loose.pop();
@@ -362,6 +367,9 @@ mod tests {
             "/v1/models/secret;x",
             "/v1/Models/SECRET",
             "/v1;a/models/secret",
+            "/v1/models/secret.",
+            "/v1/models/secret%20",
+            "/v1/models./secret. .",
         ] {
             let path = normalize(path).unwrap();
             assert!(deny.matches_loosely(&path), "{path:?}");

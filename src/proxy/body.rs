@@ -26,7 +26,10 @@ pub fn empty() -> Body {
     full(Bytes::new())
 }
 
-/// Counts the data bytes that pass through.
+/// The agent's request body on its way upstream: counts the data bytes,
+/// drops trailers (a trailer could carry a credential slot past injection,
+/// and no upstream sidekey serves needs request trailers), and marks the
+/// agent's own errors so they are told apart from the upstream's.
 #[derive(Debug)]
 pub struct Counted<B> {
     inner: B,
@@ -39,22 +42,37 @@ impl<B> Counted<B> {
     }
 }
 
+/// The agent's request body failed: malformed chunking, a connection cut
+/// short, or the body limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body: {0}")]
+pub struct AgentBodyError(#[source] BoxError);
+
 impl<B> HttpBody for Counted<B>
 where
     B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if let Some(Ok(Some(data))) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
-            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        loop {
+            match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Err(_trailers) => continue,
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(AgentBodyError(e.into()).into()))),
+                None => return Poll::Ready(None),
+            }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -5,6 +5,7 @@
 mod support;
 
 mod admin; // the admin socket: status, metrics, revoke
+mod attacks; // the prompt-injected agent: smuggling, slot smuggling, path tricks, replay
 mod cli; // init, secret, token, check, explain, demo through the command line
 mod dynamic; // OAuth 2 and GCP service-account access tokens
 mod exec; // `sidekey exec`: real clients in a command with no secret, --isolate

@@ -64,6 +64,8 @@ pub struct Seen {
     pub version: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Trailers after a chunked body, as `name: value` lines.
+    pub trailers: Vec<String>,
 }
 
 impl Seen {
@@ -226,11 +228,20 @@ async fn handle(
         .ends_with("/ws")
         .then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let (body, trailers) = match body.collect().await {
+        Ok(collected) => {
+            let trailers = collected
+                .trailers()
+                .map(|t| {
+                    t.iter()
+                        .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (collected.to_bytes(), trailers)
+        }
+        Err(_) => (Bytes::new(), Vec::new()),
+    };
     let seen = Seen {
         method: parts.method.to_string(),
         uri: parts.uri.to_string(),
@@ -246,6 +257,7 @@ async fn handle(
             })
             .collect(),
         body: body.to_vec(),
+        trailers,
     };
     shared.seen.lock().unwrap().push(seen.clone());
     let path = parts.uri.path();
@@ -379,6 +391,16 @@ async fn handle(
     } else if path.ends_with("/stall") {
         std::future::pending::<()>().await;
         unreachable!()
+    } else if let Some(port) = path
+        .rsplit_once("/redirect-to/")
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+    {
+        // To another origin on loopback, which a client may follow.
+        Response::builder()
+            .status(302)
+            .header("location", format!("http://127.0.0.1:{port}/landed"))
+            .body(full(format!("moved; you sent {auth}")))
+            .unwrap()
     } else if path.ends_with("/redirect") {
         Response::builder()
             .status(302)

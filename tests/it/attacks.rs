@@ -1,0 +1,707 @@
+//! The attack suite: a prompt-injected agent against a running sidekey and
+//! loopback upstreams. Every case checks the status it gets, that no byte
+//! it received holds the secret, and that an audit record of it exists.
+//!
+//! The agent `coder` may use route `echo` under `/v1/allowed/**` except
+//! `/v1/allowed/admin/**`; the host `127.0.0.1:OTHER` is allowed only to the
+//! agent `reviewer`, and redirects may land on it.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::support::*;
+
+const SECRET: &str = "sk-attack-secret-5d8e2b71c4";
+
+struct Arena {
+    env: TestEnv,
+    sidekey: Sidekey,
+    upstream: Upstream,
+    /// The same routes' rules, over HTTPS with HTTP/2 (route `h2`).
+    h2: Upstream,
+    other: Upstream,
+    token: String,
+    _pki: tempfile::TempDir,
+}
+
+fn arena() -> Arena {
+    let upstream = Upstream::http();
+    let pki = tempfile::tempdir().unwrap();
+    let h2 = Upstream::https(pki.path());
+    let other = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[tls]
+upstream_ca = ["{h2_ca}"]
+
+[secrets.api]
+source = "store"
+
+[routes.h2]
+upstream = "{h2}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+
+[[rules]]
+agents = ["coder"]
+route = "h2"
+paths = ["/v1/allowed/**"]
+action = "allow"
+
+[routes.echo]
+upstream = "{upstream}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+
+[[rules]]
+agents = ["coder"]
+route = "echo"
+paths = ["/v1/allowed/**"]
+action = "allow"
+
+[[rules]]
+agents = ["coder"]
+route = "echo"
+paths = ["/v1/allowed/admin/**"]
+action = "deny"
+
+[[rules]]
+agents = ["reviewer"]
+host = "127.0.0.1"
+port = {other_port}
+action = "allow"
+"#,
+        upstream = upstream.base(),
+        other_port = other.addr.port(),
+        h2 = h2.base(),
+        h2_ca = h2.ca.as_ref().unwrap().display(),
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    Arena {
+        env,
+        sidekey,
+        upstream,
+        h2,
+        other,
+        token,
+        _pki: pki,
+    }
+}
+
+impl Arena {
+    /// `raw` with `TOKEN` replaced by the agent's token.
+    fn raw(&self, raw: &str) -> Vec<u8> {
+        exchange(
+            self.sidekey.addr,
+            raw.replace("TOKEN", &self.token).as_bytes(),
+        )
+    }
+
+    fn records(&self) -> usize {
+        self.env.audit().len()
+    }
+
+    /// Waits for audit records after the first `before` and returns them.
+    fn audited_since(&self, before: usize) -> Vec<serde_json::Value> {
+        eventually(Duration::from_secs(5), || {
+            let records = self.env.audit();
+            (records.len() > before).then(|| records[before..].to_vec())
+        })
+    }
+
+    /// The checks every case ends with: the status the agent got, no secret
+    /// in anything it received, and an audit record with that status.
+    fn assert_case(&self, name: &str, before: usize, received: &[u8], status: u16) {
+        let text = String::from_utf8_lossy(received);
+        assert_eq!(
+            first_status(received),
+            Some(status),
+            "{name}: unexpected answer:\n{text}"
+        );
+        assert!(
+            !text.contains(SECRET),
+            "{name}: the agent received the secret:\n{text}"
+        );
+        let records = self.audited_since(before);
+        assert!(
+            records.iter().any(|r| r["status"] == status),
+            "{name}: no audit record with status {status}: {records:?}"
+        );
+        let log = self.env.audit_text();
+        assert!(
+            !log.contains(SECRET),
+            "{name}: the audit log holds the secret"
+        );
+    }
+
+    fn upstream_saw(&self, fragment: &str) -> bool {
+        self.upstream
+            .seen()
+            .iter()
+            .any(|s| s.uri.contains(fragment))
+    }
+}
+
+/// Sends `raw` on a new connection; returns every byte until the server
+/// closes it (or 1.5 s of silence).
+fn exchange(addr: SocketAddr, raw: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    stream.write_all(raw).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
+
+fn first_status(received: &[u8]) -> Option<u16> {
+    let text = String::from_utf8_lossy(received);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+fn responses_in(received: &[u8]) -> usize {
+    String::from_utf8_lossy(received)
+        .match_indices("HTTP/1.1 ")
+        .filter(|(i, _)| *i == 0 || String::from_utf8_lossy(&received[..*i]).ends_with('\n'))
+        .count()
+}
+
+const AUTH: &str = "Authorization: Bearer TOKEN\r\n";
+
+#[test]
+fn request_smuggling_and_desync_attempts_are_refused_or_read_one_way() {
+    let a = arena();
+
+    // CL + TE: read by Transfer-Encoding alone, and the connection closed
+    // after the answer, so the request hidden after the chunked body is
+    // never read.
+    let before = a.records();
+    let got = a.raw(&format!(
+        "POST /echo/v1/allowed/cl-te HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: 4\r\n\
+         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+         GET /echo/v1/allowed/smuggled HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n"
+    ));
+    a.assert_case("CL+TE", before, &got, 200);
+    assert_eq!(responses_in(&got), 1, "only one request was read");
+    assert!(!a.upstream_saw("smuggled"));
+
+    // Framing the parser refuses: audited although no request was formed.
+    let refused = [
+        (
+            "two Content-Lengths",
+            format!(
+                "POST /echo/v1/allowed/dup HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: 3\r\nContent-Length: 9\r\n\r\nabcGET /smuggled HTTP/1.1\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "obs-fold",
+            format!(
+                "GET /echo/v1/allowed/fold HTTP/1.1\r\nHost: x\r\n{AUTH}X-Folded: a\r\n b\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "Transfer-Encoding: chunked, identity",
+            format!(
+                "POST /echo/v1/allowed/te HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: chunked, identity\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "an unknown transfer coding",
+            format!(
+                "POST /echo/v1/allowed/te HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: gzip\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "a request line hidden behind a bare LF",
+            format!(
+                "GET /echo/v1/allowed/lf HTTP/1.1\r\nHost: x\r\n{AUTH}X-A: b\nGET /echo/v1/allowed/smuggled HTTP/1.1\r\n\r\n"
+            ),
+            400,
+        ),
+        // Transfer codings sidekey itself refuses, with its JSON error.
+        (
+            "Transfer-Encoding: identity, chunked",
+            format!(
+                "POST /echo/v1/allowed/te2 HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: identity, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "an invalid chunk size",
+            format!(
+                "POST /echo/v1/allowed/chunk HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "an overflowing chunk size",
+            format!(
+                "POST /echo/v1/allowed/chunk HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nabc\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+    ];
+    for (name, raw, status) in refused {
+        let before = a.records();
+        let got = a.raw(&raw);
+        a.assert_case(name, before, &got, status);
+        assert_eq!(responses_in(&got), 1, "{name}: one answer, then close");
+    }
+    assert!(!a.upstream_saw("smuggled"));
+    assert!(!a.upstream_saw("/dup") && !a.upstream_saw("/fold") && !a.upstream_saw("/te"));
+
+    // A bare LF line ending is read as one; the request goes upstream once,
+    // re-framed by sidekey.
+    let before = a.records();
+    let got = a.raw(
+        "GET /echo/v1/allowed/bare-lf HTTP/1.1\nHost: x\nAuthorization: Bearer TOKEN\nConnection: close\n\n",
+    );
+    a.assert_case("bare LF", before, &got, 200);
+    assert_eq!(
+        a.upstream
+            .seen()
+            .iter()
+            .filter(|s| s.uri.contains("bare-lf"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn header_injection_and_oversized_headers_are_refused() {
+    let a = arena();
+    let cases = [
+        (
+            "CR in a value",
+            format!("GET /echo/v1/allowed/cr HTTP/1.1\r\nHost: x\r\n{AUTH}X-A: a\rb\r\n\r\n"),
+            400,
+        ),
+        (
+            "NUL in a value",
+            format!("GET /echo/v1/allowed/nul HTTP/1.1\r\nHost: x\r\n{AUTH}X-A: a\0b\r\n\r\n"),
+            400,
+        ),
+        (
+            "a header without a colon",
+            format!(
+                "GET /echo/v1/allowed/colon HTTP/1.1\r\nHost: x\r\n{AUTH}Authorization Bearer x\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            // Over the 64 KiB limit: refused by sidekey with its JSON error.
+            "a 100 KB header",
+            format!(
+                "GET /echo/v1/allowed/big HTTP/1.1\r\nHost: x\r\n{AUTH}X-Big: {}\r\nConnection: close\r\n\r\n",
+                "a".repeat(100_000)
+            ),
+            431,
+        ),
+        (
+            // Past the parser's own cap.
+            "a 400 KB header",
+            format!(
+                "GET /echo/v1/allowed/huge HTTP/1.1\r\nHost: x\r\n{AUTH}X-Big: {}\r\n\r\n",
+                "a".repeat(400_000)
+            ),
+            431,
+        ),
+    ];
+    for (name, raw, status) in cases {
+        let before = a.records();
+        let got = a.raw(&raw);
+        a.assert_case(name, before, &got, status);
+    }
+    for path in ["/cr", "/nul", "/colon", "/big", "/huge"] {
+        assert!(!a.upstream_saw(path), "{path} reached the upstream");
+    }
+}
+
+#[test]
+fn the_credential_slot_cannot_be_smuggled() {
+    let a = arena();
+
+    // The token in Proxy-Authorization, the agent's own keys in the slot in
+    // other letter cases: all overwritten by the one real credential.
+    let before = a.records();
+    let got = a.raw(
+        "GET /echo/v1/allowed/cases HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer TOKEN\r\n\
+         AUTHORIZATION: Bearer agent-key-1\r\nauthorization: Bearer agent-key-2\r\nConnection: close\r\n\r\n",
+    );
+    a.assert_case("slot in other cases", before, &got, 200);
+    let seen = a.upstream.last();
+    assert_eq!(
+        seen.header_all("authorization"),
+        vec![format!("Bearer {SECRET}")]
+    );
+    assert!(seen.header("proxy-authorization").is_none());
+
+    // The slot repeated with a second value: which one is the agent's token
+    // is ambiguous, so nothing is sent.
+    let before = a.records();
+    let got = a.raw(
+        "GET /echo/v1/allowed/repeated HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer TOKEN\r\n\
+         Authorization: Bearer agent-key\r\nConnection: close\r\n\r\n",
+    );
+    a.assert_case("slot repeated", before, &got, 401);
+    assert!(!a.upstream_saw("/repeated"));
+
+    // The slot in a trailer, after injection has happened: dropped, over
+    // HTTP/1.1 and over an HTTP/2 upstream (which would carry trailers).
+    for (route, upstream) in [("echo", &a.upstream), ("h2", &a.h2)] {
+        let before = a.records();
+        let got = a.raw(&format!(
+            "POST /{route}/v1/allowed/trailer HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: chunked\r\n\
+             Trailer: authorization\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\
+             Authorization: Bearer agent-key\r\n\r\n"
+        ));
+        a.assert_case(&format!("slot in a trailer to {route}"), before, &got, 200);
+        let seen = upstream.last();
+        assert!(seen.uri.ends_with("/trailer"));
+        assert_eq!(seen.body, b"abc");
+        assert!(
+            seen.trailers.is_empty(),
+            "trailers reached {route}: {:?}",
+            seen.trailers
+        );
+        assert_eq!(
+            seen.header_all("authorization"),
+            vec![format!("Bearer {SECRET}")]
+        );
+    }
+}
+
+/// HPACK "literal header field without indexing, new name" with plain
+/// (not Huffman) strings.
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        let len = s.len();
+        if len < 127 {
+            out.push(len as u8);
+        } else {
+            out.push(127);
+            let mut rest = len - 127;
+            while rest >= 128 {
+                out.push((rest % 128) as u8 | 0x80);
+                rest /= 128;
+            }
+            out.push(rest as u8);
+        }
+        out.extend_from_slice(s.as_bytes());
+    }
+    out.push(0x00);
+    string(out, name);
+    string(out, value);
+}
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// One h2c request (prior knowledge) with `headers` as given, pseudo-headers
+/// included; returns the frames the server sent as (type, payload).
+fn h2_exchange(addr: SocketAddr, headers: &[(&str, &str)]) -> Vec<(u8, Vec<u8>)> {
+    const HEADERS: u8 = 1;
+    const SETTINGS: u8 = 4;
+    let mut block = Vec::new();
+    for (name, value) in headers {
+        hpack_literal(&mut block, name, value);
+    }
+    let mut raw = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    raw.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    raw.extend(h2_frame(HEADERS, 0x4 | 0x1, 1, &block));
+    let received = exchange(addr, &raw);
+    let mut frames = Vec::new();
+    let mut rest = &received[..];
+    while rest.len() >= 9 {
+        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        if rest.len() < 9 + len {
+            break;
+        }
+        frames.push((rest[3], rest[9..9 + len].to_vec()));
+        rest = &rest[9 + len..];
+    }
+    frames
+}
+
+#[test]
+fn http2_pseudo_header_collisions_do_not_steer_or_smuggle() {
+    const DATA: u8 = 0;
+    const RST_STREAM: u8 = 3;
+    const GOAWAY: u8 = 7;
+    let a = arena();
+    let other = format!("127.0.0.1:{}", a.other.addr.port());
+
+    // `:authority` and `host` naming other hosts: the gateway's route
+    // decides where the credential goes, not either of them.
+    let before = a.records();
+    let frames = h2_exchange(
+        a.sidekey.addr,
+        &[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/echo/v1/allowed/h2-authority"),
+            (":authority", &other),
+            ("host", "evil.example"),
+            ("authorization", &format!("Bearer {}", a.token)),
+        ],
+    );
+    let body: Vec<u8> = frames
+        .iter()
+        .filter(|(kind, _)| *kind == DATA)
+        .flat_map(|(_, payload)| payload.clone())
+        .collect();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("[REDACTED]"),
+        "the echo came back scrubbed: {body}"
+    );
+    assert!(!body.contains(SECRET));
+    assert!(a.upstream_saw("/h2-authority"));
+    assert!(
+        a.other.seen().is_empty(),
+        "the credential was steered to another host"
+    );
+    let records = a.audited_since(before);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["status"] == 200 && r["path"] == "/v1/allowed/h2-authority")
+    );
+
+    // A second `:path` (a pseudo-header collision): a malformed request
+    // that h2 resets before it is formed, so nothing goes upstream. (No
+    // audit record: no request ever existed.)
+    let frames = h2_exchange(
+        a.sidekey.addr,
+        &[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/echo/v1/allowed/h2-first"),
+            (":path", "/echo/v1/allowed/admin/h2-second"),
+            (":authority", "x"),
+            ("authorization", &format!("Bearer {}", a.token)),
+        ],
+    );
+    assert!(
+        frames
+            .iter()
+            .any(|(kind, _)| *kind == RST_STREAM || *kind == GOAWAY),
+        "the malformed stream was reset: {frames:?}"
+    );
+    assert!(!a.upstream_saw("h2-first") && !a.upstream_saw("h2-second"));
+}
+
+#[test]
+fn path_tricks_do_not_bypass_the_policy() {
+    let a = arena();
+    let cases = [
+        ("/echo/v1/allowed/%2e%2e/secret", 400),
+        ("/echo/v1/allowed/%2E%2E/%2e%2e/x", 400),
+        ("/echo/v1/allowed/..;/admin/x", 400),
+        ("/echo/v1/allowed/admin%2fx", 400),
+        ("/echo/v1/allowed/admin%5cx", 400),
+        ("/echo/v1/allowed/%c0%ae%c0%ae/x", 400),
+        ("/echo/v1/allowed/%e0%80%ae/x", 400),
+        ("/echo/v1/allowed/admin%00/x", 400),
+        ("/echo/v1/allowed//admin/x", 403),
+        ("/echo//v1/allowed/admin/x", 403),
+        ("/echo/v1/allowed/./admin/x", 403),
+        ("/echo/v1/allowed/admin;jsessionid=1/x", 403),
+        ("/echo/v1/allowed/ADMIN/x", 403),
+        ("/echo/v1/allowed/%61dmin/x", 403),
+        ("/echo/v1/allowed/admin./x", 403),
+        ("/echo/v1/allowed/admin%20/x", 403),
+        ("/echo/v1/allowed/admin", 403),
+        ("/echo/v1/secret", 403),
+        ("/echo/V1/allowed/x", 403),
+    ];
+    for (path, status) in cases {
+        let before = a.records();
+        let got = a.raw(&format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\n{AUTH}Connection: close\r\n\r\n"
+        ));
+        a.assert_case(path, before, &got, status);
+    }
+    assert!(
+        a.upstream.seen().is_empty(),
+        "a trick reached the upstream: {:?}",
+        a.upstream
+            .seen()
+            .iter()
+            .map(|s| s.uri.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn forward_requests_go_where_sidekey_resolves_not_where_host_points() {
+    let a = arena();
+    let basic = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("coder:{}", a.token))
+    };
+    let up = a.upstream.addr;
+
+    // Absolute-form to the route's origin with `Host` naming another host:
+    // the credential goes to the URI's origin, which is the route's.
+    let before = a.records();
+    let got = exchange(
+        a.sidekey.addr,
+        format!(
+            "GET http://{up}/v1/allowed/abs HTTP/1.1\r\nHost: evil.example\r\n\
+             Proxy-Authorization: Basic {basic}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    a.assert_case("absolute-form with a foreign Host", before, &got, 200);
+    assert_eq!(
+        a.upstream.last().header("host"),
+        Some(up.to_string().as_str())
+    );
+
+    // Absolute-form to another host with `Host` naming the route's origin:
+    // no route, no rule for coder, refused.
+    let before = a.records();
+    let other = a.other.addr;
+    let got = exchange(
+        a.sidekey.addr,
+        format!(
+            "GET http://{other}/v1/allowed/steer HTTP/1.1\r\nHost: {up}\r\n\
+             Proxy-Authorization: Basic {basic}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    a.assert_case("absolute-form with the route's Host", before, &got, 403);
+    assert!(a.other.seen().is_empty());
+
+    // CONNECT to a host only another agent may reach.
+    let before = a.records();
+    let got = exchange(
+        a.sidekey.addr,
+        format!(
+            "CONNECT {other} HTTP/1.1\r\nHost: {other}\r\nProxy-Authorization: Basic {basic}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    a.assert_case("CONNECT to another agent's host", before, &got, 403);
+    let records = a.audited_since(before);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["mode"] == "connect" && r["decision"] == "deny")
+    );
+    assert!(a.other.seen().is_empty());
+}
+
+#[test]
+fn upstream_redirects_and_error_pages_do_not_carry_the_secret_out() {
+    let a = arena();
+    let proxy = format!("http://coder:{}@{}", a.token, a.sidekey.addr);
+
+    // A redirect to another origin: sidekey does not follow it, and its
+    // body and headers (which echo the credential) are scrubbed.
+    let before = a.records();
+    let (status, text) = curl(&[
+        &a.sidekey.url(&format!(
+            "/echo/v1/allowed/redirect-to/{}",
+            a.other.addr.port()
+        )),
+        "-H",
+        &format!("authorization: Bearer {}", a.token),
+    ]);
+    a.assert_case("redirect", before, text.as_bytes(), status);
+    assert_eq!(status, 302);
+    assert!(a.other.seen().is_empty(), "sidekey followed the redirect");
+
+    // The agent follows it itself, through the proxy: the other origin is
+    // not the route's, so no credential goes with it (and coder may not
+    // reach it at all).
+    let before = a.records();
+    let (status, text) = curl_via(
+        &proxy,
+        &[
+            "-L",
+            &format!(
+                "http://{}/v1/allowed/redirect-to/{}",
+                a.upstream.addr,
+                a.other.addr.port()
+            ),
+        ],
+    );
+    assert_eq!(status, 403, "{text}");
+    assert!(!text.contains(SECRET));
+    assert!(a.other.seen().is_empty());
+    let records = a.audited_since(before);
+    assert!(
+        records.iter().any(|r| r["status"] == 302) && records.iter().any(|r| r["status"] == 403)
+    );
+
+    // Error pages that echo the credential, in headers and body.
+    for code in [400, 401, 500, 502] {
+        let before = a.records();
+        let got = a.raw(&format!(
+            "GET /echo/v1/allowed/status/{code} HTTP/1.1\r\nHost: x\r\n{AUTH}Connection: close\r\n\r\n"
+        ));
+        a.assert_case(&format!("echoing {code} page"), before, &got, code);
+        assert!(String::from_utf8_lossy(&got).contains("[REDACTED]"));
+    }
+}
+
+#[test]
+fn a_token_replayed_after_expiry_or_revocation_is_refused() {
+    let a = arena();
+    let short = a.env.token_with(&["coder", "--ttl", "1s"]);
+    let revoked = a.env.token_with(&["coder", "--session", "doomed"]);
+    a.env.ok(&["token", "revoke", "--session", "doomed"], None);
+    // Past the 1 s lifetime (expiry is checked to the second, no skew for
+    // sidekey's own tokens).
+    std::thread::sleep(Duration::from_millis(2100));
+    for (name, token, code) in [
+        ("expired", &short, "token_expired"),
+        ("revoked", &revoked, "token_revoked"),
+    ] {
+        let before = a.records();
+        let got = exchange(
+            a.sidekey.addr,
+            format!(
+                "GET /echo/v1/allowed/replay HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        a.assert_case(name, before, &got, 401);
+        assert!(String::from_utf8_lossy(&got).contains(code), "{name}");
+
+        let before = a.records();
+        let (status, text) = curl_via(
+            &format!("http://coder:{token}@{}", a.sidekey.addr),
+            &[&format!("http://{}/v1/allowed/replay", a.upstream.addr)],
+        );
+        a.assert_case(
+            &format!("{name} via the forward proxy"),
+            before,
+            text.as_bytes(),
+            status,
+        );
+        assert_eq!(status, 407);
+    }
+    assert!(!a.upstream_saw("/replay"));
+}
