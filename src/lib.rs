@@ -32,6 +32,8 @@ pub mod listen;
 pub mod live;
 pub mod metrics;
 pub mod policy;
+#[doc(hidden)]
+pub mod properties;
 pub mod proxy;
 pub mod scrub;
 pub mod secret;

@@ -62,10 +62,21 @@ impl HostPattern {
     }
 }
 
-/// Lower-cases a host and removes one trailing dot and IPv6 brackets.
-pub fn normalize_host(host: &str) -> String {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+/// Lower-cases a host and removes trailing dots and the brackets of an IPv6
+/// literal. Idempotent, so the policy and egress agree on a host however
+/// many times it passed through here.
+pub fn normalize_host(mut host: &str) -> String {
+    loop {
+        let trimmed = host.trim_end_matches('.');
+        let trimmed = trimmed
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(trimmed);
+        if trimmed == host {
+            return host.to_ascii_lowercase();
+        }
+        host = trimmed;
+    }
 }
 
 /// The call being decided, in plain data.

@@ -19,7 +19,9 @@ pub(super) fn set(paths: &Paths, name: &str) -> anyhow::Result<()> {
     if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         eprintln!("enter the value for {name:?}, then press Ctrl-D:");
     }
-    let mut raw = Zeroizing::new(Vec::new());
+    // Room for the largest value up front: a growing Vec would leave copies
+    // of the value in freed memory that zeroize never sees.
+    let mut raw = Zeroizing::new(Vec::with_capacity(MAX_VALUE as usize + 1));
     std::io::stdin()
         .take(MAX_VALUE + 1)
         .read_to_end(&mut raw)

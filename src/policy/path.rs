@@ -197,6 +197,9 @@ impl PathPattern {
     /// other letter case, trailing dots and spaces as Windows servers drop
     /// them), so a denied path cannot be reached by respelling it.
     pub fn matches_loosely(&self, path: &NormalPath) -> bool {
+        if self.matches(path) {
+            return true;
+        }
         let mut loose: Vec<&str> = path
             .segments()
             .iter()

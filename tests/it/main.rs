@@ -9,6 +9,7 @@ mod attacks; // the prompt-injected agent: smuggling, slot smuggling, path trick
 mod cli; // init, secret, token, check, explain, demo through the command line
 mod dynamic; // OAuth 2 and GCP service-account access tokens
 mod exec; // `sidekey exec`: real clients in a command with no secret, --isolate
+mod faults; // failing upstreams, secret sources, audit sinks; kill -9 and restarts
 mod forward; // HTTP(S)_PROXY: absolute-form, CONNECT, interception, SSRF
 mod gateway; // the reverse gateway: injection, identity, policy, errors
 mod git; // git clone and push through HTTPS_PROXY

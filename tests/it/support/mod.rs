@@ -99,7 +99,12 @@ impl TestEnv {
     }
 
     pub fn spawn_with(&self, envs: &[(&str, &str)]) -> Sidekey {
-        let mut cmd = self.cmd(&["run", "--listen", "127.0.0.1:0"]);
+        self.spawn_listening("127.0.0.1:0", envs)
+    }
+
+    /// `sidekey run --listen LISTEN`, e.g. the address of a previous run.
+    pub fn spawn_listening(&self, listen: &str, envs: &[(&str, &str)]) -> Sidekey {
+        let mut cmd = self.cmd(&["run", "--listen", listen]);
         for (k, v) in envs {
             cmd.env(k, v);
         }

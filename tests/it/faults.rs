@@ -1,0 +1,460 @@
+//! Faults: hostile or failing upstreams, secret sources and audit sinks
+//! that go away, configs deleted under a reload, `kill -9` in the middle of
+//! writing the store or the revocation list, and a restart under open
+//! tunnels. sidekey fails closed, frees what it held, and loses nothing it
+//! reported written.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const SECRET: &str = "sk-fault-secret-19c0e6a7f2";
+
+/// An upstream that misbehaves by path: `/reset` sends half a body (with
+/// the credential it got) and hangs up, `/garbage` answers with bytes that
+/// are not HTTP, `/stall` never answers and counts the connections sidekey
+/// closes on it.
+struct HostileUpstream {
+    addr: SocketAddr,
+    stalls_closed: Arc<AtomicUsize>,
+    paths: Arc<Mutex<Vec<String>>>,
+}
+
+impl HostileUpstream {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stalls_closed = Arc::new(AtomicUsize::new(0));
+        let paths = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (stalls_closed, paths) = (stalls_closed.clone(), paths.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let (stalls_closed, paths) = (stalls_closed.clone(), paths.clone());
+                    std::thread::spawn(move || misbehave(stream, &stalls_closed, &paths));
+                }
+            });
+        }
+        Self {
+            addr,
+            stalls_closed,
+            paths,
+        }
+    }
+}
+
+fn misbehave(mut stream: TcpStream, stalls_closed: &AtomicUsize, paths: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        head.push(line);
+    }
+    let Some(path) = head.first().and_then(|l| l.split_whitespace().nth(1)) else {
+        return;
+    };
+    paths.lock().unwrap().push(path.to_string());
+    let auth = head
+        .iter()
+        .find_map(|l| l.strip_prefix("authorization: "))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    if path.ends_with("/reset") {
+        let _ = stream.write_all(
+            format!("HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nhalf a body, and {auth}")
+                .as_bytes(),
+        );
+        // Dropped: the connection closes 99,9xx bytes short.
+    } else if path.ends_with("/garbage") {
+        let _ = stream.write_all(format!("SSH-2.0-not-http {auth}\r\n\r\n").as_bytes());
+    } else if path.ends_with("/stall") {
+        let mut sink = [0u8; 64];
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+        while let Ok(n) = stream.read(&mut sink) {
+            if n == 0 {
+                break;
+            }
+        }
+        stalls_closed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn hostile_env(hostile: &HostileUpstream, extra: &str) -> TestEnv {
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let env = TestEnv::new(&format!(
+        r#"
+[limits]
+upstream_timeout = "1s"
+max_connections = 4
+
+[secrets.api]
+source = "store"
+
+[routes.bad]
+upstream = "http://{hostile}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+
+[routes.down]
+upstream = "http://{closed}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+
+[[rules]]
+agents = ["coder"]
+route = "bad"
+action = "allow"
+
+[[rules]]
+agents = ["coder"]
+route = "down"
+action = "allow"
+{extra}
+"#,
+        hostile = hostile.addr,
+    ));
+    env.set_secret("api", SECRET);
+    env
+}
+
+fn code_of(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("x-sidekey-error: "))
+        .map(|c| c.trim().to_string())
+}
+
+#[test]
+fn failing_upstreams_get_clear_errors_and_free_their_connections() {
+    let hostile = HostileUpstream::start();
+    let env = hostile_env(&hostile, "");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let auth = format!("authorization: Bearer {token}");
+
+    for (path, status, code) in [
+        ("/down/x", 502, "upstream_unreachable"),
+        ("/bad/garbage", 502, "upstream_unreachable"),
+    ] {
+        let (got, text) = curl(&[&sidekey.url(path), "-H", &auth]);
+        assert_eq!(got, status, "{path}: {text}");
+        assert_eq!(code_of(&text).as_deref(), Some(code), "{path}");
+        assert_no_leak(&text, SECRET, path);
+    }
+
+    // Half a body then a hang-up: the head was already on its way, so the
+    // agent sees its transfer cut short (curl exit 18), promptly, and
+    // the half it got is scrubbed.
+    let started = Instant::now();
+    let out = Command::new("curl")
+        .args(["--noproxy", "*", "-sS", "-i", "--max-time", "20"])
+        .arg(sidekey.url("/bad/reset"))
+        .args(["-H", &auth])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(18), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the cut was not passed on"
+    );
+    assert!(text.contains("half a body"), "{text}");
+    assert_no_leak(&text, SECRET, "a cut-short body");
+
+    // A stalled upstream: 504 after upstream_timeout, and both connections
+    // are let go. Twice the connection cap in a row, so a leaked slot
+    // would show as 503 too_many_connections.
+    for round in 0..8 {
+        let (got, text) = curl(&[&sidekey.url("/bad/stall"), "-H", &auth]);
+        assert_eq!(got, 504, "round {round}: {text}");
+        assert_eq!(code_of(&text).as_deref(), Some("upstream_timeout"));
+    }
+    eventually(Duration::from_secs(10), || {
+        (hostile.stalls_closed.load(Ordering::SeqCst) == 8).then_some(())
+    });
+    let audited: Vec<_> = env
+        .audit()
+        .into_iter()
+        .filter(|r| r["route"] == "bad" || r["route"] == "down")
+        .map(|r| r["status"].as_u64().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        audited.iter().filter(|&&s| s == 504).count(),
+        8,
+        "{audited:?}"
+    );
+    assert!(audited.contains(&502) && audited.contains(&200));
+    assert!(hostile.paths.lock().unwrap().len() >= 10);
+    assert_no_leak(&env.audit_text(), SECRET, "the audit log");
+}
+
+#[test]
+fn a_secret_file_that_disappears_fails_closed_until_it_returns() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "file:api-key.txt"));
+    let file = env.dir.path().join("api-key.txt");
+    std::fs::write(&file, SECRET).unwrap();
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = || {
+        curl(&[
+            &sidekey.url("/echo/x"),
+            "-H",
+            &format!("authorization: Bearer {token}"),
+        ])
+    };
+    assert_eq!(get().0, 200);
+
+    std::fs::remove_file(&file).unwrap();
+    let (status, text) = eventually(Duration::from_secs(5), || {
+        let got = get();
+        (got.0 == 503).then_some(got)
+    });
+    assert_eq!(
+        code_of(&text).as_deref(),
+        Some("secret_unavailable"),
+        "{status}"
+    );
+    let seen = upstream.count();
+    assert_eq!(get().0, 503);
+    assert_eq!(
+        upstream.count(),
+        seen,
+        "nothing reaches the upstream without the secret"
+    );
+
+    std::fs::write(&file, SECRET).unwrap();
+    eventually(Duration::from_secs(5), || (get().0 == 200).then_some(()));
+}
+
+#[test]
+fn an_unwritable_audit_log_refuses_requests_or_is_skipped_as_configured() {
+    let upstream = Upstream::http();
+    for (on_failure, expect) in [("deny", 503), ("continue", 200)] {
+        let env = TestEnv::new(&format!(
+            "[audit]\nfile = \"audit-is-a-directory\"\non_failure = \"{on_failure}\"\n{}",
+            echo_route(&upstream, "store")
+        ));
+        std::fs::create_dir_all(env.state.join("audit-is-a-directory")).unwrap();
+        env.set_secret("api", SECRET);
+        let token = env.token("coder");
+        let sidekey = env.spawn();
+        for _ in 0..2 {
+            let (status, text) = curl(&[
+                &sidekey.url("/echo/x"),
+                "-H",
+                &format!("authorization: Bearer {token}"),
+            ]);
+            assert_eq!(status, expect, "on_failure = {on_failure}: {text}");
+            assert_no_leak(&text, SECRET, "the response");
+            if expect == 503 {
+                assert_eq!(code_of(&text).as_deref(), Some("audit_unavailable"));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_config_deleted_or_garbled_under_reload_leaves_the_old_one_serving() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "store"));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = || {
+        curl(&[
+            &sidekey.url("/echo/x"),
+            "-H",
+            &format!("authorization: Bearer {token}"),
+        ])
+        .0
+    };
+    let original = std::fs::read(&env.config).unwrap();
+
+    std::fs::remove_file(&env.config).unwrap();
+    sidekey.signal("HUP");
+    eventually(Duration::from_secs(5), || {
+        sidekey.stderr().contains("reload refused").then_some(())
+    });
+    assert_eq!(get(), 200);
+
+    std::fs::write(&env.config, b"\xff\xfe\x00garbage [[[\n").unwrap();
+    let out = env.run(&["reload"], None);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(get(), 200);
+
+    // Truncated halfway, as an editor crash might leave it.
+    std::fs::write(&env.config, &original[..original.len() / 2]).unwrap();
+    sidekey.signal("HUP");
+    assert_eq!(get(), 200);
+    assert!(!sidekey.stderr().contains("panicked"));
+}
+
+/// Starts `sidekey ARGS` with `stdin`, kills it with SIGKILL after `delay`,
+/// and says whether it had already finished successfully.
+fn run_and_kill(env: &TestEnv, args: &[&str], stdin: &[u8], delay: Duration) -> bool {
+    let mut child = env
+        .cmd(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let _ = input.write_all(stdin);
+    drop(input);
+    std::thread::sleep(delay);
+    let _ = child.kill();
+    child.wait().unwrap().success()
+}
+
+#[test]
+fn kill_9_during_secret_set_and_token_revoke_leaves_old_or_new_never_torn() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "store"));
+    env.set_secret("api", "initial-value-0");
+    // Every value `secret set` was given, in order, and the index of the
+    // last one it reported stored.
+    let mut attempted = Vec::new();
+    let mut last_reported = 0;
+    let mut revoked = Vec::new();
+    // Spread the kills from the start to past the end of a whole run.
+    let timed = |args: &[&str], stdin: Option<&str>| {
+        let started = Instant::now();
+        env.ok(args, stdin);
+        started.elapsed() * 3 / 2
+    };
+    let value_of = |round: u32| format!("rotated-value-{round}-{}", "x".repeat(16 * 1024));
+    let set_run = timed(&["secret", "set", "api"], Some(&value_of(999)));
+    attempted.push(value_of(999));
+    let revoke_run = timed(&["token", "revoke", "--session", "timed"], None);
+    const ROUNDS: u32 = 24;
+    for round in 0..ROUNDS {
+        let value = value_of(round);
+        let delay = set_run * round / ROUNDS;
+        attempted.push(value.clone());
+        if run_and_kill(&env, &["secret", "set", "api"], value.as_bytes(), delay) {
+            last_reported = attempted.len() - 1;
+        }
+        let session = format!("killed-{round}");
+        let delay = revoke_run * round / ROUNDS;
+        if run_and_kill(
+            &env,
+            &["token", "revoke", "--session", &session],
+            b"",
+            delay,
+        ) {
+            revoked.push(session);
+        }
+        // Whole after every kill: the store decrypts, the list parses.
+        let listed = env.run(&["secret", "list", "--json"], None);
+        assert!(
+            listed.status.success(),
+            "round {round}: the store is damaged: {}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
+        let status = env.ok(&["status"], None);
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(status["running"], false);
+        for session in &revoked {
+            assert!(
+                status["revocations"]["sessions"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|v| v == session.as_str())),
+                "round {round}: a reported revocation of {session} was lost"
+            );
+        }
+    }
+    assert!(
+        last_reported > 0 && !revoked.is_empty(),
+        "some writes completed: {} revokes in {revoke_run:?}, last set {last_reported} in {set_run:?}",
+        revoked.len()
+    );
+
+    // The value the proxy uses is a whole one, and not older than the last
+    // one `secret set` reported stored.
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let (status, _) = curl(&[
+        &sidekey.url("/echo/x"),
+        "-H",
+        &format!("authorization: Bearer {token}"),
+    ]);
+    assert_eq!(status, 200);
+    let used = upstream
+        .last()
+        .header("authorization")
+        .unwrap_or_default()
+        .to_string();
+    let value = used.strip_prefix("Bearer ").unwrap_or_default();
+    let index = attempted.iter().position(|a| a == value);
+    assert!(
+        index.is_some_and(|i| i >= last_reported),
+        "the store holds a torn or lost value ({} bytes, index {index:?}, last reported {last_reported})",
+        value.len()
+    );
+}
+
+#[test]
+fn a_restart_under_open_tunnels_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https(dir.path());
+    let env = TestEnv::new(&format!(
+        "[tls]\nupstream_ca = [\"{}\"]\n{}",
+        upstream.ca.as_ref().unwrap().display(),
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let mut first = env.spawn();
+    let addr = first.addr;
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(env.state.join("ca.crt")).unwrap()).unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .proxy(reqwest::Proxy::all(format!("http://coder:{token}@{addr}")).unwrap())
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let url = upstream.base().replace("127.0.0.1", "localhost") + "/tunnel";
+    assert_eq!(client.get(&url).send().unwrap().status(), 200);
+    // The tunnel stays open in the client's pool; sidekey restarts under it.
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(Duration::from_secs(20)), Some(0));
+    let _second = env.spawn_listening(&addr.to_string(), &[]);
+    // The pooled tunnel is gone; the client's next request (at most one
+    // retry) opens a new one, and the same token still works.
+    let status = client
+        .get(&url)
+        .send()
+        .or_else(|_| client.get(&url).send())
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    // Every audit line is whole, and both tunnels' requests are there.
+    let records = env.audit();
+    let tunnelled = records
+        .iter()
+        .filter(|r| r["mode"] == "intercept" && r["status"] == 200)
+        .count();
+    assert!(tunnelled >= 2, "{records:?}");
+    assert_no_leak(&env.audit_text(), SECRET, "the audit log");
+}
