@@ -4,7 +4,9 @@ mod activity;
 
 pub use activity::ConnSlot;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,51 +99,28 @@ pub async fn serve(
             slot: slot.clone(),
             proxy: proxy.clone(),
         };
-        let acceptor = acceptor.clone();
-        let limits = limits.clone();
+        // Boxed per kind of connection, so a plain TCP connection's task is
+        // the size of its own state, not of the TLS handshake's.
+        let served: Pin<Box<dyn Future<Output = ()> + Send>> = match accepted {
+            Accepted::Tcp(stream) => {
+                let _ = stream.set_nodelay(true);
+                let io = Watched::new(stream, activity);
+                Box::pin(conn.serve(io, Peer::Anonymous))
+            }
+            Accepted::Unix(stream, uid) => {
+                let peer = uid.map_or(Peer::Anonymous, Peer::Uid);
+                Box::pin(conn.serve(Watched::new(stream, activity), peer))
+            }
+            Accepted::Tls(stream, addr) => {
+                let _ = stream.set_nodelay(true);
+                let Some(acceptor) = acceptor.clone() else {
+                    continue;
+                };
+                let io = Watched::new(stream, activity);
+                Box::pin(conn.serve_tls(io, addr, acceptor, limits.header_timeout))
+            }
+        };
         tokio::spawn(async move {
-            let served = async {
-                match accepted {
-                    Accepted::Tcp(stream) => {
-                        let _ = stream.set_nodelay(true);
-                        let io = Watched::new(stream, activity.clone());
-                        conn.serve(io, Peer::Anonymous).await;
-                    }
-                    Accepted::Unix(stream, uid) => {
-                        let peer = uid.map_or(Peer::Anonymous, Peer::Uid);
-                        let io = Watched::new(stream, activity.clone());
-                        conn.serve(io, peer).await;
-                    }
-                    Accepted::Tls(stream, addr) => {
-                        let _ = stream.set_nodelay(true);
-                        let Some(acceptor) = acceptor else { return };
-                        let io = Watched::new(stream, activity.clone());
-                        let handshake =
-                            tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await;
-                        let tls = match handshake {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                tracing::info!(%addr, error = %e, "agent certificate refused at the handshake");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
-                        let cert = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|certs| certs.first())
-                            .map(|der| crate::identity::PeerCert::from_der(der));
-                        match cert {
-                            Some(Ok(cert)) => conn.serve(tls, Peer::Cert(cert)).await,
-                            Some(Err(e)) => {
-                                tracing::info!(%addr, error = %e, "client certificate refused")
-                            }
-                            None => tracing::info!(%addr, "no client certificate"),
-                        }
-                    }
-                }
-            };
             tokio::select! {
                 _ = served => {}
                 _ = slot.idle() => {
@@ -171,6 +150,36 @@ struct Conn {
 }
 
 impl Conn {
+    /// The mTLS listener: the handshake (bounded by the header timeout),
+    /// then the client certificate names the agent.
+    async fn serve_tls(
+        self,
+        io: Watched<tokio::net::TcpStream>,
+        addr: SocketAddr,
+        acceptor: tokio_rustls::TlsAcceptor,
+        handshake_timeout: Duration,
+    ) {
+        let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::info!(%addr, error = %e, "agent certificate refused at the handshake");
+                return;
+            }
+            Err(_) => return,
+        };
+        let cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .map(|der| crate::identity::PeerCert::from_der(der));
+        match cert {
+            Some(Ok(cert)) => self.serve(tls, Peer::Cert(cert)).await,
+            Some(Err(e)) => tracing::info!(%addr, error = %e, "client certificate refused"),
+            None => tracing::info!(%addr, "no client certificate"),
+        }
+    }
+
     async fn serve<IO>(self, io: IO, peer: Peer)
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -293,6 +302,22 @@ impl TryWrite for tokio::net::TcpStream {
 impl TryWrite for tokio::net::UnixStream {
     fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
         tokio::net::UnixStream::try_write(self, buf)
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: each agent connection
+/// and its upstream connection hold a descriptor, and the usual soft limit
+/// (1024) is far below `limits.max_connections`. Returns the new limit.
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => limit.maximum,
+        Err(_) => limit.current,
     }
 }
 

@@ -170,6 +170,15 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
     init_logging("info");
     let config = paths.config()?;
     let state = paths.state_dir_of(&config)?;
+    if let Some(limit) = crate::listen::raise_fd_limit()
+        && limit < config.limits.max_connections as u64 * 2
+    {
+        tracing::warn!(
+            limit,
+            max_connections = config.limits.max_connections,
+            "the open-file limit is below two per allowed connection; raise it (ulimit -n) or lower limits.max_connections"
+        );
+    }
     let admin_path = config.admin.clone().unwrap_or_else(|| state.admin_socket());
     runtime()?.block_on(async {
         let running = start(config, state, listen).await?;

@@ -128,7 +128,7 @@ fn revocation_through_the_admin_api_ends_an_open_tunnel_at_the_next_request() {
             &format!("{}/x", upstream.base()),
             &proxy,
             &ca.display().to_string(),
-            BIN,
+            bin(),
             &env.config.display().to_string(),
         ],
     );

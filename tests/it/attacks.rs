@@ -705,3 +705,53 @@ fn a_token_replayed_after_expiry_or_revocation_is_refused() {
     }
     assert!(!a.upstream_saw("/replay"));
 }
+
+#[test]
+fn another_process_of_the_same_user_cannot_read_sidekeys_memory_and_no_core_is_written() {
+    // Both sidekey and the reader run without capabilities (as an agent
+    // would), so only sidekey's own protection stands between them.
+    const CAPLESS: [&str; 4] = [
+        "setpriv",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+    ];
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "env:HYGIENE_SECRET"));
+    let sidekey = env.spawn_wrapped(&CAPLESS, "127.0.0.1:0", &[("HYGIENE_SECRET", SECRET)]);
+    let pid = sidekey.child.id();
+    let read = |target: u32, file: &str| {
+        std::process::Command::new(CAPLESS[0])
+            .args(&CAPLESS[1..])
+            .args(["cat", &format!("/proc/{target}/{file}")])
+            .output()
+            .unwrap()
+    };
+    for file in ["environ", "mem"] {
+        let out = read(pid, file);
+        assert!(!out.status.success(), "/proc/{pid}/{file} was readable");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(SECRET));
+    }
+    // The same reader can read an ordinary process of the same standing:
+    // the refusal above is sidekey's doing.
+    let mut control = std::process::Command::new(CAPLESS[0])
+        .args(&CAPLESS[1..])
+        .args(["sleep", "30"])
+        .env("CONTROL_MARKER", "visible")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let out = read(control.id(), "environ");
+    let _ = control.kill();
+    let _ = control.wait();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CONTROL_MARKER=visible"));
+
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+    assert_eq!(core.split_whitespace().nth(5), Some("0"), "{core}");
+}

@@ -19,7 +19,7 @@ const SECRET_TWO: &str = "sk-cli-second-9b2e40";
 
 /// `sidekey ARGS` in `dir` with no `-c` and no inherited sidekey settings.
 fn bare(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(args)
         .current_dir(dir)
         .env_remove("SIDEKEY_CONFIG")

@@ -15,6 +15,7 @@ mod gateway; // the reverse gateway: injection, identity, policy, errors
 mod git; // git clone and push through HTTPS_PROXY
 mod limits; // connection cap, idle and header timeouts, size limits
 mod live; // rotation, revocation, reload and shutdown while running
+mod load; // 2,000 keep-alive connections, 200 tunnels, 10,000 idle, slowloris
 mod mtls; // agents with client certificates on listen_tls
 mod oidc; // workload JWTs verified against a JWKS
 mod peer; // unix-socket agents identified by their uid

@@ -156,7 +156,7 @@ fn a_certificate_revoked_mid_connection_is_refused_at_the_next_request() {
             &crt,
             &key,
             &s.ca,
-            BIN,
+            bin(),
             &s.env.config.display().to_string(),
             &serial,
         ],

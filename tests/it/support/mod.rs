@@ -14,7 +14,18 @@ use std::time::{Duration, Instant};
 
 pub use upstream::Upstream;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_sidekey");
+/// The binary under test: this build's, or `$SIDEKEY_TEST_BIN` (the load
+/// tests against a release build, say).
+pub fn bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os("SIDEKEY_TEST_BIN") {
+        Some(path) => std::path::absolute(path)
+            .expect("SIDEKEY_TEST_BIN is a path")
+            .display()
+            .to_string(),
+        None => env!("CARGO_BIN_EXE_sidekey").to_string(),
+    })
+}
 
 /// A temp dir holding `sidekey.toml` and a state dir.
 pub struct TestEnv {
@@ -43,7 +54,19 @@ impl TestEnv {
 
     /// `sidekey -c CONFIG ARGS`, with no inherited sidekey settings.
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
+        self.cmd_wrapped(&[], args)
+    }
+
+    /// `WRAPPER… sidekey -c CONFIG ARGS` (`setpriv …`, say).
+    pub fn cmd_wrapped(&self, wrapper: &[&str], args: &[&str]) -> Command {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(bin());
+                cmd
+            }
+            None => Command::new(bin()),
+        };
         cmd.arg("-c").arg(&self.config).args(args);
         cmd.env_remove("SIDEKEY_CONFIG")
             .env_remove("SIDEKEY_STATE_DIR")
@@ -104,7 +127,12 @@ impl TestEnv {
 
     /// `sidekey run --listen LISTEN`, e.g. the address of a previous run.
     pub fn spawn_listening(&self, listen: &str, envs: &[(&str, &str)]) -> Sidekey {
-        let mut cmd = self.cmd(&["run", "--listen", listen]);
+        self.spawn_wrapped(&[], listen, envs)
+    }
+
+    /// [`Self::spawn_listening`] under a wrapper command.
+    pub fn spawn_wrapped(&self, wrapper: &[&str], listen: &str, envs: &[(&str, &str)]) -> Sidekey {
+        let mut cmd = self.cmd_wrapped(wrapper, &["run", "--listen", listen]);
         for (k, v) in envs {
             cmd.env(k, v);
         }

@@ -1,0 +1,362 @@
+//! Load: thousands of concurrent keep-alive connections and hundreds of
+//! CONNECT tunnels without an error, ten thousand idle connections held and
+//! let go, and slow clients that cannot starve the others. Sidekey's RSS is
+//! printed (run with `--nocapture`, or `scripts/load`); speed is never
+//! asserted, only correctness and bounded memory.
+#![allow(clippy::print_stdout, reason = "the RSS figures are the report")]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+const SECRET: &str = "sk-load-secret-0b3c9d";
+
+/// How many connections each test opens; `SIDEKEY_LOAD_SCALE=0.1` shrinks
+/// them for a quick look, larger values push harder.
+fn scaled(n: usize) -> usize {
+    let scale: f64 = std::env::var("SIDEKEY_LOAD_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    ((n as f64 * scale) as usize).max(1)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn load_env(upstream: &Upstream, limits: &str) -> TestEnv {
+    let env = TestEnv::new(&format!(
+        "[limits]\n{limits}\n{}\n[[rules]]\nagents = [\"coder\"]\nhost = \"127.0.0.1\"\nport = {}\naction = \"allow\"\n",
+        echo_route(upstream, "store"),
+        upstream.addr.port()
+    ));
+    env.set_secret("api", SECRET);
+    env
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Reads one response with a Content-Length body; returns its status.
+async fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
+    let mut status = 0;
+    let mut length = 0usize;
+    let mut first = true;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if first {
+            status = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            first = false;
+        } else if line == "\r\n" {
+            break;
+        } else if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).await?;
+    assert!(
+        !String::from_utf8_lossy(&body).contains(SECRET),
+        "a response held the secret"
+    );
+    Ok(status)
+}
+
+/// Connects, retrying while the accept queue is full.
+async fn connect(addr: SocketAddr) -> TcpStream {
+    for _ in 0..50 {
+        if let Ok(stream) = TcpStream::connect(addr).await {
+            return stream;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cannot connect to {addr}");
+}
+
+/// Opens `n` connections, at most 256 at a time; each sends one gateway
+/// request and must get a 200. The connections stay open.
+async fn open_served(addr: SocketAddr, token: &str, n: usize) -> Vec<BufReader<TcpStream>> {
+    let request = Arc::new(format!(
+        "GET /echo/held HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ));
+    let gate = Arc::new(tokio::sync::Semaphore::new(256));
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (request, gate) = (request.clone(), gate.clone());
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await.unwrap();
+                let mut reader = BufReader::new(connect(addr).await);
+                reader
+                    .get_mut()
+                    .write_all(request.as_bytes())
+                    .await
+                    .unwrap();
+                assert_eq!(read_response(&mut reader).await.unwrap(), 200);
+                reader
+            })
+        })
+        .collect();
+    let mut held = Vec::with_capacity(n);
+    for task in tasks {
+        held.push(task.await.unwrap());
+    }
+    held
+}
+
+#[test]
+fn two_thousand_keep_alive_connections_and_two_hundred_tunnels_without_an_error() {
+    let upstream = Upstream::http();
+    let env = load_env(&upstream, "max_connections = 10000");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let (connections, tunnels, rounds) = (scaled(2000), scaled(200), 5);
+    let addr = sidekey.addr;
+    let pid = sidekey.child.id();
+    let baseline = rss_kib(pid);
+    let peak = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid) as usize, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let started = Instant::now();
+    let served = runtime().block_on(async {
+        // Every connection is open before any sends, so all are concurrent.
+        let mut held = open_served(addr, &token, connections).await;
+        let upstream_addr = upstream.addr;
+        let mut tunnel_tasks = Vec::new();
+        for _ in 0..tunnels {
+            let basic = {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(format!("coder:{token}"))
+            };
+            tunnel_tasks.push(tokio::spawn(async move {
+                let mut reader = BufReader::new(connect(addr).await);
+                reader
+                    .get_mut()
+                    .write_all(
+                        format!(
+                            "CONNECT {upstream_addr} HTTP/1.1\r\nHost: {upstream_addr}\r\nProxy-Authorization: Basic {basic}\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(read_response(&mut reader).await.unwrap(), 200, "CONNECT");
+                reader
+            }));
+        }
+        let mut tunnels_open = Vec::new();
+        for task in tunnel_tasks {
+            tunnels_open.push(task.await.unwrap());
+        }
+        // Now every keep-alive connection and every tunnel carries requests
+        // at once.
+        let ok = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for mut reader in held.drain(..) {
+            let (ok, token) = (ok.clone(), token.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..rounds {
+                    let request = format!(
+                        "GET /echo/round/{i} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+                    );
+                    reader.get_mut().write_all(request.as_bytes()).await.unwrap();
+                    assert_eq!(read_response(&mut reader).await.unwrap(), 200);
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for mut reader in tunnels_open {
+            let ok = ok.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..rounds {
+                    let request = format!("GET /tunnelled/{i} HTTP/1.1\r\nHost: {upstream_addr}\r\n\r\n");
+                    reader.get_mut().write_all(request.as_bytes()).await.unwrap();
+                    assert_eq!(read_response(&mut reader).await.unwrap(), 200);
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        ok.load(Ordering::Relaxed)
+    });
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(
+        served,
+        (connections + tunnels) * rounds,
+        "every request succeeded"
+    );
+    let peak = peak.load(Ordering::Relaxed) as u64;
+    println!(
+        "load: {connections} keep-alive connections + {tunnels} CONNECT tunnels, {served} requests + {} opening requests in {elapsed:.1?}; sidekey RSS {baseline} KiB idle, {peak} KiB peak",
+        connections
+    );
+    assert!(peak < 512 * 1024, "RSS peaked at {peak} KiB");
+    // Still healthy afterwards.
+    let (status, _) = curl(&[
+        &sidekey.url("/echo/after"),
+        "-H",
+        &format!("authorization: Bearer {token}"),
+    ]);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn ten_thousand_idle_connections_are_held_then_released() {
+    // The test holds every client end.
+    sidekey::listen::raise_fd_limit();
+    let upstream = Upstream::http();
+    let env = load_env(&upstream, "max_connections = 12000");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let pid = sidekey.child.id();
+    let n = scaled(10_000);
+    let rt = runtime();
+    // A first batch warms the allocator and the upstream pool, so the
+    // measurement is of connections, not of start-up.
+    let warm = rt.block_on(open_served(sidekey.addr, &token, 200));
+    drop(warm);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss_kib(pid);
+    let held = rt.block_on(open_served(sidekey.addr, &token, n));
+    std::thread::sleep(Duration::from_millis(300));
+    let holding = rss_kib(pid);
+    let per_connection = holding.saturating_sub(before) * 1024 / n as u64;
+    drop(held);
+    // Released: sidekey sees every connection close.
+    let open = || {
+        env.run(&["status"], None)
+            .stdout
+            .split(|&b| b == b'\n')
+            .find_map(|l| {
+                let l = String::from_utf8_lossy(l);
+                l.trim()
+                    .strip_prefix("\"open_connections\": ")
+                    .and_then(|v| v.trim_end_matches(',').parse::<u64>().ok())
+            })
+    };
+    eventually(Duration::from_secs(20), || {
+        (open() == Some(0)).then_some(())
+    });
+    // The allocator hands freed pages back within its decay time (~10 s).
+    let released = Instant::now();
+    let returned = before + holding.saturating_sub(before) / 4;
+    let after = eventually(Duration::from_secs(40), || {
+        let rss = rss_kib(pid);
+        (rss <= returned).then_some(rss)
+    });
+    println!(
+        "idle: {n} connections; sidekey RSS {before} KiB before, {holding} KiB holding ({per_connection} bytes each), {after} KiB {:.1?} after release",
+        released.elapsed()
+    );
+    assert!(
+        per_connection < 64 * 1024,
+        "{per_connection} bytes per idle connection"
+    );
+    let (status, _) = curl(&[
+        &sidekey.url("/echo/after"),
+        "-H",
+        &format!("authorization: Bearer {token}"),
+    ]);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn slow_header_clients_cannot_starve_the_others() {
+    let upstream = Upstream::http();
+    let env = load_env(&upstream, "max_connections = 400\nheader_timeout = \"2s\"");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let addr = sidekey.addr;
+    let (slow, fast, each) = (scaled(300), scaled(50), 20);
+    runtime().block_on(async {
+        // Slowloris: a request head one byte every 200 ms, never finished.
+        let cut = Arc::new(AtomicUsize::new(0));
+        let mut slow_tasks = Vec::new();
+        for _ in 0..slow {
+            let cut = cut.clone();
+            slow_tasks.push(tokio::spawn(async move {
+                let mut stream = connect(addr).await;
+                let started = Instant::now();
+                let head = b"GET /echo/slow HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+                for byte in head.iter().cycle().take(200) {
+                    if stream.write_all(&[*byte]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                let mut rest = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+                if started.elapsed() < Duration::from_secs(8) {
+                    cut.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Meanwhile ordinary clients get every answer.
+        let ok = Arc::new(AtomicUsize::new(0));
+        let mut fast_tasks = Vec::new();
+        for _ in 0..fast {
+            let (ok, token) = (ok.clone(), token.clone());
+            fast_tasks.push(tokio::spawn(async move {
+                let mut reader = BufReader::new(connect(addr).await);
+                for _ in 0..each {
+                    let request = format!(
+                        "GET /echo/fast HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+                    );
+                    reader.get_mut().write_all(request.as_bytes()).await.unwrap();
+                    assert_eq!(read_response(&mut reader).await.unwrap(), 200);
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for task in fast_tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(ok.load(Ordering::Relaxed), fast * each);
+        for task in slow_tasks {
+            task.await.unwrap();
+        }
+        // Each slow client was cut off at the header timeout.
+        assert_eq!(cut.load(Ordering::Relaxed), slow, "slow clients were cut off");
+    });
+    assert!(!upstream.seen().iter().any(|s| s.uri.contains("/slow")));
+}
