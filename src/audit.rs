@@ -9,11 +9,12 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{OnceLock, mpsc};
 use std::time::SystemTime;
 
 use serde::Serialize;
+use tokio::sync::oneshot;
 
 use crate::config::{AuditSink, OnFailure};
 
@@ -49,12 +50,17 @@ pub struct AuditError {
     cause: String,
 }
 
-/// Where records go, opened lazily and reopened after a failure.
+/// Where records go. Records are written by one thread in batches: each
+/// batch is one `write` and one `fdatasync`, and every request in it is
+/// released only after that. Requests that arrive while a batch is being
+/// synced form the next one, so under load one sync covers many records
+/// and no request waits behind another's sync (group commit).
 #[derive(Debug)]
 pub struct AuditLog {
     target: Target,
     on_failure: OnFailure,
-    file: Mutex<Option<File>>,
+    /// The writer thread, started at the first record.
+    writer: OnceLock<mpsc::Sender<Pending>>,
     /// False after a failed write until one succeeds again.
     healthy: AtomicBool,
 }
@@ -64,6 +70,16 @@ enum Target {
     Stdout,
     File(PathBuf),
 }
+
+/// One record waiting for its batch.
+#[derive(Debug)]
+struct Pending {
+    line: Vec<u8>,
+    written: oneshot::Sender<Result<(), String>>,
+}
+
+/// No batch grows past this many records, so a burst is released in steps.
+const MAX_BATCH: usize = 4096;
 
 impl AuditLog {
     /// `sink` paths that are relative are taken from `state_dir`.
@@ -75,7 +91,7 @@ impl AuditLog {
         Self {
             target,
             on_failure,
-            file: Mutex::new(None),
+            writer: OnceLock::new(),
             healthy: AtomicBool::new(true),
         }
     }
@@ -101,55 +117,99 @@ impl AuditLog {
         }
     }
 
-    /// Appends one record as a single write. The caller decides what a
-    /// failure means (see [`AuditLog::on_failure`]).
-    pub fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
-        let result = self.write(event);
+    /// Appends one record and returns once it is on disk (synced) or known
+    /// to have failed. The caller decides what a failure means (see
+    /// [`AuditLog::on_failure`]).
+    pub async fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        let result = self.write(event).await;
         self.healthy.store(result.is_ok(), Ordering::Relaxed);
-        result
-    }
-
-    fn write(&self, event: &AuditEvent) -> Result<(), AuditError> {
-        let mut line = serde_json::to_vec(event).map_err(|e| self.error(e.to_string()))?;
-        line.push(b'\n');
-        match &self.target {
-            Target::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&line)
-                    .and_then(|()| out.flush())
-                    .map_err(|e| self.error(crate::config::describe_io(&e)))
-            }
-            Target::File(path) => {
-                let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
-                if guard.is_none() {
-                    let file = OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .mode(0o600)
-                        .open(path)
-                        .map_err(|e| self.error(crate::config::describe_io(&e)))?;
-                    *guard = Some(file);
-                }
-                let result = guard.as_mut().map(|f| f.write_all(&line));
-                match result {
-                    Some(Ok(())) => Ok(()),
-                    Some(Err(e)) => {
-                        // Reopen next time: the file may have been rotated or repaired.
-                        *guard = None;
-                        Err(self.error(crate::config::describe_io(&e)))
-                    }
-                    None => Err(self.error("not open".to_string())),
-                }
-            }
-        }
-    }
-
-    fn error(&self, cause: String) -> AuditError {
-        AuditError {
+        result.map_err(|cause| AuditError {
             sink: self.describe(),
             cause,
+        })
+    }
+
+    async fn write(&self, event: &AuditEvent) -> Result<(), String> {
+        let mut line = serde_json::to_vec(event).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        let (written, done) = oneshot::channel();
+        self.writer()
+            .send(Pending { line, written })
+            .map_err(|_| "the audit writer has stopped".to_string())?;
+        done.await
+            .unwrap_or_else(|_| Err("the audit writer has stopped".to_string()))
+    }
+
+    fn writer(&self) -> &mpsc::Sender<Pending> {
+        self.writer.get_or_init(|| {
+            let (sender, receiver) = mpsc::channel();
+            let target = self.target.clone();
+            // If the thread cannot start, the receiver is gone and every
+            // record fails: closed, as it should.
+            let _ = std::thread::Builder::new()
+                .name("audit".into())
+                .spawn(move || write_batches(&target, &receiver));
+            sender
+        })
+    }
+}
+
+/// The writer thread: until every sender is gone (the config that owned
+/// this log was replaced), take what is waiting, write it, sync, release.
+fn write_batches(target: &Target, receiver: &mpsc::Receiver<Pending>) {
+    let mut file: Option<File> = None;
+    while let Ok(first) = receiver.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        let mut bytes = Vec::with_capacity(batch.iter().map(|p| p.line.len()).sum());
+        for pending in &batch {
+            bytes.extend_from_slice(&pending.line);
+        }
+        let result = write_out(target, &mut file, &bytes);
+        for pending in batch {
+            let _ = pending.written.send(result.clone());
         }
     }
+}
+
+fn write_out(target: &Target, file: &mut Option<File>, bytes: &[u8]) -> Result<(), String> {
+    let describe = |e: std::io::Error| crate::config::describe_io(&e);
+    let path = match target {
+        Target::Stdout => {
+            let mut out = std::io::stdout().lock();
+            return out
+                .write_all(bytes)
+                .and_then(|()| out.flush())
+                .map_err(describe);
+        }
+        Target::File(path) => path,
+    };
+    let open = match file {
+        Some(open) => open,
+        None => file.insert(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(describe)?,
+        ),
+    };
+    let start = open.metadata().map(|m| m.len()).map_err(describe)?;
+    let result = open.write_all(bytes).and_then(|()| open.sync_data());
+    if let Err(e) = result {
+        // Cut off a partly written batch so every line stays whole, and
+        // reopen next time: the file may have been rotated or repaired.
+        let _ = open.set_len(start);
+        *file = None;
+        return Err(describe(e));
+    }
+    Ok(())
 }
 
 /// The current time in RFC 3339 with milliseconds.

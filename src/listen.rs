@@ -214,7 +214,7 @@ impl Conn {
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(conn.into_owned()).await {
             match e.downcast_ref::<hyper::Error>() {
-                Some(e) if e.is_parse() || e.is_parse_too_large() => audit.audit_unparsed(e),
+                Some(e) if e.is_parse() || e.is_parse_too_large() => audit.audit_unparsed(e).await,
                 _ => tracing::debug!(error = %e, "connection ended with an error"),
             }
         }

@@ -306,7 +306,7 @@ impl Proxy {
         event.redactions = outcome.redactions;
         event.duration_ms = started.elapsed().as_millis() as u64;
         self.count(&event, started.elapsed());
-        if let Err(e) = snapshot.audit.record(&event) {
+        if let Err(e) = snapshot.audit.record(&event).await {
             self.metrics.audit_errors.inc();
             tracing::error!(error = %e, request_id, "audit write failed");
             if snapshot.audit.on_failure() == OnFailure::Deny {
@@ -326,7 +326,7 @@ impl Proxy {
     /// Audits a request that hyper's parser refused (bad framing or header
     /// bytes, a head too large): it never reached [`Self::handle`], and hyper
     /// has already answered 400 or 431 and closed the connection.
-    pub fn audit_unparsed(&self, error: &hyper::Error) {
+    pub async fn audit_unparsed(&self, error: &hyper::Error) {
         let (status, reason) = if error.is_parse_too_large() {
             (431, "request_too_large")
         } else if error.is_parse() {
@@ -348,7 +348,7 @@ impl Proxy {
             ..AuditEvent::default()
         };
         tracing::info!(request_id = event.request_id, %error, "malformed request refused");
-        if let Err(e) = snapshot.audit.record(&event) {
+        if let Err(e) = snapshot.audit.record(&event).await {
             self.metrics.audit_errors.inc();
             tracing::error!(error = %e, "audit write failed");
         }
