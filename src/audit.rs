@@ -10,11 +10,11 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{OnceLock, mpsc};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{AuditSink, OnFailure};
 
@@ -50,17 +50,18 @@ pub struct AuditError {
     cause: String,
 }
 
-/// Where records go. Records are written by one thread in batches: each
-/// batch is one `write` and one `fdatasync`, and every request in it is
-/// released only after that. Requests that arrive while a batch is being
-/// synced form the next one, so under load one sync covers many records
-/// and no request waits behind another's sync (group commit).
+/// Where records go. One writer task takes every record waiting, writes
+/// them with one `write`, has them synced with one `fdatasync` on a
+/// blocking thread, and only then releases their requests. Records that
+/// arrive during a sync form the next batch, so under load one sync covers
+/// many records and no request queues behind a sync of its own (group
+/// commit); the runtime thread never waits on the disk.
 #[derive(Debug)]
 pub struct AuditLog {
     target: Target,
     on_failure: OnFailure,
-    /// The writer thread, started at the first record.
-    writer: OnceLock<mpsc::Sender<Pending>>,
+    /// The writer task, started at the first record.
+    writer: OnceLock<mpsc::UnboundedSender<Pending>>,
     /// False after a failed write until one succeeds again.
     healthy: AtomicBool,
 }
@@ -119,7 +120,7 @@ impl AuditLog {
 
     /// Appends one record and returns once it is on disk (synced) or known
     /// to have failed. The caller decides what a failure means (see
-    /// [`AuditLog::on_failure`]).
+    /// [`AuditLog::on_failure`]). Must run inside the runtime.
     pub async fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
         let result = self.write(event).await;
         self.healthy.store(result.is_ok(), Ordering::Relaxed);
@@ -140,25 +141,20 @@ impl AuditLog {
             .unwrap_or_else(|_| Err("the audit writer has stopped".to_string()))
     }
 
-    fn writer(&self) -> &mpsc::Sender<Pending> {
+    fn writer(&self) -> &mpsc::UnboundedSender<Pending> {
         self.writer.get_or_init(|| {
-            let (sender, receiver) = mpsc::channel();
-            let target = self.target.clone();
-            // If the thread cannot start, the receiver is gone and every
-            // record fails: closed, as it should.
-            let _ = std::thread::Builder::new()
-                .name("audit".into())
-                .spawn(move || write_batches(&target, &receiver));
+            let (sender, receiver) = mpsc::unbounded_channel();
+            tokio::spawn(write_batches(self.target.clone(), receiver));
             sender
         })
     }
 }
 
-/// The writer thread: until every sender is gone (the config that owned
-/// this log was replaced), take what is waiting, write it, sync, release.
-fn write_batches(target: &Target, receiver: &mpsc::Receiver<Pending>) {
-    let mut file: Option<File> = None;
-    while let Ok(first) = receiver.recv() {
+/// The writer task: until every sender is gone (the config that owned this
+/// log was replaced), take what is waiting, write it, sync it, release it.
+async fn write_batches(target: Target, mut receiver: mpsc::UnboundedReceiver<Pending>) {
+    let mut file: Option<Arc<File>> = None;
+    while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
@@ -170,14 +166,18 @@ fn write_batches(target: &Target, receiver: &mpsc::Receiver<Pending>) {
         for pending in &batch {
             bytes.extend_from_slice(&pending.line);
         }
-        let result = write_out(target, &mut file, &bytes);
+        let result = write_out(&target, &mut file, &bytes).await;
         for pending in batch {
             let _ = pending.written.send(result.clone());
         }
     }
 }
 
-fn write_out(target: &Target, file: &mut Option<File>, bytes: &[u8]) -> Result<(), String> {
+async fn write_out(
+    target: &Target,
+    file: &mut Option<Arc<File>>,
+    bytes: &[u8],
+) -> Result<(), String> {
     let describe = |e: std::io::Error| crate::config::describe_io(&e);
     let path = match target {
         Target::Stdout => {
@@ -190,18 +190,28 @@ fn write_out(target: &Target, file: &mut Option<File>, bytes: &[u8]) -> Result<(
         Target::File(path) => path,
     };
     let open = match file {
-        Some(open) => open,
-        None => file.insert(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(describe)?,
-        ),
+        Some(open) => open.clone(),
+        None => file
+            .insert(Arc::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(describe)?,
+            ))
+            .clone(),
     };
+    // Appending a few kilobytes to the page cache does not block; the sync
+    // that waits on the disk goes to a blocking thread.
     let start = open.metadata().map(|m| m.len()).map_err(describe)?;
-    let result = open.write_all(bytes).and_then(|()| open.sync_data());
+    let mut result = (&*open).write_all(bytes);
+    if result.is_ok() {
+        let syncing = open.clone();
+        result = tokio::task::spawn_blocking(move || syncing.sync_data())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    }
     if let Err(e) = result {
         // Cut off a partly written batch so every line stays whole, and
         // reopen next time: the file may have been rotated or repaired.

@@ -380,7 +380,15 @@ impl Paths {
 
 /// Builds the runtime for commands that do network I/O.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    // A sidecar usually gets one core: there a single-threaded runtime
+    // does the same work without handing tasks and wake-ups between threads.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cores == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")
