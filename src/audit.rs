@@ -153,7 +153,7 @@ impl AuditLog {
 /// The writer task: until every sender is gone (the config that owned this
 /// log was replaced), take what is waiting, write it, sync it, release it.
 async fn write_batches(target: Target, mut receiver: mpsc::UnboundedReceiver<Pending>) {
-    let mut file: Option<Arc<File>> = None;
+    let mut file: Option<(Arc<File>, u64)> = None;
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -173,9 +173,11 @@ async fn write_batches(target: Target, mut receiver: mpsc::UnboundedReceiver<Pen
     }
 }
 
+/// `file` is the open log and its length, kept here rather than asked of
+/// the file system on every batch.
 async fn write_out(
     target: &Target,
-    file: &mut Option<Arc<File>>,
+    file: &mut Option<(Arc<File>, u64)>,
     bytes: &[u8],
 ) -> Result<(), String> {
     let describe = |e: std::io::Error| crate::config::describe_io(&e);
@@ -189,22 +191,21 @@ async fn write_out(
         }
         Target::File(path) => path,
     };
-    let open = match file {
-        Some(open) => open.clone(),
-        None => file
-            .insert(Arc::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(describe)?,
-            ))
-            .clone(),
+    let (open, start) = match file {
+        Some((open, len)) => (open.clone(), *len),
+        None => {
+            let open = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(describe)?;
+            let len = open.metadata().map_err(describe)?.len();
+            (Arc::new(open), len)
+        }
     };
     // Appending a few kilobytes to the page cache does not block; the sync
     // that waits on the disk goes to a blocking thread.
-    let start = open.metadata().map(|m| m.len()).map_err(describe)?;
     let mut result = (&*open).write_all(bytes);
     if result.is_ok() {
         let syncing = open.clone();
@@ -219,6 +220,7 @@ async fn write_out(
         *file = None;
         return Err(describe(e));
     }
+    *file = Some((open, start + bytes.len() as u64));
     Ok(())
 }
 

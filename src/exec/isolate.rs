@@ -110,6 +110,11 @@ fn enter(sandbox: &Sandbox) -> Result<TcpListener, String> {
              in this container"
         )
     })?;
+    // sidekey makes every process non-dumpable, and the kernel then gives
+    // its /proc/self files to root: a user could not write its own maps.
+    // This helper holds no secret (its environment is the command's).
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::Dumpable)
+        .map_err(|e| format!("--isolate: cannot prepare the sandbox: {e}"))?;
     let write = |file: &str, text: String| {
         std::fs::write(file, text).map_err(|e| format!("--isolate: cannot write {file}: {e}"))
     };

@@ -50,10 +50,15 @@ fn work_dir(env: &TestEnv) -> PathBuf {
 /// `sidekey exec --agent coder FLAGS -- sh -c SCRIPT` in the work dir, with
 /// the secret in sidekey's environment (and a copy under another name).
 fn exec_cmd(env: &TestEnv, flags: &[&str], script: &str) -> Command {
+    exec_cmd_as(env, &[], flags, script)
+}
+
+/// [`exec_cmd`] under a wrapper (`setpriv` to run as another user).
+fn exec_cmd_as(env: &TestEnv, wrapper: &[&str], flags: &[&str], script: &str) -> Command {
     let mut args = vec!["exec", "--agent", "coder"];
     args.extend_from_slice(flags);
     args.extend_from_slice(&["--", "sh", "-c", script]);
-    let mut cmd = env.cmd(&args);
+    let mut cmd = env.cmd_wrapped(wrapper, &args);
     cmd.current_dir(work_dir(env))
         .env("SK_TEST_API_KEY", SECRET)
         .env("INNOCENT_LOOKING", format!("prefix-{SECRET}-suffix"))
@@ -556,4 +561,46 @@ fn isolate_reports_a_kernel_refusal_and_never_runs_unisolated() {
         "{stderr}"
     );
     assert!(!marker.exists(), "the command ran without isolation");
+}
+
+#[test]
+fn isolate_works_for_an_unprivileged_user() {
+    // Run as root, the suite can show it for `nobody` too; run as a user,
+    // every other isolate test already does.
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return;
+    }
+    let upstream = Upstream::http();
+    let env = exec_env(&upstream, "");
+    let status = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(env.dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let script = format!(
+        r#"curl -sS -m 5 http://127.0.0.1:{port}/as-nobody > proxied.json; echo "proxied=$?" > results.txt
+ls -A {state} > state-listing.txt
+"#,
+        port = upstream.addr.port(),
+        state = env.state.display(),
+    );
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let child = exec_cmd_as(&env, &nobody, &["--isolate"], &script)
+        .spawn()
+        .unwrap();
+    let out = wait_output(child, Duration::from_secs(60));
+    assert_success(&out);
+    assert_eq!(read(&work_dir(&env).join("results.txt")), "proxied=0\n");
+    assert_eq!(read(&work_dir(&env).join("state-listing.txt")), "");
+    assert_eq!(
+        auths_seen(&upstream, "/as-nobody"),
+        vec![format!("Bearer {SECRET}")]
+    );
 }
