@@ -100,11 +100,7 @@ fn status_and_metrics_count_the_traffic_sent() {
 fn revocation_through_the_admin_api_ends_an_open_tunnel_at_the_next_request() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::https(dir.path());
-    let env = TestEnv::new(&format!(
-        "[tls]\nupstream_ca = [\"{}\"]\n{}",
-        upstream.ca.as_ref().unwrap().display(),
-        echo_route(&upstream, "store")
-    ));
+    let env = tls_echo_env(&upstream, "store");
     env.set_secret("api", SECRET);
     let token = env.token_with(&["coder", "--session", "tunnel-1"]);
     let sidekey = env.spawn();

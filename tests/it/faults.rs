@@ -433,11 +433,7 @@ fn kill_9_during_secret_set_and_token_revoke_leaves_old_or_new_never_torn() {
 fn a_restart_under_open_tunnels_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::https(dir.path());
-    let env = TestEnv::new(&format!(
-        "[tls]\nupstream_ca = [\"{}\"]\n{}",
-        upstream.ca.as_ref().unwrap().display(),
-        echo_route(&upstream, "store")
-    ));
+    let env = tls_echo_env(&upstream, "store");
     env.set_secret("api", SECRET);
     let token = env.token("coder");
     let mut first = env.spawn();

@@ -118,12 +118,7 @@ fn credential_arrives_upstream_while_the_agent_sends_only_its_token() {
 fn https_upstream_over_http2_with_a_test_ca() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::https(dir.path());
-    let ca = upstream.ca.clone().unwrap();
-    let env = TestEnv::new(&format!(
-        "[tls]\nupstream_ca = [\"{}\"]\n{}",
-        ca.display(),
-        echo_route(&upstream, "store")
-    ));
+    let env = tls_echo_env(&upstream, "store");
     env.set_secret("api", SECRET);
     let token = env.token("coder");
     let sidekey = env.spawn();

@@ -39,6 +39,15 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+fn assert_still_serves(sidekey: &Sidekey, token: &str) {
+    let (status, text) = curl(&[
+        &sidekey.url("/echo/after"),
+        "-H",
+        &format!("authorization: Bearer {token}"),
+    ]);
+    assert_eq!(status, 200, "{text}");
+}
+
 fn load_env(upstream: &Upstream, limits: &str) -> TestEnv {
     let env = TestEnv::new(&format!(
         "[limits]\n{limits}\n{}\n[[rules]]\nagents = [\"coder\"]\nhost = \"127.0.0.1\"\nport = {}\naction = \"allow\"\n",
@@ -231,12 +240,7 @@ fn two_thousand_keep_alive_connections_and_two_hundred_tunnels_without_an_error(
     );
     assert!(peak < 512 * 1024, "RSS peaked at {peak} KiB");
     // Still healthy afterwards.
-    let (status, _) = curl(&[
-        &sidekey.url("/echo/after"),
-        "-H",
-        &format!("authorization: Bearer {token}"),
-    ]);
-    assert_eq!(status, 200);
+    assert_still_serves(&sidekey, &token);
 }
 
 #[test]
@@ -291,12 +295,7 @@ fn ten_thousand_idle_connections_are_held_then_released() {
         per_connection < 64 * 1024,
         "{per_connection} bytes per idle connection"
     );
-    let (status, _) = curl(&[
-        &sidekey.url("/echo/after"),
-        "-H",
-        &format!("authorization: Bearer {token}"),
-    ]);
-    assert_eq!(status, 200);
+    assert_still_serves(&sidekey, &token);
 }
 
 #[test]

@@ -397,6 +397,15 @@ action = "allow"
     )
 }
 
+/// [`echo_route`] to an HTTPS upstream, trusting the upstream's test CA.
+pub fn tls_echo_env(upstream: &Upstream, secret_source: &str) -> TestEnv {
+    TestEnv::new(&format!(
+        "[tls]\nupstream_ca = [\"{}\"]\n{}",
+        upstream.ca.as_ref().expect("an HTTPS upstream").display(),
+        echo_route(upstream, secret_source)
+    ))
+}
+
 pub fn assert_no_leak(haystack: &str, secret: &str, what: &str) {
     assert!(
         !haystack.contains(secret),
