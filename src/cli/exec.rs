@@ -34,7 +34,7 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
     let state = paths.state_dir_of(&config)?;
     let issuer = Issuer::load(&state)?;
     let session = random_id("exec");
-    let (token, claims) = issuer.issue(&args.agent, Some(&session), ttl);
+    let (token, _) = issuer.issue(&args.agent, Some(&session), ttl);
     drop(issuer);
 
     // The CA bundle lives outside the state dir, which the sandbox hides.
@@ -46,10 +46,12 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
     crate::state::write_atomic(&bundle, crate::ca::bundle_pem(&state)?.as_bytes(), 0o644)
         .with_context(|| format!("cannot write {}", bundle.display()))?;
     let hide = hidden_paths(&config, state.root(), &args.hide);
+    let handoff = workdir.path().join("handoff.sock");
 
     let code = runtime()?.block_on(async {
-        let (listener, port) = if args.isolate {
-            // Any port is free in a network namespace of its own.
+        // Where the proxy listens: here, or inside the sandbox, where any
+        // port is free in a network namespace of its own.
+        let (bound, port) = if args.isolate {
             (None, rand::thread_rng().gen_range(20_000..60_000))
         } else {
             let listener = crate::listen::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
@@ -65,7 +67,6 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
 
         let mut command = tokio::process::Command::new("/proc/self/exe");
         command.env_clear().envs(&env);
-        let handoff = workdir.path().join("handoff.sock");
         if args.isolate {
             command
                 .arg("__isolate")
@@ -81,37 +82,19 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
         }
         command.arg("--").args(&args.command);
 
-        let handoff_listener = match args.isolate {
-            true => Some(
-                tokio::net::UnixListener::bind(&handoff)
-                    .with_context(|| format!("cannot listen on {}", handoff.display()))?,
-            ),
-            false => None,
-        };
-        let mut child = command.spawn().context("cannot start the command")?;
-        let child_pid = child.id().context("the command ended at once")?;
-        let listener = match (listener, handoff_listener) {
-            (Some(listener), _) => listener,
-            (None, Some(handoff_listener)) => {
-                // accept() can be cancelled without losing a connection.
-                let accepted = tokio::select! {
-                    accepted = handoff_listener.accept() => Some(accepted),
-                    _ = child.wait() => {
-                        // Its reason for failing, if it gave one, is queued.
-                        tokio::time::timeout(Duration::from_millis(200), handoff_listener.accept())
-                            .await
-                            .ok()
-                    }
-                    () = tokio::time::sleep(SANDBOX_READY_TIMEOUT) => None,
-                };
-                let received = match accepted {
-                    Some(Ok((stream, _))) => sandbox_listener(stream).await,
-                    Some(Err(e)) => Err(format!("--isolate: {e}")),
-                    None => Err("--isolate: the sandbox ended before it was ready".to_string()),
-                };
+        let (listener, mut child) = match bound {
+            Some(listener) => {
+                let child = command.spawn().context("cannot start the command")?;
+                (listener, child)
+            }
+            None => {
+                let handoff_listener = tokio::net::UnixListener::bind(&handoff)
+                    .with_context(|| format!("cannot listen on {}", handoff.display()))?;
+                let mut child = command.spawn().context("cannot start the command")?;
+                let received = sandbox_ready(&handoff_listener, &mut child).await;
                 let _ = std::fs::remove_file(&handoff);
                 match received {
-                    Ok(listener) => listener,
+                    Ok(listener) => (listener, child),
                     Err(e) => {
                         let _ = child.start_kill();
                         let _ = child.wait().await;
@@ -119,8 +102,8 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
                     }
                 }
             }
-            (None, None) => bail!("no listener"),
         };
+        let child_pid = child.id().context("the command ended at once")?;
         let running = start_private(live, listener)?;
         let forwarding = crate::exec::signals::forward_to(child_pid)
             .context("cannot forward signals to the command")?;
@@ -129,11 +112,34 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
         finish(running, &state, &session).await;
         Ok::<_, anyhow::Error>(crate::exec::exit_code_of(status))
     });
-    let _ = claims;
     drop(workdir);
     match code? {
         0 => Ok(()),
         code => Err(SilentExit(code).into()),
+    }
+}
+
+/// Waits for the sandbox to hand over its listener, or to fail, or to
+/// take too long; its own reason for failing wins when it gave one.
+async fn sandbox_ready(
+    handoff: &tokio::net::UnixListener,
+    child: &mut tokio::process::Child,
+) -> Result<tokio::net::TcpListener, String> {
+    // accept() can be cancelled without losing a connection.
+    let accepted = tokio::select! {
+        accepted = handoff.accept() => Some(accepted),
+        _ = child.wait() => {
+            // Its reason for failing, if it gave one, is queued.
+            tokio::time::timeout(Duration::from_millis(200), handoff.accept())
+                .await
+                .ok()
+        }
+        () = tokio::time::sleep(SANDBOX_READY_TIMEOUT) => None,
+    };
+    match accepted {
+        Some(Ok((stream, _))) => sandbox_listener(stream).await,
+        Some(Err(e)) => Err(format!("--isolate: {e}")),
+        None => Err("--isolate: the sandbox ended before it was ready".to_string()),
     }
 }
 
