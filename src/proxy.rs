@@ -434,9 +434,9 @@ impl Proxy {
         }
         let labels = RequestLabels {
             route: event.route.clone().unwrap_or_else(|| "-".into()),
-            mode: event.mode.to_string(),
-            decision: event.decision.to_string(),
-            status: event.status.to_string(),
+            mode: event.mode,
+            decision: event.decision,
+            status: event.status,
         };
         self.metrics.record(labels, elapsed);
     }

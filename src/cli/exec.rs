@@ -32,6 +32,7 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
     let ttl = parse_ttl(&args.ttl).map_err(anyhow::Error::msg)?;
     let config = paths.config()?;
     let state = paths.state_dir_of(&config)?;
+    crate::listen::raise_fd_limit();
     let issuer = Issuer::load(&state)?;
     let session = random_id("exec");
     let (token, _) = issuer.issue(&args.agent, Some(&session), ttl);
