@@ -198,12 +198,18 @@ pub fn verify(
         return Err(IdentityError::AgentMismatch);
     }
     check_revoked(&claims, revocations)?;
-    Ok(Agent {
-        name: claims.sub,
-        session: claims.sid,
-        token_id: Some(claims.jti),
-        claims: None,
-    })
+    Ok(Agent::from(claims))
+}
+
+impl From<crate::token::Claims> for Agent {
+    fn from(claims: crate::token::Claims) -> Self {
+        Self {
+            name: claims.sub,
+            session: claims.sid,
+            token_id: Some(claims.jti),
+            claims: None,
+        }
+    }
 }
 
 /// Refuses claims the revocation list covers, and everything when the list
@@ -264,12 +270,7 @@ pub fn verify_cert(
         iat_ms: cert.not_before.saturating_mul(1000),
     };
     check_revoked(&claims, revocations)?;
-    Ok(Agent {
-        name: claims.sub,
-        session: claims.sid,
-        token_id: Some(claims.jti),
-        claims: None,
-    })
+    Ok(Agent::from(claims))
 }
 
 /// `Bearer TOKEN` or `Basic base64(user:TOKEN)`.

@@ -46,7 +46,7 @@ use crate::scrub::Scrubber;
 use crate::secret::oauth2::TokenCache;
 use crate::token::{Verifier, random_id};
 
-use body::{Body, Counted, Scrubbed, full};
+use body::{AgentBody, Body, Scrubbed, full};
 pub use error::{Mode, ProxyError};
 
 /// Responses up to this size with a declared length are read whole, so they
@@ -527,7 +527,7 @@ impl Proxy {
         parts.uri = plan.uri(query.as_deref())?;
         parts.version = http::Version::HTTP_11;
         let head_only = parts.method == Method::HEAD;
-        let body = Counted::new(
+        let body = AgentBody::new(
             Limited::new(body, max_body as usize),
             flow.outcome.bytes_in.clone(),
         )
@@ -782,29 +782,19 @@ fn mode_of<B>(req: &Request<B>) -> Mode {
     }
 }
 
-/// An HTTP/1 request whose body length could be read two ways (by two
-/// Content-Length headers, by Content-Length and Transfer-Encoding, or by a
-/// transfer coding other than plain `chunked`). hyper picks one reading;
-/// another hop might pick the other, which is how requests are smuggled,
-/// so sidekey refuses them all (RFC 9112 §6.1 allows it).
+/// An HTTP/1 request whose transfer coding is anything but one plain
+/// `chunked`: hyper reads `identity, chunked` as chunked, another hop might
+/// not, which is how requests are smuggled, so sidekey refuses it (RFC 9112
+/// §6.1 allows it). hyper itself already refuses differing Content-Lengths,
+/// and drops Content-Length when Transfer-Encoding is present.
 fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
     if req.version() >= http::Version::HTTP_2 {
         return None;
     }
-    let lengths = req.headers().get_all(header::CONTENT_LENGTH).iter().count();
     let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
     let coding = codings.next();
-    if lengths > 1 {
-        Some("more than one Content-Length")
-    } else if coding.is_some() && lengths > 0 {
-        Some("both Content-Length and Transfer-Encoding")
-    } else if codings.next().is_some()
-        || coding.is_some_and(|c| !c.as_bytes().eq_ignore_ascii_case(b"chunked"))
-    {
-        Some("a Transfer-Encoding other than chunked")
-    } else {
-        None
-    }
+    let plain_chunked = coding.is_none_or(|c| c.as_bytes().eq_ignore_ascii_case(b"chunked"));
+    (!plain_chunked || codings.next().is_some()).then_some("a Transfer-Encoding other than chunked")
 }
 
 fn declared_length(headers: &HeaderMap) -> Option<u64> {

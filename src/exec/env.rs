@@ -120,7 +120,7 @@ impl AgentEnv<'_> {
 
 /// Every variable sidekey reads a secret from: `env:` sources and the
 /// store's master key.
-pub fn secret_source_vars(config: &Config) -> Vec<String> {
+fn secret_source_vars(config: &Config) -> Vec<String> {
     let mut vars: Vec<String> = config
         .secrets
         .values()

@@ -31,12 +31,12 @@ pub fn empty() -> Body {
 /// and no upstream sidekey serves needs request trailers), and marks the
 /// agent's own errors so they are told apart from the upstream's.
 #[derive(Debug)]
-pub struct Counted<B> {
+pub struct AgentBody<B> {
     inner: B,
     count: Arc<AtomicU64>,
 }
 
-impl<B> Counted<B> {
+impl<B> AgentBody<B> {
     pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
         Self { inner, count }
     }
@@ -48,7 +48,7 @@ impl<B> Counted<B> {
 #[error("request body: {0}")]
 pub struct AgentBodyError(#[source] BoxError);
 
-impl<B> HttpBody for Counted<B>
+impl<B> HttpBody for AgentBody<B>
 where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,

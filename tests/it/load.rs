@@ -267,15 +267,8 @@ fn ten_thousand_idle_connections_are_held_then_released() {
     drop(held);
     // Released: sidekey sees every connection close.
     let open = || {
-        env.run(&["status"], None)
-            .stdout
-            .split(|&b| b == b'\n')
-            .find_map(|l| {
-                let l = String::from_utf8_lossy(l);
-                l.trim()
-                    .strip_prefix("\"open_connections\": ")
-                    .and_then(|v| v.trim_end_matches(',').parse::<u64>().ok())
-            })
+        let status = env.run(&["status"], None).stdout;
+        serde_json::from_slice::<serde_json::Value>(&status).ok()?["open_connections"].as_u64()
     };
     eventually(Duration::from_secs(20), || {
         (open() == Some(0)).then_some(())
