@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -193,16 +193,9 @@ async fn write_out(
     };
     let (open, start) = match file {
         Some((open, len)) => (open.clone(), *len),
-        None => {
-            let open = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(describe)?;
-            let len = open.metadata().map_err(describe)?.len();
-            (Arc::new(open), len)
-        }
+        None => open_log(path)
+            .map(|(open, len)| (Arc::new(open), len))
+            .map_err(describe)?,
     };
     // Appending a few kilobytes to the page cache does not block; the sync
     // that waits on the disk goes to a blocking thread.
@@ -222,6 +215,28 @@ async fn write_out(
     }
     *file = Some((open, start + bytes.len() as u64));
     Ok(())
+}
+
+/// Opens the log for appending, with its length. A crash can cut the last
+/// line short (its request was never released); the next record then
+/// starts a line of its own rather than be joined to the fragment.
+fn open_log(path: &std::path::Path) -> std::io::Result<(File, u64)> {
+    let open = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    let len = open.metadata()?.len();
+    let mut last = [b'\n'];
+    if len > 0 {
+        open.read_exact_at(&mut last, len - 1)?;
+    }
+    if last[0] == b'\n' {
+        return Ok((open, len));
+    }
+    (&open).write_all(b"\n")?;
+    Ok((open, len + 1))
 }
 
 /// The current time in RFC 3339 with milliseconds.

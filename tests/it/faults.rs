@@ -470,3 +470,152 @@ fn a_restart_under_open_tunnels_loses_nothing() {
     assert!(tunnelled >= 2, "{records:?}");
     assert_no_leak(&env.audit_text(), SECRET, "the audit log");
 }
+
+/// Eight clients in parallel, so records share batches; each sends up to
+/// `requests` requests, stopping at the first that fails, and keeps the
+/// request id of every answer sidekey released to it.
+fn collect_request_ids(
+    url: &str,
+    token: &str,
+    requests: usize,
+    released: &Arc<Mutex<Vec<String>>>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..8)
+        .map(|_| {
+            let (url, token, released) = (url.to_string(), token.to_string(), released.clone());
+            std::thread::spawn(move || {
+                let client = client();
+                for _ in 0..requests {
+                    let Ok(res) = client.get(&url).bearer_auth(&token).send() else {
+                        return;
+                    };
+                    assert_eq!(res.status(), 200);
+                    let id = res.headers()["x-sidekey-request-id"].to_str().unwrap();
+                    released.lock().unwrap().push(id.to_string());
+                }
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn killed_under_load_every_released_response_is_audited_on_a_whole_line() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "store"));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let mut sidekey = env.spawn();
+    let released = Arc::new(Mutex::new(Vec::new()));
+    let clients = collect_request_ids(&sidekey.url("/echo/load"), &token, usize::MAX, &released);
+    eventually(Duration::from_secs(30), || {
+        (released.lock().unwrap().len() >= 400).then_some(())
+    });
+    sidekey.signal("KILL");
+    sidekey.wait_exit(Duration::from_secs(10));
+    for c in clients {
+        c.join().unwrap();
+    }
+    // The kill may cut the batch being written; no released request is in it.
+    let text = env.audit_text();
+    let mut lines: Vec<&str> = text.lines().collect();
+    if !text.ends_with('\n') {
+        lines.pop();
+    }
+    let audited: std::collections::HashSet<String> = lines
+        .iter()
+        .map(|l| {
+            let record: serde_json::Value = serde_json::from_str(l).expect("a whole JSON line");
+            record["request_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let released = released.lock().unwrap();
+    let missing: Vec<_> = released
+        .iter()
+        .filter(|id| !audited.contains(*id))
+        .collect();
+    assert!(missing.is_empty(), "released but not audited: {missing:?}");
+
+    // Whatever the kill left at the end, the next record is a line of its own.
+    let log = env.state.join("audit.jsonl");
+    let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    file.write_all(b"{\"request_id\":\"cut-sh").unwrap();
+    let sidekey = env.spawn();
+    let res = client()
+        .get(sidekey.url("/echo/after"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let id = res.headers()["x-sidekey-request-id"].to_str().unwrap();
+    let text = env.audit_text();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["request_id"], id);
+    assert!(text.contains("\n{\"request_id\":\"cut-sh\n"));
+}
+
+#[test]
+fn no_response_is_released_before_its_record_is_written() {
+    // Records go to stdout, a pipe the test leaves unread: once it is full,
+    // writes block, and so must every response whose record is behind them.
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        "[audit]\nfile = \"-\"\n{}",
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let fifo = env.path("audit.fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (read_now, reader) = {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let fifo = fifo.clone();
+        let reader = std::thread::spawn(move || {
+            let mut pipe = std::fs::File::open(fifo).unwrap();
+            rx.recv().unwrap();
+            let mut records = String::new();
+            pipe.read_to_string(&mut records).unwrap();
+            records
+        });
+        (tx, reader)
+    };
+    let fifo = fifo.to_str().unwrap();
+    let sidekey = env.spawn_wrapped(
+        &["sh", "-c", "exec \"$@\" >\"$0\"", fifo],
+        "127.0.0.1:0",
+        &[],
+    );
+    let released = Arc::new(Mutex::new(Vec::new()));
+    let clients = collect_request_ids(&sidekey.url("/echo/pipe"), &token, 100, &released);
+    // The pipe holds some records; then answers stop coming.
+    let mut last = (0, Instant::now());
+    let stalled_at = eventually(Duration::from_secs(60), || {
+        let count = released.lock().unwrap().len();
+        if count != last.0 {
+            last = (count, Instant::now());
+        }
+        (count > 0 && last.1.elapsed() > Duration::from_secs(1)).then_some(count)
+    });
+    assert!(
+        stalled_at < 8 * 100,
+        "the blocked sink never held a response back"
+    );
+    read_now.send(()).unwrap();
+    for c in clients {
+        c.join().unwrap();
+    }
+    drop(sidekey);
+    let records = reader.join().unwrap();
+    for id in released.lock().unwrap().iter() {
+        assert!(
+            records.contains(id.as_str()),
+            "{id} was released before its record was written"
+        );
+    }
+    assert_eq!(released.lock().unwrap().len(), 8 * 100);
+}
