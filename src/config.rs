@@ -312,6 +312,32 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// A problem whose text is safe to print on one line: config keys and
+    /// values are the user's, and a quoted TOML key may hold any character.
+    pub fn new(at: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            at: escape_controls(at.into()),
+            message: escape_controls(message.into()),
+        }
+    }
+}
+
+fn escape_controls(text: String) -> String {
+    if !text.contains(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Every problem found in one config file.
 #[derive(Debug)]
 pub struct ConfigError {
@@ -338,10 +364,10 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.display().to_string(),
-            problems: vec![Problem {
-                at: "file".to_string(),
-                message: format!("cannot read: {}", describe_io(&e)),
-            }],
+            problems: vec![Problem::new(
+                "file",
+                format!("cannot read: {}", describe_io(&e)),
+            )],
         })?;
         Self::parse(&text, path)
     }

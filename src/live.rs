@@ -304,10 +304,7 @@ fn build_snapshot(
     }
     let clients = Clients::build(&config).map_err(|e| ConfigError {
         file: config.file.display().to_string(),
-        problems: vec![Problem {
-            at: "tls".into(),
-            message: e.to_string(),
-        }],
+        problems: vec![Problem::new("tls", e.to_string())],
     })?;
     let audit = AuditLog::new(&config.audit.sink, config.audit.on_failure, state.root());
     let audit = match previous_audit {

@@ -108,10 +108,7 @@ pub(super) struct Checker {
 
 impl Checker {
     pub(super) fn fail(&mut self, at: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem {
-            at: at.into(),
-            message: message.into(),
-        });
+        self.problems.push(Problem::new(at, message));
     }
 
     /// Deserialises one value, reporting a failure at `at`.
@@ -498,10 +495,7 @@ fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
         }
         None => "file".to_string(),
     };
-    Problem {
-        at,
-        message: e.message().trim().replace('\n', " "),
-    }
+    Problem::new(at, e.message().trim().replace('\n', " "))
 }
 
 pub(super) fn valid_name(name: &str) -> bool {

@@ -291,3 +291,25 @@ inject = { aws_sigv4 = { region = "eu-west-1", access_key_id = "key", secret_acc
         );
     }
 }
+
+#[test]
+fn a_quoted_key_with_control_characters_is_reported_escaped() {
+    // Found by the config fuzz target: a TOML key may hold any character,
+    // and a bare `\r` in the message would let a file rewrite the line a
+    // terminal or log shows.
+    let found = problems("[\"\\r\\u001b[2J\"]\n[routes.\"a\\rb\"]\nupstream = \"x\"\n");
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains(r"unknown key `\r\u{1b}[2J`")),
+        "{found:?}"
+    );
+    assert!(
+        found.iter().any(|p| p.starts_with(r"routes.a\rb")),
+        "{found:?}"
+    );
+    assert!(
+        !found.iter().any(|p| p.contains(char::is_control)),
+        "{found:?}"
+    );
+}
