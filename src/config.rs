@@ -324,18 +324,25 @@ impl Problem {
 }
 
 fn escape_controls(text: String) -> String {
-    if !text.contains(char::is_control) {
+    if !text.contains(is_unprintable) {
         return text;
     }
     text.chars()
         .map(|c| {
-            if c.is_control() {
+            if is_unprintable(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()
             }
         })
         .collect()
+}
+
+/// Control characters, and the bidirectional overrides and isolates that
+/// make a terminal show a line in an order other than its bytes'.
+fn is_unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Every problem found in one config file.

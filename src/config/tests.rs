@@ -296,8 +296,10 @@ inject = { aws_sigv4 = { region = "eu-west-1", access_key_id = "key", secret_acc
 fn a_quoted_key_with_control_characters_is_reported_escaped() {
     // Found by the config fuzz target: a TOML key may hold any character,
     // and a bare `\r` in the message would let a file rewrite the line a
-    // terminal or log shows.
-    let found = problems("[\"\\r\\u001b[2J\"]\n[routes.\"a\\rb\"]\nupstream = \"x\"\n");
+    // terminal or log shows; a bidi override, reorder it.
+    let found = problems(
+        "[\"\\r\\u001b[2J\"]\n[routes.\"a\\rb\"]\nupstream = \"x\"\n[\"txt.\\u202egpj\"]\n",
+    );
     assert!(
         found
             .iter()
@@ -306,6 +308,12 @@ fn a_quoted_key_with_control_characters_is_reported_escaped() {
     );
     assert!(
         found.iter().any(|p| p.starts_with(r"routes.a\rb")),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains(r"unknown key `txt.\u{202e}gpj`")),
         "{found:?}"
     );
     assert!(
