@@ -317,25 +317,25 @@ impl Problem {
     /// values are the user's, and a quoted TOML key may hold any character.
     pub fn new(at: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            at: escape_controls(at.into()),
-            message: escape_controls(message.into()),
+            at: escape_unprintable(at.into()),
+            message: escape_unprintable(message.into()),
         }
     }
 }
 
-fn escape_controls(text: String) -> String {
+fn escape_unprintable(text: String) -> String {
     if !text.contains(is_unprintable) {
         return text;
     }
-    text.chars()
-        .map(|c| {
-            if is_unprintable(c) {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_unprintable(c) {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
 }
 
 /// Control characters, and the bidirectional overrides and isolates that
