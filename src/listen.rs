@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -57,7 +58,10 @@ pub async fn serve(
     let Listeners { tcp, unix, tls } = listeners;
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let builder = http_builder(&limits);
+    let builders = Arc::new(Builders {
+        auto: http_builder(&limits),
+        http1: http1_builder(&limits),
+    });
     let acceptor = tls.as_ref().map(|(_, acceptor)| acceptor.clone());
     loop {
         let accepted = tokio::select! {
@@ -94,8 +98,9 @@ pub async fn serve(
             limits.idle_timeout,
         );
         let conn = Conn {
-            builder: builder.clone(),
+            builders: builders.clone(),
             watcher: graceful.watcher(),
+            shutdown: shutdown.clone(),
             slot: slot.clone(),
             proxy: proxy.clone(),
         };
@@ -104,8 +109,7 @@ pub async fn serve(
         let served: Pin<Box<dyn Future<Output = ()> + Send>> = match accepted {
             Accepted::Tcp(stream) => {
                 let _ = stream.set_nodelay(true);
-                let io = Watched::new(stream, activity);
-                Box::pin(conn.serve(io, Peer::Anonymous))
+                Box::pin(conn.serve_tcp(stream, activity, limits.header_timeout))
             }
             Accepted::Unix(stream, uid) => {
                 let peer = uid.map_or(Peer::Anonymous, Peer::Uid);
@@ -142,9 +146,23 @@ pub async fn serve(
 }
 
 /// What serving one connection needs.
+/// The servers every connection shares.
+struct Builders {
+    /// Tells HTTP/1 from HTTP/2 by the first bytes.
+    auto: auto::Builder<TokioExecutor>,
+    /// For connections already known to speak HTTP/1.
+    http1: http1::Builder,
+}
+
+/// The HTTP/2 connection preface; a plain connection that opens with
+/// anything else speaks HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 struct Conn {
-    builder: auto::Builder<TokioExecutor>,
+    builders: Arc<Builders>,
+    /// Counts the connection for graceful shutdown.
     watcher: hyper_util::server::graceful::Watcher,
+    shutdown: watch::Receiver<bool>,
     slot: Arc<ConnSlot>,
     proxy: Arc<Proxy>,
 }
@@ -180,13 +198,45 @@ impl Conn {
         }
     }
 
+    /// A plain TCP connection. Its first bytes are peeked, not read: when
+    /// they already differ from the HTTP/2 preface (as every HTTP/1 request
+    /// line does) hyper's HTTP/1 server gets the socket itself. Through the
+    /// sniffing server, hyper would first read the sniffed bytes alone and
+    /// then grow its read buffer to 16 KiB for the rest, which an idle
+    /// keep-alive connection holds for as long as it stays open.
+    async fn serve_tcp(
+        self,
+        stream: tokio::net::TcpStream,
+        activity: Arc<Activity>,
+        header_timeout: Duration,
+    ) {
+        let mut first = [0u8; H2_PREFACE.len()];
+        let http1 = match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => !H2_PREFACE.starts_with(&first[..n]),
+            // Closed, failed, or silent for as long as a request head may take.
+            _ => return,
+        };
+        let io = Watched::new(stream, activity);
+        self.serve_as(io, Peer::Anonymous, http1).await;
+    }
+
     async fn serve<IO>(self, io: IO, peer: Peer)
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        self.serve_as(io, peer, false).await;
+    }
+
+    /// Serves HTTP/1 when `http1` says the connection speaks it, else
+    /// whichever version its first bytes show.
+    async fn serve_as<IO>(self, io: IO, peer: Peer, http1: bool)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let Self {
-            builder,
+            builders,
             watcher,
+            mut shutdown,
             slot,
             proxy,
         } = self;
@@ -205,14 +255,36 @@ impl Conn {
                     req.extensions_mut().insert(cert.clone());
                 }
             }
-            async move {
+            // Boxed: hyper keeps the slot for a request's future allocated
+            // for the whole life of the connection, so an idle keep-alive
+            // connection would hold a request's worth of state (~6 KB).
+            Box::pin(async move {
                 let response = proxy.handle(req).await;
                 drop(busy);
                 Ok::<_, std::convert::Infallible>(response)
-            }
+            })
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        if let Err(e) = watcher.watch(conn.into_owned()).await {
+        let io = TokioIo::new(io);
+        let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = if http1 {
+            // The watcher only counts this connection; the shutdown signal
+            // comes from `shutdown`, as hyper's HTTP/1 connection is not one
+            // the watcher can drive.
+            let _counted = watcher;
+            let conn = builders.http1.serve_connection(io, service).with_upgrades();
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                Ok(()) = async { shutdown.wait_for(|stop| *stop).await.map(drop) } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            ended.map_err(Into::into)
+        } else {
+            let conn = builders.auto.serve_connection_with_upgrades(io, service);
+            watcher.watch(conn).await
+        };
+        if let Err(e) = ended {
             match e.downcast_ref::<hyper::Error>() {
                 Some(e) if e.is_parse() || e.is_parse_too_large() => audit.audit_unparsed(e).await,
                 _ => tracing::debug!(error = %e, "connection ended with an error"),
@@ -258,6 +330,18 @@ pub fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener> {
 
 /// The HTTP server settings every agent-facing connection uses, the ones
 /// inside intercepted tunnels included.
+/// The HTTP/1 server for connections known to speak it; configured as
+/// [`http_builder`]'s HTTP/1 half.
+fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(max_buf_size(limits))
+        .keep_alive(true);
+    builder
+}
+
 pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -266,13 +350,19 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(limits.header_timeout)
         // The parser's own cap is a backstop; `handle` applies the limit
         // with a proper error response.
-        .max_buf_size((limits.max_header_bytes * 4).max(64 * 1024))
+        .max_buf_size(max_buf_size(limits))
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size((limits.max_header_bytes * 4).max(64 * 1024) as u32);
+        .max_header_list_size(max_buf_size(limits) as u32);
     builder
+}
+
+/// Room for a request head: the limit is checked (with a JSON answer) by
+/// the proxy, so the parser must let a head somewhat over it through.
+fn max_buf_size(limits: &Limits) -> usize {
+    (limits.max_header_bytes * 4).max(64 * 1024)
 }
 
 /// Tells a client over the connection cap why it is turned away, without

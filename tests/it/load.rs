@@ -284,8 +284,10 @@ fn ten_thousand_idle_connections_are_held_then_released() {
         "idle: {n} connections; sidekey RSS {before} KiB before, {holding} KiB holding ({per_connection} bytes each), {after} KiB {:.1?} after release",
         released.elapsed()
     );
+    // Issue 8's budget: a sidecar beside many agents holds thousands of
+    // these. An idle connection keeps no request state and one read buffer.
     assert!(
-        per_connection < 64 * 1024,
+        per_connection < 20 * 1024,
         "{per_connection} bytes per idle connection"
     );
     assert_still_serves(&sidekey, &token);
