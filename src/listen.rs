@@ -332,7 +332,7 @@ pub fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener> {
 /// inside intercepted tunnels included.
 /// The HTTP/1 server for connections known to speak it; configured as
 /// [`http_builder`]'s HTTP/1 half.
-fn http1_builder(limits: &Limits) -> http1::Builder {
+pub fn http1_builder(limits: &Limits) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

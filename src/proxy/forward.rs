@@ -177,7 +177,11 @@ impl Proxy {
                 return;
             }
         };
-        let builder = crate::listen::http_builder(&self.live.snapshot().config.limits);
+        let limits = self.live.snapshot().config.limits.clone();
+        // An agent that agreed on HTTP/1.1 by ALPN gets hyper's HTTP/1
+        // server directly: sniffing the version would leave a 16 KiB read
+        // buffer behind (see `listen::Conn::serve_tcp`).
+        let http1 = tls.get_ref().1.alpn_protocol() == Some(b"http/1.1".as_slice());
         let service = service_fn(move |mut req: Request<Incoming>| {
             let proxy = self.clone();
             let tunnel = tunnel.clone();
@@ -185,15 +189,24 @@ impl Proxy {
                 req.extensions_mut().insert(slot.clone());
                 slot.busy()
             });
-            async move {
+            // Boxed, so an idle tunnel does not hold a request's state.
+            Box::pin(async move {
                 let response = proxy.handle_in(req, Some(&tunnel)).await;
                 drop(busy);
                 Ok::<_, std::convert::Infallible>(response)
-            }
+            })
         });
-        let _ = builder
-            .serve_connection_with_upgrades(TokioIo::new(tls), service)
-            .await;
+        let io = TokioIo::new(tls);
+        if http1 {
+            let _ = crate::listen::http1_builder(&limits)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await;
+        } else {
+            let _ = crate::listen::http_builder(&limits)
+                .serve_connection_with_upgrades(io, service)
+                .await;
+        }
     }
 
     /// One request inside an intercepted tunnel.
