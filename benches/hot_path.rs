@@ -4,7 +4,8 @@
 //! - `policy_check`: deciding one request against a config of 20 rules;
 //! - `inject_headers`: stripping hop-by-hop headers and setting the credential;
 //! - `scrub/*`: response scrubbing (one secret, all its variants), streamed in
-//!   one 64 B chunk and as 1 MiB in 16 KiB chunks, plus `scrub_all` on 64 B;
+//!   one 64 B chunk and as 1 MiB in 16 KiB chunks (text, and binary as in a
+//!   download or a git pack), plus `scrub_all` on 64 B;
 //! - `request`: all of the above for one call with a 64 B response.
 #![allow(clippy::unwrap_used)]
 
@@ -125,6 +126,20 @@ fn hot_path(c: &mut Criterion) {
     big.truncate(1 << 20);
     big[500_000..500_000 + SECRET.len()].copy_from_slice(SECRET.as_bytes());
     let big: Vec<Bytes> = big.chunks(16 << 10).map(Bytes::copy_from_slice).collect();
+    // Uniform bytes (xorshift), where a secret's few first bytes are common.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let binary: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let binary: Vec<Bytes> = binary
+        .chunks(16 << 10)
+        .map(Bytes::copy_from_slice)
+        .collect();
 
     let path = normalize(PATH).unwrap();
     assert!(policy.check(&request(&path)).allowed);
@@ -151,6 +166,9 @@ fn hot_path(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(1 << 20));
     g.bench_function("stream_1MiB_16KiB_chunks", |b| {
         b.iter(|| scrub_stream(&scrubber, black_box(&big)))
+    });
+    g.bench_function("stream_1MiB_binary_16KiB_chunks", |b| {
+        b.iter(|| scrub_stream(&scrubber, black_box(&binary)))
     });
     g.finish();
 
