@@ -85,12 +85,19 @@ impl std::fmt::Debug for Issuer {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
-    /// Tokens whose signature already checked out, by their exact text, so
-    /// an agent's keep-alive traffic pays for one signature check, not one
-    /// per request. Expiry is still checked on every use; revocation is the
-    /// caller's, also on every use.
-    verified: Mutex<HashMap<Box<str>, Claims>>,
+    /// Tokens whose signature already checked out, so an agent's keep-alive
+    /// traffic pays for one signature check, not one per request. Keyed by
+    /// a keyed hash of the token's last bytes (its signature's), which is
+    /// cheaper than hashing the whole token; an entry counts only when its
+    /// whole text equals the token presented. Expiry is still checked on
+    /// every use; revocation is the caller's, also on every use.
+    verified: Mutex<HashMap<u64, (Box<str>, Claims)>>,
+    tails: std::collections::hash_map::RandomState,
 }
+
+/// How many of a token's last bytes key the cache: a 64-byte Ed25519
+/// signature is the last 86 characters of the token.
+const CACHE_KEY_BYTES: usize = 32;
 
 /// Bounds the cache; when full it starts over, which only costs re-checks.
 const VERIFIED_CACHE: usize = 4096;
@@ -177,27 +184,35 @@ impl Verifier {
             key,
             validation,
             verified: Mutex::new(HashMap::new()),
+            tails: std::collections::hash_map::RandomState::new(),
         })
     }
 
     /// Checks signature, issuer and expiry. Revocation is the caller's next step.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
-        // A JWT is three base64url parts; refusing anything else early keeps
-        // odd bytes out of the decoder and out of error messages.
-        if token.len() > 4096
-            || token.split('.').count() != 3
-            || !token
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
+        if token.len() > 4096 {
             return Err(TokenError::Invalid);
         }
-        let cached = self.lock_cache().get(token).cloned();
+        let key = self.cache_key(token);
+        let cached = self
+            .lock_cache()
+            .get(&key)
+            .filter(|(text, _)| **text == *token)
+            .map(|(_, claims)| claims.clone());
         if let Some(claims) = cached {
             if claims.exp < now_ms() / 1000 {
                 return Err(TokenError::Expired);
             }
             return Ok(claims);
+        }
+        // A JWT is three base64url parts; refusing anything else early keeps
+        // odd bytes out of the decoder and out of error messages.
+        if token.split('.').count() != 3
+            || !token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(TokenError::Invalid);
         }
         let claims = match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
             Ok(data) => data.claims,
@@ -210,11 +225,16 @@ impl Verifier {
         if cache.len() >= VERIFIED_CACHE {
             cache.clear();
         }
-        cache.insert(token.into(), claims.clone());
+        cache.insert(key, (token.into(), claims.clone()));
         Ok(claims)
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Claims>> {
+    fn cache_key(&self, token: &str) -> u64 {
+        let tail = &token.as_bytes()[token.len().saturating_sub(CACHE_KEY_BYTES)..];
+        std::hash::BuildHasher::hash_one(&self.tails, tail)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Box<str>, Claims)>> {
         // The map holds no invariant a panicking holder could break.
         self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -287,6 +307,26 @@ mod tests {
         let stranger = Issuer::load(&other).unwrap();
         let (foreign, _) = stranger.issue("coder", None, Duration::from_secs(60));
         assert_eq!(verifier.verify(&foreign), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn a_cached_signature_does_not_vouch_for_another_payload() {
+        let (_dir, state) = state();
+        let issuer = Issuer::load(&state).unwrap();
+        let verifier = Verifier::load(&state).unwrap();
+        let (token, _) = issuer.issue("coder", Some("s1"), Duration::from_secs(60));
+        assert!(verifier.verify(&token).is_ok(), "cached now");
+        // Same signature, so the same cache key; the payload names another agent.
+        let (header, rest) = token.split_once('.').unwrap();
+        let signature = rest.split_once('.').unwrap().1;
+        let payload = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            r#"{"iss":"sidekey","sub":"admin","sid":"s1","jti":"t-x","iat":1,"exp":99999999999,"iat_ms":1}"#,
+        );
+        let forged = format!("{header}.{payload}.{signature}");
+        assert_eq!(verifier.cache_key(&forged), verifier.cache_key(&token));
+        assert_eq!(verifier.verify(&forged), Err(TokenError::Invalid));
+        assert_eq!(verifier.verify(&token).unwrap().sub, "coder");
     }
 
     fn state_pair() -> (tempfile::TempDir, StateDir) {
