@@ -131,7 +131,9 @@ impl AuditLog {
     }
 
     async fn write(&self, event: &AuditEvent) -> Result<(), String> {
-        let mut line = serde_json::to_vec(event).map_err(|e| e.to_string())?;
+        // Sized for a typical record, so the line is not regrown field by field.
+        let mut line = Vec::with_capacity(640);
+        serde_json::to_writer(&mut line, event).map_err(|e| e.to_string())?;
         line.push(b'\n');
         let (written, done) = oneshot::channel();
         self.writer()
