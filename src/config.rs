@@ -174,18 +174,26 @@ pub struct Upstream {
 impl Upstream {
     /// `scheme://host[:port]`, with the port only when not the default.
     pub fn origin(&self) -> String {
-        let scheme = if self.https { "https" } else { "http" };
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        let default = if self.https { 443 } else { 80 };
-        if self.port == default {
-            format!("{scheme}://{host}")
-        } else {
-            format!("{scheme}://{host}:{}", self.port)
-        }
+        let mut out = String::new();
+        push_origin(&mut out, self.https, &self.host, self.port);
+        out
+    }
+}
+
+/// Appends `scheme://host[:port]`, the port only when not the scheme's
+/// default and an IPv6 host in brackets.
+pub fn push_origin(out: &mut String, https: bool, host: &str, port: u16) {
+    out.push_str(if https { "https://" } else { "http://" });
+    if host.contains(':') {
+        out.push('[');
+        out.push_str(host);
+        out.push(']');
+    } else {
+        out.push_str(host);
+    }
+    if port != if https { 443 } else { 80 } {
+        // Writing to a String cannot fail.
+        let _ = std::fmt::Write::write_fmt(out, format_args!(":{port}"));
     }
 }
 

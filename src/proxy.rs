@@ -146,13 +146,8 @@ struct Plan {
 
 impl Plan {
     fn uri(&self, query: Option<&str>) -> Result<Uri, ProxyError> {
-        let upstream = crate::config::Upstream {
-            https: self.https,
-            host: self.host.clone(),
-            port: self.port,
-            base_path: String::new(),
-        };
-        let mut target = upstream.origin();
+        let mut target = String::with_capacity(128);
+        crate::config::push_origin(&mut target, self.https, &self.host, self.port);
         target.push_str(&self.base_path);
         // `/route` alone goes to the base path itself.
         if !self.path.segments().is_empty() || self.base_path.is_empty() {
