@@ -145,7 +145,6 @@ pub async fn serve(
     }
 }
 
-/// What serving one connection needs.
 /// The servers every connection shares.
 struct Builders {
     /// Tells HTTP/1 from HTTP/2 by the first bytes.
@@ -158,6 +157,7 @@ struct Builders {
 /// anything else speaks HTTP/1.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// What serving one connection needs.
 struct Conn {
     builders: Arc<Builders>,
     /// Counts the connection for graceful shutdown.
@@ -328,8 +328,6 @@ pub fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// The HTTP server settings every agent-facing connection uses, the ones
-/// inside intercepted tunnels included.
 /// The HTTP/1 server for connections known to speak it; configured as
 /// [`http_builder`]'s HTTP/1 half.
 pub fn http1_builder(limits: &Limits) -> http1::Builder {
@@ -342,6 +340,8 @@ pub fn http1_builder(limits: &Limits) -> http1::Builder {
     builder
 }
 
+/// The HTTP server settings every agent-facing connection uses, the ones
+/// inside intercepted tunnels included.
 pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -18,7 +18,7 @@ pub const REDACTED: &[u8] = b"[REDACTED]";
 
 /// The patterns of one set of secrets. The default scrubs nothing.
 pub struct Scrubber {
-    automaton: Option<Finder>,
+    finder: Option<Finder>,
     patterns: Vec<Zeroizing<Vec<u8>>>,
     longest: usize,
     /// Bytes some pattern starts with, so the end-of-chunk check skips
@@ -80,7 +80,7 @@ impl Iterator for Matches<'_> {
 impl Default for Scrubber {
     fn default() -> Self {
         Self {
-            automaton: None,
+            finder: None,
             patterns: Vec::new(),
             longest: 0,
             starts: Box::new([false; 256]),
@@ -162,7 +162,7 @@ fn lower_hex(encoded: &str) -> String {
 }
 
 impl Scrubber {
-    /// Fails only if the automaton cannot be built; callers must then treat
+    /// Fails only if the searcher cannot be built; callers must then treat
     /// every secret as unavailable rather than serve unscrubbed.
     pub fn new(
         patterns: impl IntoIterator<Item = Zeroizing<Vec<u8>>>,
@@ -176,13 +176,13 @@ impl Scrubber {
         for p in &patterns {
             starts[usize::from(p[0])] = true;
         }
-        let automaton = if patterns.is_empty() {
+        let finder = if patterns.is_empty() {
             None
         } else {
             Some(Finder::new(&patterns)?)
         };
         Ok(Self {
-            automaton,
+            finder,
             patterns,
             longest,
             starts,
@@ -190,7 +190,7 @@ impl Scrubber {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.automaton.is_none()
+        self.finder.is_none()
     }
 
     /// A scrubber for these patterns and `extra` (a dynamic credential's).
@@ -203,11 +203,11 @@ impl Scrubber {
 
     /// Scrubs a whole buffer; `None` when nothing matched.
     pub fn scrub_all(&self, input: &[u8]) -> Option<(Vec<u8>, usize)> {
-        let automaton = self.automaton.as_ref()?;
+        let finder = self.finder.as_ref()?;
         let mut out = Vec::new();
         let mut pos = 0;
         let mut count = 0;
-        for m in automaton.find_iter(input) {
+        for m in finder.find_iter(input) {
             out.extend_from_slice(&input[pos..m.start()]);
             out.extend_from_slice(REDACTED);
             pos = m.end();
@@ -271,7 +271,7 @@ impl ScrubStream {
 
     /// Scrubs one chunk, holding back only a possible partial secret at its end.
     pub fn push(&mut self, scrubber: &Scrubber, chunk: Bytes) -> Bytes {
-        let Some(automaton) = scrubber.automaton.as_ref() else {
+        let Some(finder) = scrubber.finder.as_ref() else {
             return chunk;
         };
         let joined;
@@ -284,7 +284,7 @@ impl ScrubStream {
         let hold = scrubber.partial_start(buf);
         let mut out = BytesMut::new();
         let mut pos = 0;
-        for m in automaton.find_iter(buf) {
+        for m in finder.find_iter(buf) {
             // A match starting before `hold` is complete: were it the start of
             // a longer pattern running past the end, `hold` would be at or
             // before its start.
@@ -311,12 +311,12 @@ impl ScrubStream {
     /// Flushes what was held back at the end of the body.
     pub fn finish(&mut self, scrubber: &Scrubber) -> Bytes {
         let carry = std::mem::take(&mut self.carry);
-        let Some(automaton) = scrubber.automaton.as_ref() else {
+        let Some(finder) = scrubber.finder.as_ref() else {
             return Bytes::from(carry);
         };
         let mut out = BytesMut::with_capacity(carry.len());
         let mut pos = 0;
-        for m in automaton.find_iter(&carry) {
+        for m in finder.find_iter(&carry) {
             out.extend_from_slice(&carry[pos..m.start()]);
             self.replace(&mut out, m.len());
             pos = m.end();
