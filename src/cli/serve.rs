@@ -181,15 +181,17 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
     }
     let admin_path = config.admin.clone().unwrap_or_else(|| state.admin_socket());
     runtime()?.block_on(async {
+        // Watched before "listening" is announced: a supervisor may send
+        // SIGHUP as soon as it reads that line, and unwatched, SIGHUP kills.
+        let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
         let running = start(config, state, listen).await?;
         tracing::info!(
             "sidekey {} listening on {}",
             env!("CARGO_PKG_VERSION"),
             running.addr
         );
-        let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
-        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
         loop {
             tokio::select! {
                 _ = hangup.recv() => {
