@@ -178,10 +178,11 @@ impl Proxy {
             }
         };
         let limits = self.live.snapshot().config.limits.clone();
-        // An agent that agreed on HTTP/1.1 by ALPN gets hyper's HTTP/1
-        // server directly: sniffing the version would leave a 16 KiB read
-        // buffer behind (see `listen::Conn::serve_tcp`).
-        let http1 = tls.get_ref().1.alpn_protocol() == Some(b"http/1.1".as_slice());
+        // HTTP/2 over TLS is only ever agreed by ALPN (RFC 9113, 3.2), so
+        // an agent that did not pick `h2` speaks HTTP/1.1 and gets hyper's
+        // HTTP/1 server directly: sniffing the version would leave a 16 KiB
+        // read buffer behind (see `listen::Conn::serve_tcp`).
+        let http1 = tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());
         let service = service_fn(move |mut req: Request<Incoming>| {
             let proxy = self.clone();
             let tunnel = tunnel.clone();
