@@ -216,7 +216,7 @@ impl LeafMinter {
         let issuer = load_issuer(&state.ca_cert(), &state.ca_key())?;
         Ok(Self {
             issuer,
-            provider: std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+            provider: std::sync::Arc::new(crate::tls::provider()),
             cache: std::sync::Mutex::new(LeafCache::default()),
         })
     }
@@ -303,6 +303,7 @@ impl LeafMinter {
             .with_single_cert(vec![cert.der().clone()], key_der)
             .map_err(|e| CaError::Generate(e.to_string()))?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.ignore_client_order = crate::tls::aes_in_hardware();
         Ok(config)
     }
 }

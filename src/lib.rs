@@ -38,4 +38,5 @@ pub mod proxy;
 pub mod scrub;
 pub mod secret;
 pub mod state;
+pub mod tls;
 pub mod token;

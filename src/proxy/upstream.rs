@@ -119,7 +119,7 @@ fn build_with(
     h2: bool,
     extra_ca: &[std::path::PathBuf],
 ) -> Result<UpstreamClient, ClientError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::tls::provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?

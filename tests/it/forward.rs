@@ -363,3 +363,97 @@ action = "allow"
     assert!(text.contains("upstream_unreachable"));
     assert_eq!(upstream.count(), 0);
 }
+
+/// Whether this CPU runs AES-GCM in hardware, as sidekey decides it.
+fn cpu_has_aes() -> bool {
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |flag: &str| {
+        flags
+            .lines()
+            .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
+            .any(|l| l.split_whitespace().any(|f| f == flag))
+    };
+    (has("aes") && has("pclmulqdq")) || (has("aes") && has("pmull"))
+}
+
+#[test]
+fn an_agent_without_alpn_is_served_and_both_legs_prefer_aes_128_where_the_cpu_has_aes() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https(dir.path());
+    let env = TestEnv::new(&format!(
+        r#"
+[tls]
+upstream_ca = ["{ca}"]
+[secrets.api]
+source = "store"
+[routes.api]
+upstream = "{base}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+[[rules]]
+agents = ["coder"]
+route = "api"
+action = "allow"
+"#,
+        ca = upstream.ca.as_ref().unwrap().display(),
+        base = upstream.base()
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let ca = ca_file(&env);
+
+    // OpenSSL's client lists TLS_AES_256_GCM_SHA384 first and, unless told,
+    // offers no ALPN, so the agent speaks HTTP/1.1 without having said so.
+    let out = python(
+        r#"
+import base64, socket, ssl
+addr, port, token, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+host, proxy_port = addr.rsplit(':', 1)
+raw = socket.create_connection((host, int(proxy_port)), timeout=20)
+auth = base64.b64encode(f'coder:{token}'.encode()).decode()
+raw.sendall(f'CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\nProxy-Authorization: Basic {auth}\r\n\r\n'.encode())
+head = b''
+while b'\r\n\r\n' not in head:
+    head += raw.recv(1)
+assert head.startswith(b'HTTP/1.1 200'), head
+tls = ssl.create_default_context(cafile=ca).wrap_socket(raw, server_hostname='localhost')
+tls.sendall(f'GET /v1/echo HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer fake\r\nConnection: close\r\n\r\n'.encode())
+reply = b''
+while chunk := tls.recv(65536):
+    reply += chunk
+print(json.dumps({'alpn': tls.selected_alpn_protocol(), 'suite': tls.cipher()[0], 'reply': reply.decode(errors='replace')}))
+"#,
+        &[
+            &sidekey.addr.to_string(),
+            &upstream.addr.port().to_string(),
+            &token,
+            &ca,
+        ],
+    );
+    let out: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let reply = out["reply"].as_str().unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_no_leak(reply, SECRET, "intercepted response");
+    assert_eq!(out["alpn"], serde_json::Value::Null);
+    let seen = upstream.last();
+    assert_eq!(
+        seen.header_all("authorization"),
+        vec![format!("Bearer {SECRET}")]
+    );
+
+    let (agent_leg, upstream_leg) = if cpu_has_aes() {
+        ("TLS_AES_128_GCM_SHA256", "TLS13_AES_128_GCM_SHA256")
+    } else {
+        ("TLS_AES_256_GCM_SHA384", "TLS13_AES_256_GCM_SHA384")
+    };
+    assert_eq!(
+        out["suite"], agent_leg,
+        "the suite sidekey chose with the agent"
+    );
+    assert_eq!(
+        seen.tls_suite.as_deref(),
+        Some(upstream_leg),
+        "the suite of sidekey's upstream connection"
+    );
+}

@@ -66,6 +66,8 @@ pub struct Seen {
     pub body: Vec<u8>,
     /// Trailers after a chunked body, as `name: value` lines.
     pub trailers: Vec<String>,
+    /// The TLS cipher suite of the connection (HTTPS upstreams), as rustls names it.
+    pub tls_suite: Option<String>,
 }
 
 impl Seen {
@@ -159,18 +161,27 @@ impl Upstream {
                     let shared = server_shared.clone();
                     let acceptor = acceptor.clone();
                     tokio::spawn(async move {
-                        let service = service_fn(move |req| handle(req, shared.clone()));
                         let builder =
                             hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                         match acceptor {
                             Some(acceptor) => {
                                 if let Ok(tls) = acceptor.accept(stream).await {
+                                    let suite = tls
+                                        .get_ref()
+                                        .1
+                                        .negotiated_cipher_suite()
+                                        .map(|s| format!("{:?}", s.suite()));
+                                    let service = service_fn(move |req| {
+                                        handle(req, shared.clone(), suite.clone())
+                                    });
                                     let _ = builder
                                         .serve_connection_with_upgrades(TokioIo::new(tls), service)
                                         .await;
                                 }
                             }
                             None => {
+                                let service =
+                                    service_fn(move |req| handle(req, shared.clone(), None));
                                 let _ = builder
                                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                                     .await;
@@ -221,6 +232,7 @@ impl Upstream {
 async fn handle(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
+    tls_suite: Option<String>,
 ) -> Result<Response<Body>, Infallible> {
     let upgrade = req
         .uri()
@@ -258,6 +270,7 @@ async fn handle(
             .collect(),
         body: body.to_vec(),
         trailers,
+        tls_suite,
     };
     shared.seen.lock().unwrap().push(seen.clone());
     let path = parts.uri.path();
