@@ -113,7 +113,7 @@ pub async fn serve(
             }
             Accepted::Unix(stream, uid) => {
                 let peer = uid.map_or(Peer::Anonymous, Peer::Uid);
-                Box::pin(conn.serve(Watched::new(stream, activity), peer))
+                Box::pin(conn.serve_unix(stream, peer, activity, limits.header_timeout))
             }
             Accepted::Tls(stream, addr) => {
                 let _ = stream.set_nodelay(true);
@@ -211,13 +211,29 @@ impl Conn {
         header_timeout: Duration,
     ) {
         let mut first = [0u8; H2_PREFACE.len()];
-        let http1 = match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
-            Ok(Ok(n)) if n > 0 => !H2_PREFACE.starts_with(&first[..n]),
-            // Closed, failed, or silent for as long as a request head may take.
-            _ => return,
+        let peeked = tokio::time::timeout(header_timeout, stream.peek(&mut first)).await;
+        let Some(http1) = rules_out_h2(peeked, &first) else {
+            return;
         };
         let io = Watched::new(stream, activity);
         self.serve_as(io, Peer::Anonymous, http1).await;
+    }
+
+    /// A unix-socket connection, its first bytes peeked as in `serve_tcp`.
+    async fn serve_unix(
+        self,
+        stream: tokio::net::UnixStream,
+        peer: Peer,
+        activity: Arc<Activity>,
+        header_timeout: Duration,
+    ) {
+        let mut first = [0u8; H2_PREFACE.len()];
+        let peeked = tokio::time::timeout(header_timeout, peek_unix(&stream, &mut first)).await;
+        let Some(http1) = rules_out_h2(peeked, &first) else {
+            return;
+        };
+        self.serve_as(Watched::new(stream, activity), peer, http1)
+            .await;
     }
 
     async fn serve<IO>(self, io: IO, peer: Peer)
@@ -289,6 +305,35 @@ impl Conn {
                 Some(e) if e.is_parse() || e.is_parse_too_large() => audit.audit_unparsed(e).await,
                 _ => tracing::debug!(error = %e, "connection ended with an error"),
             }
+        }
+    }
+}
+
+/// Whether a connection's first bytes, peeked within the header timeout,
+/// already differ from the HTTP/2 preface; `None` when it closed, failed,
+/// or stayed silent for as long as a request head may take.
+fn rules_out_h2(
+    peeked: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
+    first: &[u8],
+) -> Option<bool> {
+    match peeked {
+        Ok(Ok(n)) if n > 0 => Some(!H2_PREFACE.starts_with(&first[..n])),
+        _ => None,
+    }
+}
+
+/// `TcpStream::peek` for a unix socket, which tokio does not offer.
+async fn peek_unix(stream: &tokio::net::UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            rustix::net::recv(stream, &mut *buf, rustix::net::RecvFlags::PEEK)
+                .map(|(read, _)| read)
+                .map_err(std::io::Error::from)
+        });
+        match peeked {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            result => return result,
         }
     }
 }

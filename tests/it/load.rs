@@ -49,8 +49,13 @@ fn assert_still_serves(sidekey: &Sidekey, token: &str) {
 }
 
 fn load_env(upstream: &Upstream, limits: &str) -> TestEnv {
+    load_env_with(upstream, "", limits)
+}
+
+/// `top` holds top-level keys, which TOML wants before the first table.
+fn load_env_with(upstream: &Upstream, top: &str, limits: &str) -> TestEnv {
     let env = TestEnv::new(&format!(
-        "[limits]\n{limits}\n{}\n[[rules]]\nagents = [\"coder\"]\nhost = \"127.0.0.1\"\nport = {}\naction = \"allow\"\n",
+        "{top}\n[limits]\n{limits}\n{}\n[[rules]]\nagents = [\"coder\"]\nhost = \"127.0.0.1\"\nport = {}\naction = \"allow\"\n",
         echo_route(upstream, "store"),
         upstream.addr.port()
     ));
@@ -66,7 +71,10 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Reads one response with a Content-Length body; returns its status.
-async fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
+async fn read_response<R>(reader: &mut R) -> std::io::Result<u16>
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
     let mut status = 0;
     let mut length = 0usize;
     let mut first = true;
@@ -110,19 +118,27 @@ async fn connect(addr: SocketAddr) -> TcpStream {
     panic!("cannot connect to {addr}");
 }
 
-/// Opens `n` connections, at most 256 at a time; each sends one gateway
-/// request and must get a 200. The connections stay open.
-async fn open_served(addr: SocketAddr, token: &str, n: usize) -> Vec<BufReader<TcpStream>> {
+/// Opens `n` connections with `connect`, at most 256 at a time; each sends
+/// one gateway request and must get a 200. The connections stay open.
+async fn open_served<S, F>(
+    connect: impl Fn() -> F + Clone + Send + 'static,
+    token: &str,
+    n: usize,
+) -> Vec<BufReader<S>>
+where
+    F: Future<Output = S> + Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let request = Arc::new(format!(
         "GET /echo/held HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
     ));
     let gate = Arc::new(tokio::sync::Semaphore::new(256));
     let tasks: Vec<_> = (0..n)
         .map(|_| {
-            let (request, gate) = (request.clone(), gate.clone());
+            let (request, gate, connect) = (request.clone(), gate.clone(), connect.clone());
             tokio::spawn(async move {
                 let _permit = gate.acquire().await.unwrap();
-                let mut reader = BufReader::new(connect(addr).await);
+                let mut reader = BufReader::new(connect().await);
                 reader
                     .get_mut()
                     .write_all(request.as_bytes())
@@ -164,7 +180,7 @@ fn two_thousand_keep_alive_connections_and_two_hundred_tunnels_without_an_error(
     let started = Instant::now();
     let served = runtime().block_on(async {
         // Every connection is open before any sends, so all are concurrent.
-        let mut held = open_served(addr, &token, connections).await;
+        let mut held = open_served(move || connect(addr), &token, connections).await;
         let upstream_addr = upstream.addr;
         let mut tunnel_tasks = Vec::new();
         for _ in 0..tunnels {
@@ -254,15 +270,8 @@ fn ten_thousand_idle_connections_are_held_then_released() {
     let pid = sidekey.child.id();
     let n = scaled(10_000);
     let rt = runtime();
-    // A first batch warms the allocator and the upstream pool, so the
-    // measurement is of connections, not of start-up.
-    let warm = rt.block_on(open_served(sidekey.addr, &token, 200));
-    drop(warm);
-    std::thread::sleep(Duration::from_millis(500));
-    let before = rss_kib(pid);
-    let held = rt.block_on(open_served(sidekey.addr, &token, n));
-    std::thread::sleep(Duration::from_millis(300));
-    let holding = rss_kib(pid);
+    let addr = sidekey.addr;
+    let (before, holding, held) = rt.block_on(hold_idle(pid, move || connect(addr), &token, n));
     let per_connection = holding.saturating_sub(before) * 1024 / n as u64;
     drop(held);
     // Released: sidekey sees every connection close.
@@ -289,6 +298,60 @@ fn ten_thousand_idle_connections_are_held_then_released() {
     assert!(
         per_connection < 20 * 1024,
         "{per_connection} bytes per idle connection"
+    );
+    assert_still_serves(&sidekey, &token);
+}
+
+/// sidekey's RSS before and while holding `n` served keep-alive
+/// connections, and the connections. A first batch warms the allocator and
+/// the upstream pool, so the measurement is of connections, not start-up.
+async fn hold_idle<S, F>(
+    pid: u32,
+    connect: impl Fn() -> F + Clone + Send + 'static,
+    token: &str,
+    n: usize,
+) -> (u64, u64, Vec<BufReader<S>>)
+where
+    F: Future<Output = S> + Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    drop(open_served(connect.clone(), token, 200).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid);
+    let held = open_served(connect, token, n).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (before, rss_kib(pid), held)
+}
+
+#[test]
+fn idle_unix_socket_connections_stay_within_the_same_budget() {
+    sidekey::listen::raise_fd_limit();
+    let upstream = Upstream::http();
+    let env = load_env_with(
+        &upstream,
+        "listen_unix = \"agents.sock\"",
+        "max_connections = 4000",
+    );
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let socket = env.state.join("agents.sock");
+    let n = scaled(2_000);
+    let rt = runtime();
+    let (before, holding, held) = rt.block_on(hold_idle(
+        sidekey.child.id(),
+        move || {
+            let socket = socket.clone();
+            async move { tokio::net::UnixStream::connect(socket).await.unwrap() }
+        },
+        &token,
+        n,
+    ));
+    let per_connection = holding.saturating_sub(before) * 1024 / n as u64;
+    drop(held);
+    println!("idle over the unix socket: {n} connections, {per_connection} bytes each");
+    assert!(
+        per_connection < 20 * 1024,
+        "{per_connection} bytes per idle unix-socket connection"
     );
     assert_still_serves(&sidekey, &token);
 }

@@ -48,6 +48,19 @@ fn a_unix_peer_uid_mapped_to_an_agent_needs_no_token() {
     assert_eq!(record["session"], format!("uid-{}", my_uid()));
     assert!(record["token_id"].is_null());
 
+    // HTTP/2 with prior knowledge over the socket, with the same identity.
+    let (status, text) = curl_unix(
+        &socket,
+        &["--http2-prior-knowledge", "http://sidekey/echo/by-uid-h2"],
+    );
+    assert_eq!(status, 200, "{text}");
+    let seen = upstream.last();
+    assert_eq!(seen.uri, "/by-uid-h2");
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+
     // A token, when sent, is the identity (and must be valid).
     let (status, _) = curl_unix(
         &socket,
