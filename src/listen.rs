@@ -191,8 +191,10 @@ impl Conn {
             .peer_certificates()
             .and_then(|certs| certs.first())
             .map(|der| crate::identity::PeerCert::from_der(der));
+        // HTTP/2 over TLS is only ever agreed by ALPN (RFC 9113, 3.2).
+        let http1 = tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());
         match cert {
-            Some(Ok(cert)) => self.serve(tls, Peer::Cert(cert)).await,
+            Some(Ok(cert)) => self.serve_as(tls, Peer::Cert(cert), http1).await,
             Some(Err(e)) => tracing::info!(%addr, error = %e, "client certificate refused"),
             None => tracing::info!(%addr, "no client certificate"),
         }
@@ -234,13 +236,6 @@ impl Conn {
         };
         self.serve_as(Watched::new(stream, activity), peer, http1)
             .await;
-    }
-
-    async fn serve<IO>(self, io: IO, peer: Peer)
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        self.serve_as(io, peer, false).await;
     }
 
     /// Serves HTTP/1 when `http1` says the connection speaks it, else

@@ -79,6 +79,17 @@ fn client_certificates_identify_agents_and_bad_ones_fail_the_handshake() {
     let record = s.env.audit().pop().unwrap();
     assert_eq!(record["agent"], "coder");
     assert_eq!(record["token_id"], serial.as_str());
+    // Both HTTP versions, as agreed by ALPN.
+    for version in ["--http1.1", "--http2"] {
+        let (status, text) = curl(&[
+            version, "--cert", &crt, "--key", &key, "--cacert", &s.ca, &url,
+        ]);
+        assert_eq!(status, 200, "{version}: {text}");
+        assert_eq!(
+            s.upstream.last().header("authorization"),
+            Some(format!("Bearer {SECRET}").as_str())
+        );
+    }
 
     // A Rust client with the same identity.
     let pem = [std::fs::read(&crt).unwrap(), std::fs::read(&key).unwrap()].concat();
