@@ -117,11 +117,11 @@ action = "allow"
     assert!(modes.iter().all(|m| m == "forward"), "{modes:?}");
 }
 
-#[test]
-fn connect_to_a_route_origin_is_intercepted_and_injected() {
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = Upstream::https(dir.path());
-    let env = TestEnv::new(&format!(
+/// Route `api` to an HTTPS `upstream` that trusts its test CA, injecting a
+/// bearer header, and a rule letting `coder` reach it; `rule` adds lines
+/// to that rule.
+fn https_route_env(upstream: &Upstream, rule: &str) -> TestEnv {
+    TestEnv::new(&format!(
         r#"
 [tls]
 upstream_ca = ["{ca}"]
@@ -134,12 +134,19 @@ inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "ap
 [[rules]]
 agents = ["coder"]
 route = "api"
-paths = ["/v1/**"]
 action = "allow"
+{rule}
 "#,
         ca = upstream.ca.as_ref().unwrap().display(),
         base = upstream.base()
-    ));
+    ))
+}
+
+#[test]
+fn connect_to_a_route_origin_is_intercepted_and_injected() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https(dir.path());
+    let env = https_route_env(&upstream, r#"paths = ["/v1/**"]"#);
     env.set_secret("api", SECRET);
     let token = env.token("coder");
     let sidekey = env.spawn();
@@ -380,24 +387,7 @@ fn cpu_has_aes() -> bool {
 fn an_agent_without_alpn_is_served_and_both_legs_prefer_aes_128_where_the_cpu_has_aes() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::https(dir.path());
-    let env = TestEnv::new(&format!(
-        r#"
-[tls]
-upstream_ca = ["{ca}"]
-[secrets.api]
-source = "store"
-[routes.api]
-upstream = "{base}"
-allow_private = true
-inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
-[[rules]]
-agents = ["coder"]
-route = "api"
-action = "allow"
-"#,
-        ca = upstream.ca.as_ref().unwrap().display(),
-        base = upstream.base()
-    ));
+    let env = https_route_env(&upstream, "");
     env.set_secret("api", SECRET);
     let token = env.token("coder");
     let sidekey = env.spawn();
