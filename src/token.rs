@@ -92,7 +92,7 @@ pub struct Verifier {
     /// whole text equals the token presented. Expiry is still checked on
     /// every use; revocation is the caller's, also on every use.
     verified: Mutex<HashMap<u64, (Box<str>, Claims)>>,
-    tails: std::collections::hash_map::RandomState,
+    cache_hasher: std::collections::hash_map::RandomState,
 }
 
 /// How many of a token's last bytes key the cache: a 64-byte Ed25519
@@ -184,7 +184,7 @@ impl Verifier {
             key,
             validation,
             verified: Mutex::new(HashMap::new()),
-            tails: std::collections::hash_map::RandomState::new(),
+            cache_hasher: std::collections::hash_map::RandomState::new(),
         })
     }
 
@@ -231,7 +231,7 @@ impl Verifier {
 
     fn cache_key(&self, token: &str) -> u64 {
         let tail = &token.as_bytes()[token.len().saturating_sub(CACHE_KEY_BYTES)..];
-        std::hash::BuildHasher::hash_one(&self.tails, tail)
+        std::hash::BuildHasher::hash_one(&self.cache_hasher, tail)
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Box<str>, Claims)>> {
