@@ -17,6 +17,7 @@
 pub mod body;
 pub mod error;
 mod forward;
+pub mod pool;
 mod reverse;
 mod upgrade;
 pub mod upstream;
@@ -48,6 +49,7 @@ use crate::token::{Verifier, random_id};
 
 use body::{AgentBody, Body, Scrubbed, full};
 pub use error::{Mode, ProxyError};
+use pool::UpstreamBody;
 
 /// Responses up to this size with a declared length are read whole, so they
 /// keep an exact `Content-Length` after scrubbing and their audit record has
@@ -540,16 +542,13 @@ impl Proxy {
         // 7. send, to an address sidekey resolved and checked itself
         let host = plan.host.clone();
         flow.outcome.forwarded = true;
-        let clients = &flow.snapshot.clients;
-        let client = match upgrade {
-            Some(_) => clients.http1(plan.reach),
-            None => clients.get(plan.reach),
+        let client = flow.snapshot.clients.get(plan.reach);
+        let sending = match upgrade {
+            Some(_) => client.send_upgrade(request),
+            None => client.send(request),
         };
-        let sent = tokio::time::timeout(
-            flow.snapshot.config.limits.upstream_timeout,
-            client.request(request),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout(flow.snapshot.config.limits.upstream_timeout, sending).await;
         let mut response = match sent {
             Err(_) => return Err(ProxyError::UpstreamTimeout { host }),
             Ok(Err(e)) => return Err(upstream_error(host, max_body, &e)),
@@ -643,7 +642,7 @@ impl Proxy {
     async fn respond(
         &self,
         flow: &mut Flow<'_>,
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
         scrubber: Arc<Scrubber>,
         head_only: bool,
         credentialed: bool,
@@ -799,11 +798,7 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn upstream_error(
-    host: String,
-    max_body: u64,
-    error: &hyper_util::client::legacy::Error,
-) -> ProxyError {
+fn upstream_error(host: String, max_body: u64, error: &pool::SendError) -> ProxyError {
     let chain = || {
         std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| {
             e.source()
@@ -825,21 +820,9 @@ fn upstream_error(
         }
         source = e.source();
     }
-    let cause = if error.is_connect() {
-        "connection failed".to_string()
-    } else {
-        "request failed".to_string()
-    };
-    let detail = std::error::Error::source(error)
-        .map(|e| e.to_string())
-        .unwrap_or_default();
     ProxyError::Upstream {
         host,
-        cause: if detail.is_empty() {
-            cause
-        } else {
-            format!("{cause}: {detail}")
-        },
+        cause: error.to_string(),
     }
 }
 

@@ -1,54 +1,37 @@
-//! The outbound client: pooled HTTP/1.1 and HTTP/2, TLS with the system
-//! roots plus `tls.upstream_ca`, hostnames always verified.
+//! The outbound clients: TLS with the system roots plus `tls.upstream_ca`,
+//! hostnames always verified, over the connection pool in `pool`.
 
 use std::sync::Arc;
 
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 
 use crate::config::Config;
 use crate::egress::{GuardedResolver, Reach};
 
 use super::body::Body;
+use super::pool::{Connector, Upstream};
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Body>;
-
-/// One pooled client per reach, so a connection opened for a destination
-/// allowed to be private is never reused for one that is not; and HTTP/1.1
-/// only twins for upgrades (WebSocket), which HTTP/2 does not carry.
+/// One pool per reach, so a connection opened for a destination allowed to
+/// be private is never reused for one that is not.
 #[derive(Debug, Clone)]
 pub struct Clients {
-    public: UpstreamClient,
-    any: UpstreamClient,
-    public_http1: UpstreamClient,
-    any_http1: UpstreamClient,
+    public: Upstream,
+    any: Upstream,
 }
 
 impl Clients {
     pub fn build(config: &Config) -> Result<Self, ClientError> {
         Ok(Self {
-            public: build(config, Reach::Public, true)?,
-            any: build(config, Reach::Any, true)?,
-            public_http1: build(config, Reach::Public, false)?,
-            any_http1: build(config, Reach::Any, false)?,
+            public: build(config, Reach::Public, &[])?,
+            any: build(config, Reach::Any, &[])?,
         })
     }
 
-    pub fn get(&self, reach: Reach) -> &UpstreamClient {
+    pub fn get(&self, reach: Reach) -> &Upstream {
         match reach {
             Reach::Public => &self.public,
             Reach::Any => &self.any,
-        }
-    }
-
-    /// For requests that upgrade the connection.
-    pub fn http1(&self, reach: Reach) -> &UpstreamClient {
-        match reach {
-            Reach::Public => &self.public_http1,
-            Reach::Any => &self.any_http1,
         }
     }
 }
@@ -105,20 +88,15 @@ pub fn root_store(
 pub fn service_client(
     config: &Config,
     extra_ca: &[std::path::PathBuf],
-) -> Result<UpstreamClient, ClientError> {
-    build_with(config, Reach::Any, true, extra_ca)
+) -> Result<Upstream, ClientError> {
+    build(config, Reach::Any, extra_ca)
 }
 
-fn build(config: &Config, reach: Reach, h2: bool) -> Result<UpstreamClient, ClientError> {
-    build_with(config, reach, h2, &[])
-}
-
-fn build_with(
+fn build(
     config: &Config,
     reach: Reach,
-    h2: bool,
     extra_ca: &[std::path::PathBuf],
-) -> Result<UpstreamClient, ClientError> {
+) -> Result<Upstream, ClientError> {
     let provider = Arc::new(crate::tls::provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -129,31 +107,29 @@ fn build_with(
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.limits.connect_timeout));
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http();
-    let connector = if h2 {
-        builder.enable_all_versions().wrap_connector(http)
-    } else {
-        builder.enable_http1().wrap_connector(http)
+    let connector = |h2: bool| -> Connector {
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http();
+        if h2 {
+            builder.enable_all_versions().wrap_connector(http.clone())
+        } else {
+            builder.enable_http1().wrap_connector(http.clone())
+        }
     };
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .build(connector))
+    Ok(Upstream::new(connector(true), connector(false)))
 }
 
 /// One call to a service the operator configured (a token endpoint, a key
 /// set, Vault): a deadline, a bounded body, and only a success counts.
 pub async fn call_service(
-    client: &UpstreamClient,
+    client: &Upstream,
     req: http::Request<Body>,
     timeout: std::time::Duration,
     max_body: usize,
 ) -> Result<bytes::Bytes, String> {
     use http_body_util::BodyExt;
-    let response = tokio::time::timeout(timeout, client.request(req))
+    let response = tokio::time::timeout(timeout, client.send(req))
         .await
         .map_err(|_| "timed out".to_string())?
         .map_err(|e| e.to_string())?;

@@ -17,7 +17,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use zeroize::Zeroizing;
 
 use crate::config::{OAuth2, TokenGrant};
-use crate::proxy::upstream::UpstreamClient;
+use crate::proxy::pool::Upstream;
 use crate::scrub::{Scrubber, variants};
 use crate::secret::Secret;
 
@@ -92,7 +92,7 @@ impl TokenCache {
         secret_name: &str,
         secret: &Secret,
         subject: &str,
-        client: &UpstreamClient,
+        client: &Upstream,
     ) -> Result<Arc<AccessToken>, String> {
         let exchange = matches!(grant, TokenGrant::ClientCredentials(c) if c.exchange);
         if exchange && subject.is_empty() {
@@ -150,7 +150,7 @@ async fn client_credentials(
     config: &OAuth2,
     client_secret: &Secret,
     subject: &str,
-    client: &UpstreamClient,
+    client: &Upstream,
 ) -> Result<AccessToken, String> {
     let pair = Zeroizing::new(format!(
         "{}:{}",
@@ -187,7 +187,7 @@ async fn client_credentials(
 async fn gcp_service_account(
     scopes: &[String],
     key_json: &Secret,
-    client: &UpstreamClient,
+    client: &Upstream,
 ) -> Result<AccessToken, String> {
     #[derive(serde::Deserialize)]
     struct Key {
@@ -233,7 +233,7 @@ async fn post_for_token(
     url: &http::Uri,
     authorization: Option<http::HeaderValue>,
     form: String,
-    client: &UpstreamClient,
+    client: &Upstream,
 ) -> Result<AccessToken, String> {
     let mut req = http::Request::post(url.clone())
         .header(

@@ -71,7 +71,7 @@ pub fn read(
     })
 }
 
-type Client = crate::proxy::upstream::UpstreamClient;
+type Client = crate::proxy::pool::Upstream;
 
 /// AppRole login: a short-lived client token for this load.
 async fn login(

@@ -19,4 +19,5 @@ mod load; // 2,000 keep-alive connections, 200 tunnels, 10,000 idle, slowloris
 mod mtls; // agents with client certificates on listen_tls
 mod oidc; // workload JWTs verified against a JWKS
 mod peer; // unix-socket agents identified by their uid
+mod pool; // upstream connections reused, never mid-response
 mod scrubbing; // secrets echoed back are redacted, streamed or not

@@ -68,6 +68,8 @@ pub struct Seen {
     pub trailers: Vec<String>,
     /// The TLS cipher suite of the connection (HTTPS upstreams), as rustls names it.
     pub tls_suite: Option<String>,
+    /// The client's address: which connection the request came on.
+    pub peer: SocketAddr,
 }
 
 impl Seen {
@@ -155,7 +157,7 @@ impl Upstream {
                 let listener = TcpListener::from_std(std_listener).unwrap();
                 let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else {
+                    let Ok((stream, peer)) = listener.accept().await else {
                         continue;
                     };
                     let shared = server_shared.clone();
@@ -172,7 +174,7 @@ impl Upstream {
                                         .negotiated_cipher_suite()
                                         .map(|s| format!("{:?}", s.suite()));
                                     let service = service_fn(move |req| {
-                                        handle(req, shared.clone(), suite.clone())
+                                        handle(req, shared.clone(), suite.clone(), peer)
                                     });
                                     let _ = builder
                                         .serve_connection_with_upgrades(TokioIo::new(tls), service)
@@ -181,7 +183,7 @@ impl Upstream {
                             }
                             None => {
                                 let service =
-                                    service_fn(move |req| handle(req, shared.clone(), None));
+                                    service_fn(move |req| handle(req, shared.clone(), None, peer));
                                 let _ = builder
                                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                                     .await;
@@ -233,6 +235,7 @@ async fn handle(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
     tls_suite: Option<String>,
+    peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let upgrade = req
         .uri()
@@ -271,6 +274,7 @@ async fn handle(
         body: body.to_vec(),
         trailers,
         tls_suite,
+        peer,
     };
     shared.seen.lock().unwrap().push(seen.clone());
     let path = parts.uri.path();
