@@ -486,3 +486,55 @@ impl std::fmt::Debug for UpstreamBody {
         f.debug_struct("UpstreamBody").finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn destination(url: &str) -> Destination {
+        let uri: Uri = url.parse().unwrap();
+        Destination {
+            scheme: uri.scheme().unwrap().clone(),
+            authority: uri.authority().unwrap().clone(),
+        }
+    }
+
+    #[test]
+    fn host_names_the_port_only_when_it_is_not_the_schemes_default() {
+        for (url, host) in [
+            ("http://api.example:80/x", "api.example"),
+            ("http://api.example/x", "api.example"),
+            ("https://api.example:443/x", "api.example"),
+            ("https://api.example:80/x", "api.example:80"),
+            ("http://api.example:443/x", "api.example:443"),
+            ("http://127.0.0.1:8080/x", "127.0.0.1:8080"),
+            ("https://[::1]:8443/x", "[::1]:8443"),
+            ("https://[::1]/x", "[::1]"),
+            // User info is never sent on.
+            ("http://user:pw@api.example:8080/x", "api.example:8080"),
+        ] {
+            assert_eq!(host_header(&destination(url)), host, "{url}");
+        }
+    }
+
+    #[test]
+    fn origin_form_keeps_path_and_query_and_nothing_else() {
+        for (url, origin) in [
+            ("http://a.example", "/"),
+            ("http://a.example/", "/"),
+            ("http://a.example/v1/x?q=1&r", "/v1/x?q=1&r"),
+            ("https://u@a.example:8443/p?", "/p?"),
+        ] {
+            assert_eq!(origin_form(&url.parse().unwrap()), origin, "{url}");
+        }
+    }
+
+    #[test]
+    fn destinations_differ_by_scheme_and_by_port() {
+        let a = destination("http://a.example:8080/");
+        assert!(a == destination("http://a.example:8080/other"));
+        assert!(a != destination("https://a.example:8080/"));
+        assert!(a != destination("http://a.example:8081/"));
+        assert!(a != destination("http://b.example:8080/"));
+    }
+}
