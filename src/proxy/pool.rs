@@ -32,6 +32,9 @@ pub type Connector = HttpsConnector<HttpConnector<GuardedResolver>>;
 
 /// A kept-alive connection nobody used for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a shared HTTP/2 connection is pinged, and how long an answer may take.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Kept-alive connections per destination beyond this are closed once their
 /// response ends: a burst must not leave a thousand sockets open.
 const MAX_IDLE_PER_DESTINATION: usize = 256;
@@ -73,7 +76,7 @@ struct Pool {
     /// (WebSocket), which HTTP/2 does not carry.
     http1_connector: Connector,
     idle: Mutex<HashMap<Destination, Vec<Idle>>>,
-    shared: Mutex<HashMap<Destination, http2::SendRequest<Body>>>,
+    shared: Mutex<HashMap<Destination, Shared>>,
     janitor: std::sync::Once,
 }
 
@@ -87,6 +90,12 @@ struct Http1 {
 struct Idle {
     conn: Http1,
     since: Instant,
+}
+
+/// An HTTP/2 connection every request to its destination goes over.
+struct Shared {
+    sender: http2::SendRequest<Body>,
+    last_used: Instant,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -190,7 +199,9 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, SendError> {
         match self.connect(destination, upgrade).await? {
             Fresh::Http2(mut sender) => {
-                self.pool.share(destination, &sender);
+                if let Ok(runtime) = Handle::try_current() {
+                    self.pool.share(destination, &sender, &runtime);
+                }
                 sender
                     .send_request(request)
                     .await
@@ -219,7 +230,13 @@ impl Upstream {
         request
             .headers_mut()
             .insert(header::HOST, conn.host.clone());
-        *request.uri_mut() = origin_form(uri);
+        // hyper's HTTP/1 encoder accepts no other version.
+        *request.version_mut() = http::Version::HTTP_11;
+        *request.uri_mut() = if request.method() == http::Method::CONNECT {
+            authority_form(&destination.authority)
+        } else {
+            origin_form(uri)
+        };
         match conn.sender.try_send_request(request).await {
             Ok(response) => {
                 let keep =
@@ -260,8 +277,13 @@ impl Upstream {
             .map_err(SendError::Connect)?;
         let io = connector.call(target).await.map_err(SendError::Connect)?;
         if io.connected().is_negotiated_h2() {
+            // Pings find a connection that died without a word (a NAT or
+            // firewall dropping it), which would otherwise stall every
+            // request to the destination until its timeout.
             let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
                 .handshake(io)
                 .await
                 .map_err(SendError::Handshake)?;
@@ -311,9 +333,7 @@ impl Pool {
     }
 
     fn put(self: &Arc<Self>, destination: Destination, conn: Http1, runtime: &Handle) {
-        self.janitor.call_once(|| {
-            runtime.spawn(sweep(Arc::downgrade(self)));
-        });
+        self.start_sweeping(runtime);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(destination).or_default();
         if list.len() < MAX_IDLE_PER_DESTINATION {
@@ -324,34 +344,59 @@ impl Pool {
         }
     }
 
-    fn shared_for(&self, destination: &Destination) -> Option<http2::SendRequest<Body>> {
-        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        shared
-            .get(destination)
-            .filter(|sender| sender.is_ready())
-            .cloned()
+    fn start_sweeping(self: &Arc<Self>, runtime: &Handle) {
+        self.janitor.call_once(|| {
+            runtime.spawn(sweep(Arc::downgrade(self)));
+        });
     }
 
-    fn share(&self, destination: &Destination, sender: &http2::SendRequest<Body>) {
+    fn shared_for(&self, destination: &Destination) -> Option<http2::SendRequest<Body>> {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = shared
+            .get_mut(destination)
+            .filter(|s| s.sender.is_ready())?;
+        entry.last_used = Instant::now();
+        Some(entry.sender.clone())
+    }
+
+    /// Keeps `sender` for the destination's next requests, unless another
+    /// connection opened at the same time got there first.
+    fn share(
+        self: &Arc<Self>,
+        destination: &Destination,
+        sender: &http2::SendRequest<Body>,
+        runtime: &Handle,
+    ) {
+        self.start_sweeping(runtime);
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         match shared.get(destination) {
-            Some(current) if current.is_ready() => {}
+            Some(current) if current.sender.is_ready() => {}
             _ => {
-                shared.insert(destination.clone(), sender.clone());
+                shared.insert(
+                    destination.clone(),
+                    Shared {
+                        sender: sender.clone(),
+                        last_used: Instant::now(),
+                    },
+                );
             }
         }
     }
 
     fn forget_closed_shared(&self, destination: &Destination) {
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        if shared.get(destination).is_some_and(|s| !s.is_ready()) {
+        if shared
+            .get(destination)
+            .is_some_and(|s| !s.sender.is_ready())
+        {
             shared.remove(destination);
         }
     }
 }
 
-/// Closes kept-alive connections idle past `IDLE_TIMEOUT` even when no
-/// request comes for their destination again; ends with the pool.
+/// Closes connections unused for `IDLE_TIMEOUT` even when no request comes
+/// for their destination again (an HTTP/2 connection closes once the
+/// streams still on it end); ends with the pool.
 async fn sweep(pool: Weak<Pool>) {
     loop {
         tokio::time::sleep(IDLE_TIMEOUT / 4).await;
@@ -364,8 +409,13 @@ async fn sweep(pool: Weak<Pool>) {
             });
         }
         let mut shared = pool.shared.lock().unwrap_or_else(|e| e.into_inner());
-        shared.retain(|_, sender| sender.is_ready());
+        shared.retain(|_, s| s.sender.is_ready() && s.last_used.elapsed() < IDLE_TIMEOUT);
     }
+}
+
+/// CONNECT names only the host and port (RFC 9110 9.3.6), as hyper-util sent it.
+fn authority_form(authority: &Authority) -> Uri {
+    Uri::from(authority.clone())
 }
 
 fn origin_form(uri: &Uri) -> Uri {
@@ -413,9 +463,13 @@ impl KeepAlive {
         if conn.sender.is_ready() {
             pool.put(destination, conn, &runtime);
         } else if !conn.sender.is_closed() {
-            // The connection is still finishing (the request body, say).
+            // The connection is still finishing (the request body, say);
+            // the wait must not keep a replaced config's pool alive.
+            let pool = Arc::downgrade(&pool);
             runtime.clone().spawn(async move {
-                if conn.sender.ready().await.is_ok() {
+                if conn.sender.ready().await.is_ok()
+                    && let Some(pool) = pool.upgrade()
+                {
                     pool.put(destination, conn, &runtime);
                 }
             });
@@ -518,7 +572,7 @@ mod tests {
     }
 
     #[test]
-    fn origin_form_keeps_path_and_query_and_nothing_else() {
+    fn origin_form_keeps_path_and_query_and_connect_only_the_authority() {
         for (url, origin) in [
             ("http://a.example", "/"),
             ("http://a.example/", "/"),
@@ -527,6 +581,8 @@ mod tests {
         ] {
             assert_eq!(origin_form(&url.parse().unwrap()), origin, "{url}");
         }
+        let connect = authority_form(&destination("https://a.example:8443/p").authority);
+        assert_eq!(connect, "a.example:8443");
     }
 
     #[test]
