@@ -300,6 +300,11 @@ action = "allow"
 agents = ["named"]
 host = "127.0.0.1"
 action = "allow"
+[[rules]]
+agents = ["named"]
+host = "localhost"
+allow_private = true
+action = "allow"
 "#,
     );
     let token = env.token("coder");
@@ -330,6 +335,24 @@ action = "allow"
     );
     assert_eq!(status, 200);
     assert_eq!(upstream.count(), 1);
+
+    // A request by name leaves a kept-alive connection to the loopback
+    // upstream. It belongs to the pool for destinations allowed to be
+    // private, and never serves an agent whose rule does not allow them
+    // (only the connector's own DNS check refuses that one: no literal).
+    let (status, _) = curl_via(
+        &proxy_url(&sidekey, "named", &named),
+        &[&format!("http://localhost:{port}/by-name")],
+    );
+    assert_eq!(status, 200);
+    assert_eq!(upstream.count(), 2);
+    let (status, text) = curl_via(&proxy, &[&format!("http://localhost:{port}/again")]);
+    assert_eq!(status, 403, "{text}");
+    assert_eq!(
+        upstream.count(),
+        2,
+        "the pooled loopback connection was reused"
+    );
 }
 
 #[test]
