@@ -491,11 +491,15 @@ impl UpstreamBody {
         response.map(|body| Self { body, keep })
     }
 
-    fn release_if_ended(&mut self) {
-        if self.body.is_end_stream()
-            && let Some(keep) = self.keep.take()
-        {
+    fn release(&mut self) {
+        if let Some(keep) = self.keep.take() {
             keep.release();
+        }
+    }
+
+    fn release_if_ended(&mut self) {
+        if self.body.is_end_stream() {
+            self.release();
         }
     }
 }
@@ -511,11 +515,7 @@ impl HttpBody for UpstreamBody {
         let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
         match &frame {
             Some(Ok(_)) => self.release_if_ended(),
-            None => {
-                if let Some(keep) = self.keep.take() {
-                    keep.release();
-                }
-            }
+            None => self.release(),
             // A failed body leaves its connection in no state to reuse.
             Some(Err(_)) => self.keep = None,
         }

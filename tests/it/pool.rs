@@ -156,22 +156,9 @@ impl ClosingUpstream {
 #[test]
 fn a_kept_alive_connection_the_upstream_closed_is_replaced_without_failing_a_request() {
     let upstream = ClosingUpstream::start();
-    let env = TestEnv::new(&format!(
-        r#"
-[secrets.api]
-source = "store"
-
-[routes.echo]
-upstream = "http://{}"
-allow_private = true
-inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
-
-[[rules]]
-agents = ["coder"]
-route = "echo"
-action = "allow"
-"#,
-        upstream.addr
+    let env = TestEnv::new(&echo_route_to(
+        &format!("http://{}", upstream.addr),
+        "store",
     ));
     env.set_secret("api", SECRET);
     let auth = format!("Authorization: Bearer {}", env.token("coder"));

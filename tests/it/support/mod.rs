@@ -378,6 +378,11 @@ impl RawConn {
 
 /// The config fragment for one echo route with a store secret.
 pub fn echo_route(upstream: &Upstream, secret_source: &str) -> String {
+    echo_route_to(&upstream.base(), secret_source)
+}
+
+/// [`echo_route`] to any origin, such as a hand-written test server.
+pub fn echo_route_to(origin: &str, secret_source: &str) -> String {
     format!(
         r#"
 [secrets.api]
@@ -393,7 +398,7 @@ agents = ["coder"]
 route = "echo"
 action = "allow"
 "#,
-        upstream.base()
+        origin
     )
 }
 
