@@ -150,16 +150,39 @@ impl AuditLog {
     fn writer(&self) -> &mpsc::UnboundedSender<Pending> {
         self.writer.get_or_init(|| {
             let (sender, receiver) = mpsc::unbounded_channel();
-            tokio::spawn(write_batches(self.target.clone(), receiver));
+            let sink = LogFile {
+                target: self.target.clone(),
+                file: None,
+            };
+            tokio::spawn(write_batches(sink, receiver));
             sender
         })
     }
 }
 
+/// Where the writer puts a batch of whole lines: the log in the service, a
+/// recorder in tests.
+trait BatchSink {
+    /// Returns once `bytes` are written and synced, or known not to be.
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), String>;
+}
+
+struct LogFile {
+    target: Target,
+    /// The open log and its length, kept here rather than asked of the file
+    /// system on every batch.
+    file: Option<(Arc<File>, u64)>,
+}
+
+impl BatchSink for LogFile {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        write_out(&self.target, &mut self.file, bytes).await
+    }
+}
+
 /// The writer task: until every sender is gone (the config that owned this
 /// log was replaced), take what is waiting, write it, sync it, release it.
-async fn write_batches(target: Target, mut receiver: mpsc::UnboundedReceiver<Pending>) {
-    let mut file: Option<(Arc<File>, u64)> = None;
+async fn write_batches(mut sink: impl BatchSink, mut receiver: mpsc::UnboundedReceiver<Pending>) {
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
         take_waiting(&mut receiver, &mut batch);
@@ -180,7 +203,7 @@ async fn write_batches(target: Target, mut receiver: mpsc::UnboundedReceiver<Pen
         for pending in &batch {
             bytes.extend_from_slice(&pending.line);
         }
-        let result = write_out(&target, &mut file, &bytes).await;
+        let result = sink.write(&bytes).await;
         for pending in batch {
             let _ = pending.written.send(result.clone());
         }
@@ -200,8 +223,6 @@ fn take_waiting(receiver: &mut mpsc::UnboundedReceiver<Pending>, batch: &mut Vec
     batch.len() > before
 }
 
-/// `file` is the open log and its length, kept here rather than asked of
-/// the file system on every batch.
 async fn write_out(
     target: &Target,
     file: &mut Option<(Arc<File>, u64)>,
@@ -269,4 +290,97 @@ fn open_log(path: &std::path::Path) -> std::io::Result<(File, u64)> {
 /// The current time in RFC 3339 with milliseconds.
 pub fn timestamp() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::sync::Mutex;
+
+    /// Records how many lines each batch held.
+    #[derive(Clone, Default)]
+    struct Batches(Arc<Mutex<Vec<usize>>>);
+
+    impl BatchSink for Batches {
+        async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+            let lines = bytes.iter().filter(|&&b| b == b'\n').count();
+            self.0.lock().unwrap().push(lines);
+            Ok(())
+        }
+    }
+
+    /// Queues one line; the receiver resolves once its batch is written.
+    fn send_line(sender: &mpsc::UnboundedSender<Pending>) -> oneshot::Receiver<Result<(), String>> {
+        let (written, done) = oneshot::channel();
+        let line = b"{}\n".to_vec();
+        sender.send(Pending { line, written }).unwrap();
+        done
+    }
+
+    /// Runs the writer and `records` (given the writer's sender) on a
+    /// one-thread runtime, as sidekey runs on one core; the lines per batch.
+    fn batches_of<F, R>(records: F) -> Vec<usize>
+    where
+        F: FnOnce(mpsc::UnboundedSender<Pending>) -> R,
+        R: Future<Output = ()>,
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let batches = Batches::default();
+        runtime.block_on(async {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            let writer = tokio::spawn(write_batches(batches.clone(), receiver));
+            records(sender).await;
+            writer.await.unwrap();
+        });
+        batches.0.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn requests_that_reach_their_record_while_a_batch_gathers_share_its_sync() {
+        // Each request, once its record is queued, makes the next one ready,
+        // as responses arriving one after another do: only the first is
+        // waiting when the writer wakes.
+        let batches = batches_of(|sender| async move {
+            let (wakes, readies): (Vec<_>, Vec<_>) = (0..8).map(|_| oneshot::channel()).unzip();
+            let mut wakes = wakes.into_iter();
+            let first = wakes.next().unwrap();
+            let nexts = wakes.map(Some).chain([None]);
+            let tasks: Vec<_> = readies
+                .into_iter()
+                .zip(nexts)
+                .map(|(ready, next)| {
+                    let sender = sender.clone();
+                    tokio::spawn(async move {
+                        ready.await.unwrap();
+                        let done = send_line(&sender);
+                        if let Some(next) = next {
+                            next.send(()).unwrap();
+                        }
+                        done.await.unwrap().unwrap();
+                    })
+                })
+                .collect();
+            // Every request is waiting before the first one is woken.
+            tokio::task::yield_now().await;
+            first.send(()).unwrap();
+            for task in tasks {
+                task.await.unwrap();
+            }
+        });
+        assert_eq!(batches, vec![8]);
+    }
+
+    #[test]
+    fn a_record_that_can_only_follow_a_written_one_gets_its_own_sync() {
+        // The writer never holds a batch open for records still to come:
+        // the second line is sent only once the first is written.
+        let batches = batches_of(|sender| async move {
+            send_line(&sender).await.unwrap().unwrap();
+            send_line(&sender).await.unwrap().unwrap();
+        });
+        assert_eq!(batches, vec![1, 1]);
+    }
 }
