@@ -186,9 +186,9 @@ async fn write_batches(mut sink: impl BatchSink, mut receiver: mpsc::UnboundedRe
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
         take_waiting(&mut receiver, &mut batch);
-        // Each sync costs the same (about 200 us of CPU on this VM's ext4,
-        // most of it the journal commit the growing file needs), however
-        // many records it covers. Before paying for one, let the runtime run
+        // Each sync costs about the same (150-200 us of system CPU on this
+        // VM, where a growing file has its inode written as well as its
+        // data), however many records it covers. Before paying for one, let the runtime run
         // the tasks that are ready: requests already in progress reach their
         // record and join this batch instead of needing a sync of their own.
         // A yield with nothing else to run comes straight back, so a lone
