@@ -50,9 +50,10 @@ pub struct AuditError {
     cause: String,
 }
 
-/// Where records go. One writer task takes every record waiting, writes
-/// them with one `write`, has them synced with one `fdatasync` on a
-/// blocking thread, and only then releases their requests. Records that
+/// Where records go. One writer task takes every record waiting, lets the
+/// runtime's ready tasks add theirs, writes them with one `write`, has them
+/// synced with one `fdatasync` on a blocking thread, and only then releases
+/// their requests. Records that
 /// arrive during a sync form the next batch, so under load one sync covers
 /// many records and no request queues behind a sync of its own (group
 /// commit); the runtime thread never waits on the disk.
@@ -176,7 +177,41 @@ struct LogFile {
 
 impl BatchSink for LogFile {
     async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
-        write_out(&self.target, &mut self.file, bytes).await
+        let describe = |e: std::io::Error| crate::config::describe_io(&e);
+        let path = match &self.target {
+            Target::Stdout => {
+                let mut out = std::io::stdout().lock();
+                return out
+                    .write_all(bytes)
+                    .and_then(|()| out.flush())
+                    .map_err(describe);
+            }
+            Target::File(path) => path,
+        };
+        let (open, start) = match &self.file {
+            Some((open, len)) => (open.clone(), *len),
+            None => open_log(path)
+                .map(|(open, len)| (Arc::new(open), len))
+                .map_err(describe)?,
+        };
+        // Appending a few kilobytes to the page cache does not block; the sync
+        // that waits on the disk goes to a blocking thread.
+        let mut result = (&*open).write_all(bytes);
+        if result.is_ok() {
+            let syncing = open.clone();
+            result = tokio::task::spawn_blocking(move || syncing.sync_data())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        }
+        if let Err(e) = result {
+            // Cut off a partly written batch so every line stays whole, and
+            // reopen next time: the file may have been rotated or repaired.
+            let _ = open.set_len(start);
+            self.file = None;
+            return Err(describe(e));
+        }
+        self.file = Some((open, start + bytes.len() as u64));
+        Ok(())
     }
 }
 
@@ -186,14 +221,16 @@ async fn write_batches(mut sink: impl BatchSink, mut receiver: mpsc::UnboundedRe
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
         take_waiting(&mut receiver, &mut batch);
-        // Each sync costs about the same (150-200 us of system CPU on this
-        // VM, where a growing file has its inode written as well as its
-        // data), however many records it covers. Before paying for one, let the runtime run
-        // the tasks that are ready: requests already in progress reach their
-        // record and join this batch instead of needing a sync of their own.
-        // A yield with nothing else to run comes straight back, so a lone
-        // request waits no longer than it did.
+        // A sync costs the same however many records it covers. Before
+        // paying for one, let the runtime run its ready tasks: requests
+        // already in progress reach their record and join this batch rather
+        // than need a sync of their own. The wait is bounded by scheduler
+        // rounds, not time; a yield with nothing else to run comes straight
+        // back, so on an idle runtime a lone record is synced at once.
         for _ in 0..GATHER_ROUNDS {
+            if batch.len() >= MAX_BATCH {
+                break;
+            }
             tokio::task::yield_now().await;
             if !take_waiting(&mut receiver, &mut batch) {
                 break;
@@ -221,48 +258,6 @@ fn take_waiting(receiver: &mut mpsc::UnboundedReceiver<Pending>, batch: &mut Vec
         }
     }
     batch.len() > before
-}
-
-async fn write_out(
-    target: &Target,
-    file: &mut Option<(Arc<File>, u64)>,
-    bytes: &[u8],
-) -> Result<(), String> {
-    let describe = |e: std::io::Error| crate::config::describe_io(&e);
-    let path = match target {
-        Target::Stdout => {
-            let mut out = std::io::stdout().lock();
-            return out
-                .write_all(bytes)
-                .and_then(|()| out.flush())
-                .map_err(describe);
-        }
-        Target::File(path) => path,
-    };
-    let (open, start) = match file {
-        Some((open, len)) => (open.clone(), *len),
-        None => open_log(path)
-            .map(|(open, len)| (Arc::new(open), len))
-            .map_err(describe)?,
-    };
-    // Appending a few kilobytes to the page cache does not block; the sync
-    // that waits on the disk goes to a blocking thread.
-    let mut result = (&*open).write_all(bytes);
-    if result.is_ok() {
-        let syncing = open.clone();
-        result = tokio::task::spawn_blocking(move || syncing.sync_data())
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-    }
-    if let Err(e) = result {
-        // Cut off a partly written batch so every line stays whole, and
-        // reopen next time: the file may have been rotated or repaired.
-        let _ = open.set_len(start);
-        *file = None;
-        return Err(describe(e));
-    }
-    *file = Some((open, start + bytes.len() as u64));
-    Ok(())
 }
 
 /// Opens the log for appending, with its length. A crash can cut the last
@@ -297,6 +292,7 @@ mod tests {
     use super::*;
     use std::future::Future;
     use std::sync::Mutex;
+    use std::time::Duration;
 
     /// Records how many lines each batch held.
     #[derive(Clone, Default)]
@@ -320,19 +316,23 @@ mod tests {
 
     /// Runs the writer and `records` (given the writer's sender) on a
     /// one-thread runtime, as sidekey runs on one core; the lines per batch.
+    /// Fails rather than hangs if the records never complete.
     fn batches_of<F, R>(records: F) -> Vec<usize>
     where
         F: FnOnce(mpsc::UnboundedSender<Pending>) -> R,
         R: Future<Output = ()>,
     {
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
         let batches = Batches::default();
         runtime.block_on(async {
             let (sender, receiver) = mpsc::unbounded_channel();
             let writer = tokio::spawn(write_batches(batches.clone(), receiver));
-            records(sender).await;
+            tokio::time::timeout(Duration::from_secs(10), records(sender))
+                .await
+                .expect("every record is written");
             writer.await.unwrap();
         });
         batches.0.lock().unwrap().clone()
@@ -340,43 +340,42 @@ mod tests {
 
     #[test]
     fn requests_that_reach_their_record_while_a_batch_gathers_share_its_sync() {
-        // Each request, once its record is queued, makes the next one ready,
-        // as responses arriving one after another do: only the first is
-        // waiting when the writer wakes.
+        // Each request queues its record and then makes the next request
+        // ready, as responses arriving one after another do. Queuing the
+        // record wakes the writer first, so without the gathering rounds it
+        // would take each record alone. Four, the first and one per round:
+        // tokio promises no more than that a yielding task goes to the back
+        // of the queue, behind the one request then ready.
+        let requests = 4;
         let batches = batches_of(|sender| async move {
-            let (wakes, readies): (Vec<_>, Vec<_>) = (0..8).map(|_| oneshot::channel()).unzip();
-            let mut wakes = wakes.into_iter();
-            let first = wakes.next().unwrap();
-            let nexts = wakes.map(Some).chain([None]);
-            let tasks: Vec<_> = readies
-                .into_iter()
-                .zip(nexts)
-                .map(|(ready, next)| {
-                    let sender = sender.clone();
-                    tokio::spawn(async move {
-                        ready.await.unwrap();
-                        let done = send_line(&sender);
-                        if let Some(next) = next {
-                            next.send(()).unwrap();
-                        }
-                        done.await.unwrap().unwrap();
-                    })
-                })
-                .collect();
-            // Every request is waiting before the first one is woken.
+            let (first, mut ready) = oneshot::channel::<()>();
+            let mut tasks = Vec::new();
+            for _ in 0..requests {
+                let (next, next_ready) = oneshot::channel::<()>();
+                let sender = sender.clone();
+                tasks.push(tokio::spawn(async move {
+                    ready.await.unwrap();
+                    let done = send_line(&sender);
+                    let _ = next.send(());
+                    done.await.unwrap().unwrap();
+                }));
+                ready = next_ready;
+            }
+            // Let every request be polled once and wait, so that none is
+            // already ready, and ahead of the writer, when the first is woken.
             tokio::task::yield_now().await;
             first.send(()).unwrap();
             for task in tasks {
                 task.await.unwrap();
             }
         });
-        assert_eq!(batches, vec![8]);
+        assert_eq!(batches, vec![requests]);
     }
 
     #[test]
     fn a_record_that_can_only_follow_a_written_one_gets_its_own_sync() {
-        // The writer never holds a batch open for records still to come:
-        // the second line is sent only once the first is written.
+        // The writer never holds a batch open for records still to come: the
+        // second line is sent only once the first is written.
         let batches = batches_of(|sender| async move {
             send_line(&sender).await.unwrap().unwrap();
             send_line(&sender).await.unwrap().unwrap();
