@@ -53,10 +53,10 @@ pub struct AuditError {
 /// Where records go. One writer task takes every record waiting, lets the
 /// runtime's ready tasks add theirs, writes them with one `write`, has them
 /// synced with one `fdatasync` on a blocking thread, and only then releases
-/// their requests. Records that
-/// arrive during a sync form the next batch, so under load one sync covers
-/// many records and no request queues behind a sync of its own (group
-/// commit); the runtime thread never waits on the disk.
+/// their requests. Records that arrive during a sync form the next batch,
+/// so under load one sync covers many records and no request queues behind
+/// a sync of its own (group commit); the runtime thread never waits on the
+/// disk.
 #[derive(Debug)]
 pub struct AuditLog {
     target: Target,
