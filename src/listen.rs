@@ -292,8 +292,11 @@ impl Conn {
             };
             ended.map_err(Into::into)
         } else {
+            // Boxed: the version-sniffing server's state is several times an
+            // HTTP/1 connection's, and would otherwise size every
+            // connection's task.
             let conn = builders.auto.serve_connection_with_upgrades(io, service);
-            watcher.watch(conn).await
+            Box::pin(watcher.watch(conn)).await
         };
         if let Err(e) = ended {
             match e.downcast_ref::<hyper::Error>() {

@@ -204,9 +204,12 @@ impl Proxy {
                 .with_upgrades()
                 .await;
         } else {
-            let _ = crate::listen::http_builder(&limits)
-                .serve_connection_with_upgrades(io, service)
-                .await;
+            // Boxed, as in `listen::Conn::serve_as`: an HTTP/1 tunnel's task
+            // is then sized for HTTP/1.
+            let _ = Box::pin(
+                crate::listen::http_builder(&limits).serve_connection_with_upgrades(io, service),
+            )
+            .await;
         }
     }
 
@@ -307,18 +310,25 @@ impl Proxy {
 }
 
 /// Runs `work` until it ends or the connection it came from goes idle.
-pub(super) async fn until_idle(
+///
+/// `work` is boxed here, in a plain function: an `async fn` would keep the
+/// argument's slot in its own state beside the copy it polls, and a tunnel
+/// holds this future for as long as it stays open.
+pub(super) fn until_idle<'a>(
     slot: Option<Arc<ConnSlot>>,
-    work: impl std::future::Future<Output = ()>,
-) {
-    match slot {
-        Some(slot) => {
-            tokio::select! {
-                _ = work => {}
-                _ = slot.idle() => tracing::debug!("idle tunnel closed"),
+    work: impl std::future::Future<Output = ()> + Send + 'a,
+) -> impl std::future::Future<Output = ()> + Send + 'a {
+    let work = Box::pin(work);
+    async move {
+        match slot {
+            Some(slot) => {
+                tokio::select! {
+                    _ = work => {}
+                    _ = slot.idle() => tracing::debug!("idle tunnel closed"),
+                }
             }
+            None => work.await,
         }
-        None => work.await,
     }
 }
 

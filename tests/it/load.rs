@@ -118,20 +118,23 @@ async fn connect(addr: SocketAddr) -> TcpStream {
     panic!("cannot connect to {addr}");
 }
 
+/// A gateway request for the echo route, carrying the agent's token.
+fn gateway_request(token: &str) -> String {
+    format!("GET /echo/held HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n")
+}
+
 /// Opens `n` connections with `connect`, at most 256 at a time; each sends
-/// one gateway request and must get a 200. The connections stay open.
+/// `request` and must get a 200. The connections stay open.
 async fn open_served<S, F>(
     connect: impl Fn() -> F + Clone + Send + 'static,
-    token: &str,
+    request: &str,
     n: usize,
 ) -> Vec<BufReader<S>>
 where
     F: Future<Output = S> + Send,
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let request = Arc::new(format!(
-        "GET /echo/held HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
-    ));
+    let request = Arc::new(request.to_string());
     let gate = Arc::new(tokio::sync::Semaphore::new(256));
     let tasks: Vec<_> = (0..n)
         .map(|_| {
@@ -180,7 +183,7 @@ fn two_thousand_keep_alive_connections_and_two_hundred_tunnels_without_an_error(
     let started = Instant::now();
     let served = runtime().block_on(async {
         // Every connection is open before any sends, so all are concurrent.
-        let mut held = open_served(move || connect(addr), &token, connections).await;
+        let mut held = open_served(move || connect(addr), &gateway_request(&token), connections).await;
         let upstream_addr = upstream.addr;
         let mut tunnel_tasks = Vec::new();
         for _ in 0..tunnels {
@@ -271,7 +274,12 @@ fn ten_thousand_idle_connections_are_held_then_released() {
     let n = scaled(10_000);
     let rt = runtime();
     let addr = sidekey.addr;
-    let (before, holding, held) = rt.block_on(hold_idle(pid, move || connect(addr), &token, n));
+    let (before, holding, held) = rt.block_on(hold_idle(
+        pid,
+        move || connect(addr),
+        &gateway_request(&token),
+        n,
+    ));
     let per_connection = holding.saturating_sub(before) * 1024 / n as u64;
     drop(held);
     // Released: sidekey sees every connection close.
@@ -302,23 +310,24 @@ fn ten_thousand_idle_connections_are_held_then_released() {
     assert_still_serves(&sidekey, &token);
 }
 
-/// sidekey's RSS before and while holding `n` served keep-alive
-/// connections, and the connections. A first batch warms the allocator and
-/// the upstream pool, so the measurement is of connections, not start-up.
+/// sidekey's RSS before and while holding `n` keep-alive connections that
+/// each served `request`, and the connections. A first batch warms the
+/// allocator and the upstream pool, so the measurement is of connections,
+/// not start-up.
 async fn hold_idle<S, F>(
     pid: u32,
     connect: impl Fn() -> F + Clone + Send + 'static,
-    token: &str,
+    request: &str,
     n: usize,
 ) -> (u64, u64, Vec<BufReader<S>>)
 where
     F: Future<Output = S> + Send,
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    drop(open_served(connect.clone(), token, 200).await);
+    drop(open_served(connect.clone(), request, 200).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(pid);
-    let held = open_served(connect, token, n).await;
+    let held = open_served(connect, request, n).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     (before, rss_kib(pid), held)
 }
@@ -343,7 +352,7 @@ fn idle_unix_socket_connections_stay_within_the_same_budget() {
             let socket = socket.clone();
             async move { tokio::net::UnixStream::connect(socket).await.unwrap() }
         },
-        &token,
+        &gateway_request(&token),
         n,
     ));
     let per_connection = holding.saturating_sub(before) * 1024 / n as u64;
@@ -354,6 +363,86 @@ fn idle_unix_socket_connections_stay_within_the_same_budget() {
         "{per_connection} bytes per idle unix-socket connection"
     );
     assert_still_serves(&sidekey, &token);
+}
+
+#[test]
+fn idle_intercepted_tunnels_stay_within_the_same_budget() {
+    sidekey::listen::raise_fd_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https(dir.path());
+    let env = TestEnv::new(&format!(
+        "[tls]\nupstream_ca = [\"{}\"]\n[limits]\nmax_connections = 12000\n{}",
+        upstream.ca.as_ref().unwrap().display(),
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let n = scaled(10_000);
+    let authority = format!("localhost:{}", upstream.addr.port());
+    let connect = {
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(agent_tls(&env)));
+        let (addr, authority) = (sidekey.addr, authority.clone());
+        let basic = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(format!("coder:{token}"))
+        };
+        move || {
+            let (tls, authority, basic) = (tls.clone(), authority.clone(), basic.clone());
+            async move {
+                let mut stream = connect(addr).await;
+                let connect = format!(
+                    "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Basic {basic}\r\n\r\n"
+                );
+                stream.write_all(connect.as_bytes()).await.unwrap();
+                // Byte by byte: what follows the head is the TLS handshake.
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    head.push(stream.read_u8().await.unwrap());
+                }
+                assert!(
+                    head.starts_with(b"HTTP/1.1 200"),
+                    "CONNECT answered {head:?}"
+                );
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                tls.connect(name, stream).await.unwrap()
+            }
+        }
+    };
+    let request = format!("GET /echo/held HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    let (before, holding, held) =
+        runtime().block_on(hold_idle(sidekey.child.id(), connect, &request, n));
+    let per_tunnel = holding.saturating_sub(before) * 1024 / n as u64;
+    drop(held);
+    println!("idle intercepted tunnels: {n}, {per_tunnel} bytes each");
+    // A tunnel holds what a plain connection holds (about 11 KB) and the
+    // agent's TLS session: rustls' 4 KiB record buffer, the keys, the
+    // stream. That stays above issue 8's 20 KiB for plain connections
+    // (22 KB measured, 28 KB before the connection futures were boxed);
+    // this budget keeps it from growing back.
+    assert!(
+        per_tunnel < 24 * 1024,
+        "{per_tunnel} bytes per idle intercepted tunnel"
+    );
+    assert_still_serves(&sidekey, &token);
+}
+
+/// An agent's TLS client: trusts sidekey's CA, offers HTTP/1.1 only.
+fn agent_tls(env: &TestEnv) -> rustls::ClientConfig {
+    let ca = env.ok(&["ca", "cert"], None);
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
 }
 
 #[test]
