@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -169,7 +170,9 @@ struct Conn {
 
 impl Conn {
     /// The mTLS listener: the handshake (bounded by the header timeout),
-    /// then the client certificate names the agent.
+    /// then the client certificate names the agent. The handshake's state
+    /// is boxed and freed once it is done, and the session is bound inside
+    /// a block, so an open connection keeps only the copy its server owns.
     async fn serve_tls(
         self,
         io: Watched<tokio::net::TcpStream>,
@@ -177,27 +180,38 @@ impl Conn {
         acceptor: tokio_rustls::TlsAcceptor,
         handshake_timeout: Duration,
     ) {
-        let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::info!(%addr, error = %e, "agent certificate refused at the handshake");
-                return;
+        let serving = {
+            let accepted =
+                Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(io))).await;
+            let tls = match accepted {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::info!(%addr, error = %e, "agent certificate refused at the handshake");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .map(|der| crate::identity::PeerCert::from_der(der));
+            // HTTP/2 over TLS is only ever agreed by ALPN (RFC 9113, 3.2).
+            let http1 = tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());
+            match cert {
+                Some(Ok(cert)) => self.serve_as(tls, Peer::Cert(cert), http1),
+                Some(Err(e)) => {
+                    tracing::info!(%addr, error = %e, "client certificate refused");
+                    return;
+                }
+                None => {
+                    tracing::info!(%addr, "no client certificate");
+                    return;
+                }
             }
-            Err(_) => return,
         };
-        let cert = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .map(|der| crate::identity::PeerCert::from_der(der));
-        // HTTP/2 over TLS is only ever agreed by ALPN (RFC 9113, 3.2).
-        let http1 = tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());
-        match cert {
-            Some(Ok(cert)) => self.serve_as(tls, Peer::Cert(cert), http1).await,
-            Some(Err(e)) => tracing::info!(%addr, error = %e, "client certificate refused"),
-            None => tracing::info!(%addr, "no client certificate"),
-        }
+        serving.await;
     }
 
     /// A plain TCP connection. Its first bytes are peeked, not read: when
@@ -240,7 +254,12 @@ impl Conn {
 
     /// Serves HTTP/1 when `http1` says the connection speaks it, else
     /// whichever version its first bytes show.
-    async fn serve_as<IO>(self, io: IO, peer: Peer, http1: bool)
+    ///
+    /// A plain function: the connection moves straight into its server,
+    /// which is boxed. An `async fn` would keep its argument's slot beside
+    /// the server that owns it, for as long as the connection stays open,
+    /// and a TLS session is over a kilobyte.
+    fn serve_as<IO>(self, io: IO, peer: Peer, http1: bool) -> impl Future<Output = ()> + Send
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -276,32 +295,44 @@ impl Conn {
             })
         });
         let io = TokioIo::new(io);
-        let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = if http1 {
-            // The watcher only counts this connection; the shutdown signal
-            // comes from `shutdown`, as hyper's HTTP/1 connection is not one
-            // the watcher can drive.
-            let _counted = watcher;
+        let server = if http1 {
             let conn = builders.http1.serve_connection(io, service).with_upgrades();
-            tokio::pin!(conn);
-            let ended = tokio::select! {
-                ended = conn.as_mut() => ended,
-                Ok(()) = async { shutdown.wait_for(|stop| *stop).await.map(drop) } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            ended.map_err(Into::into)
+            Either::Left((Box::pin(conn), watcher))
         } else {
-            // Boxed: the version-sniffing server's state is several times an
-            // HTTP/1 connection's, and would otherwise size every
-            // connection's task.
-            let conn = builders.auto.serve_connection_with_upgrades(io, service);
-            Box::pin(watcher.watch(conn)).await
+            // The version-sniffing server borrows its builder, so this
+            // block owns both (and keeps a second slot for `io`: only
+            // connections that may speak HTTP/2 come here).
+            Either::Right(Box::pin(async move {
+                watcher
+                    .watch(builders.auto.serve_connection_with_upgrades(io, service))
+                    .await
+            }))
         };
-        if let Err(e) = ended {
-            match e.downcast_ref::<hyper::Error>() {
-                Some(e) if e.is_parse() || e.is_parse_too_large() => audit.audit_unparsed(e).await,
-                _ => tracing::debug!(error = %e, "connection ended with an error"),
+        async move {
+            let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match server {
+                Either::Left((mut conn, watcher)) => {
+                    // The watcher only counts this connection; the shutdown
+                    // signal comes from `shutdown`, as hyper's HTTP/1
+                    // connection is not one the watcher can drive.
+                    let _counted = watcher;
+                    let ended = tokio::select! {
+                        ended = conn.as_mut() => ended,
+                        Ok(()) = async { shutdown.wait_for(|stop| *stop).await.map(drop) } => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    ended.map_err(Into::into)
+                }
+                Either::Right(conn) => conn.await,
+            };
+            if let Err(e) = ended {
+                match e.downcast_ref::<hyper::Error>() {
+                    Some(e) if e.is_parse() || e.is_parse_too_large() => {
+                        audit.audit_unparsed(e).await
+                    }
+                    _ => tracing::debug!(error = %e, "connection ended with an error"),
+                }
             }
         }
     }

@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -22,6 +24,9 @@ use crate::identity::Presented;
 use crate::listen::ConnSlot;
 use crate::live::Snapshot;
 use crate::policy::{normalize_host, path::normalize};
+
+/// The agent's side of an intercepted tunnel, decrypted.
+type AgentTls = tokio_rustls::server::TlsStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// What every request inside one intercepted tunnel shares.
 #[derive(Debug)]
@@ -129,30 +134,45 @@ impl Proxy {
     /// Serves the tunnel once hyper hands over the stream. A plain function,
     /// not `async`, so the tunnel's future (which serves requests through
     /// `handle_in` again) is not part of `handle_in`'s own type.
+    ///
+    /// An idle tunnel holds its task and the boxed HTTP connection (with
+    /// the TLS session inside) and nothing else: the request is reduced to
+    /// its pending upgrade before the task starts, and the handshake's
+    /// state is boxed and freed once it is done.
     fn spawn_tunnel(self: &Arc<Self>, req: Request<Incoming>, tunnel: Arc<Tunnel>) {
         let proxy = self.clone();
         let slot = req.extensions().get::<Arc<ConnSlot>>().cloned();
+        let upgrade = hyper::upgrade::on(req);
         tokio::spawn(async move {
-            match hyper::upgrade::on(req).await {
-                Ok(upgraded) => {
-                    let tunnels = proxy.metrics.active_tunnels.clone();
-                    tunnels.inc();
-                    until_idle(slot.clone(), proxy.serve_tunnel(upgraded, tunnel, slot)).await;
-                    tunnels.dec();
+            let upgraded = match upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!(error = %e, "CONNECT upgrade failed");
+                    return;
                 }
-                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
-            }
+            };
+            let tunnels = proxy.metrics.active_tunnels.clone();
+            tunnels.inc();
+            // The session is bound in this block only, so the task keeps no
+            // copy of it beside the one the connection owns.
+            let serving = {
+                let Some(tls) = Box::pin(proxy.accept_tunnel(upgraded, &tunnel)).await else {
+                    tunnels.dec();
+                    return;
+                };
+                proxy.serve_tunnel(tls, tunnel, slot.clone())
+            };
+            until_idle(slot, serving).await;
+            tunnels.dec();
         });
     }
 
-    /// Terminates the agent's TLS with a leaf for the CONNECT host and serves
-    /// HTTP/1.1 or HTTP/2 inside, each request through [`Proxy::intercept`].
-    async fn serve_tunnel(
-        self: Arc<Self>,
+    /// Terminates the agent's TLS with a leaf for the CONNECT host.
+    async fn accept_tunnel(
+        &self,
         upgraded: hyper::upgrade::Upgraded,
-        tunnel: Arc<Tunnel>,
-        slot: Option<Arc<ConnSlot>>,
-    ) {
+        tunnel: &Tunnel,
+    ) -> Option<AgentTls> {
         let config = match self.minter.server_config(&tunnel.host) {
             Ok((config, cached)) => {
                 if cached {
@@ -164,27 +184,40 @@ impl Proxy {
             }
             Err(e) => {
                 tracing::error!(host = %tunnel.host, error = %e, "cannot mint a leaf certificate");
-                return;
+                return None;
             }
         };
-        let tls = match tokio_rustls::TlsAcceptor::from(config)
+        match tokio_rustls::TlsAcceptor::from(config)
             .accept(TokioIo::new(upgraded))
             .await
         {
-            Ok(tls) => tls,
+            Ok(tls) => Some(tls),
             Err(e) => {
                 tracing::info!(host = %tunnel.host, error = %e, "agent TLS handshake failed (does it trust the sidekey CA?)");
-                return;
+                None
             }
-        };
+        }
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 inside an intercepted tunnel, each request
+    /// through [`Proxy::intercept`]. A plain function: the session moves
+    /// straight into the boxed connection, where an `async fn` would keep
+    /// its argument's slot beside it for the tunnel's whole life.
+    fn serve_tunnel(
+        self: &Arc<Self>,
+        tls: AgentTls,
+        tunnel: Arc<Tunnel>,
+        slot: Option<Arc<ConnSlot>>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let limits = self.live.snapshot().config.limits.clone();
         // HTTP/2 over TLS is only ever agreed by ALPN (RFC 9113, 3.2), so
         // an agent that did not pick `h2` speaks HTTP/1.1 and gets hyper's
         // HTTP/1 server directly: sniffing the version would leave a 16 KiB
         // read buffer behind (see `listen::Conn::serve_tcp`).
         let http1 = tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());
+        let proxy = self.clone();
         let service = service_fn(move |mut req: Request<Incoming>| {
-            let proxy = self.clone();
+            let proxy = proxy.clone();
             let tunnel = tunnel.clone();
             let busy = slot.as_ref().map(|slot| {
                 req.extensions_mut().insert(slot.clone());
@@ -199,17 +232,20 @@ impl Proxy {
         });
         let io = TokioIo::new(tls);
         if http1 {
-            let _ = crate::listen::http1_builder(&limits)
+            let conn = crate::listen::http1_builder(&limits)
                 .serve_connection(io, service)
-                .with_upgrades()
-                .await;
+                .with_upgrades();
+            // Mapped, not awaited in an async block, which would keep the
+            // moved-from connection beside the one it polls.
+            Either::Left(Box::pin(conn).map(drop))
         } else {
-            // Boxed, as in `listen::Conn::serve_as`: an HTTP/1 tunnel's task
-            // is then sized for HTTP/1.
-            let _ = Box::pin(
-                crate::listen::http_builder(&limits).serve_connection_with_upgrades(io, service),
-            )
-            .await;
+            // The version-sniffing server borrows its builder, so an async
+            // block owns both; it keeps a second slot for the session, paid
+            // only by tunnels that agreed on `h2`.
+            let builder = crate::listen::http_builder(&limits);
+            Either::Right(Box::pin(async move {
+                let _ = builder.serve_connection_with_upgrades(io, service).await;
+            }))
         }
     }
 
