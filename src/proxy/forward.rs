@@ -154,9 +154,19 @@ impl Proxy {
             let tunnels = proxy.metrics.active_tunnels.clone();
             tunnels.inc();
             // The session is bound in this block only, so the task keeps no
-            // copy of it beside the one the connection owns.
+            // copy of it beside the one the connection owns. An agent that
+            // stalls its handshake is closed when idle, as one that stalls
+            // between requests is.
             let serving = {
-                let Some(tls) = Box::pin(proxy.accept_tunnel(upgraded, &tunnel)).await else {
+                let accepting = Box::pin(proxy.accept_tunnel(upgraded, &tunnel));
+                let accepted = match &slot {
+                    Some(slot) => tokio::select! {
+                        accepted = accepting => accepted,
+                        _ = slot.idle() => None,
+                    },
+                    None => accepting.await,
+                };
+                let Some(tls) = accepted else {
                     tunnels.dec();
                     return;
                 };

@@ -152,3 +152,49 @@ fn tunnels_count_against_the_cap_and_close_when_idle() {
         head.starts_with("HTTP/1.1 200").then_some(())
     });
 }
+
+#[test]
+fn an_intercepted_tunnel_whose_handshake_stalls_is_closed_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https(dir.path());
+    let env = TestEnv::new(&format!(
+        "[tls]\nupstream_ca = [\"{}\"]\n[limits]\nmax_connections = 1\nidle_timeout = \"500ms\"\n{}",
+        upstream.ca.as_ref().unwrap().display(),
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", "sk-limits-secret");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let authority = format!("localhost:{}", upstream.addr.port());
+    let open_tunnel = || {
+        let mut conn = std::net::TcpStream::connect(sidekey.addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        conn.write_all(
+            format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        conn.read_exact(&mut head).unwrap();
+        (conn, String::from_utf8_lossy(&head).into_owned())
+    };
+    // Intercepted (the route's origin), then not one byte of the TLS
+    // handshake: the tunnel holds the only place until it is closed.
+    let (mut stalled, head) = open_tunnel();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut turned_away = std::net::TcpStream::connect(sidekey.addr).unwrap();
+    assert!(read_to_close(&mut turned_away).contains("too_many_connections"));
+    let waited = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = stalled.read_to_end(&mut rest);
+    assert!(
+        closed.is_ok(),
+        "a stalled handshake kept its tunnel open for {:?}: {closed:?}",
+        waited.elapsed()
+    );
+    eventually(Duration::from_secs(5), || {
+        let (_conn, head) = open_tunnel();
+        head.starts_with("HTTP/1.1 200").then_some(())
+    });
+}
