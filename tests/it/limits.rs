@@ -23,6 +23,22 @@ fn read_to_close(stream: &mut std::net::TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends `CONNECT authority` with the agent's token; returns the
+/// connection and the first bytes of the answer's status line.
+fn open_tunnel(sidekey: &Sidekey, authority: &str, token: &str) -> (std::net::TcpStream, String) {
+    let mut conn = std::net::TcpStream::connect(sidekey.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(
+        format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Bearer {token}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    conn.read_exact(&mut head).unwrap();
+    (conn, String::from_utf8_lossy(&head).into_owned())
+}
+
 #[test]
 fn connections_over_the_cap_get_a_clear_refusal() {
     let upstream = Upstream::http();
@@ -124,19 +140,8 @@ fn tunnels_count_against_the_cap_and_close_when_idle() {
     ));
     let token = env.token("coder");
     let sidekey = env.spawn();
-    let open_tunnel = || {
-        let mut conn = std::net::TcpStream::connect(sidekey.addr).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        conn.write_all(
-            format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nProxy-Authorization: Bearer {token}\r\n\r\n")
-                .as_bytes(),
-        )
-        .unwrap();
-        let mut head = [0u8; 12];
-        conn.read_exact(&mut head).unwrap();
-        (conn, String::from_utf8_lossy(&head).into_owned())
-    };
+    let authority = format!("127.0.0.1:{port}");
+    let open_tunnel = || open_tunnel(&sidekey, &authority, &token);
     let (mut first, head) = open_tunnel();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let (_second, head) = open_tunnel();
@@ -166,19 +171,7 @@ fn an_intercepted_tunnel_whose_handshake_stalls_is_closed_when_idle() {
     let token = env.token("coder");
     let sidekey = env.spawn();
     let authority = format!("localhost:{}", upstream.addr.port());
-    let open_tunnel = || {
-        let mut conn = std::net::TcpStream::connect(sidekey.addr).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        conn.write_all(
-            format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Bearer {token}\r\n\r\n")
-                .as_bytes(),
-        )
-        .unwrap();
-        let mut head = [0u8; 12];
-        conn.read_exact(&mut head).unwrap();
-        (conn, String::from_utf8_lossy(&head).into_owned())
-    };
+    let open_tunnel = || open_tunnel(&sidekey, &authority, &token);
     // Intercepted (the route's origin), then not one byte of the TLS
     // handshake: the tunnel holds the only place until it is closed.
     let (mut stalled, head) = open_tunnel();
