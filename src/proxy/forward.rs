@@ -158,21 +158,14 @@ impl Proxy {
             // stalls its handshake is closed when idle, as one that stalls
             // between requests is.
             let serving = {
-                let accepting = Box::pin(proxy.accept_tunnel(upgraded, &tunnel));
-                let accepted = match &slot {
-                    Some(slot) => tokio::select! {
-                        accepted = accepting => accepted,
-                        _ = slot.idle() => None,
-                    },
-                    None => accepting.await,
-                };
-                let Some(tls) = accepted else {
-                    tunnels.dec();
-                    return;
-                };
-                proxy.serve_tunnel(tls, tunnel, slot.clone())
+                let accepted = until_idle(slot.clone(), proxy.accept_tunnel(upgraded, &tunnel))
+                    .await
+                    .flatten();
+                accepted.map(|tls| proxy.serve_tunnel(tls, tunnel, slot.clone()))
             };
-            until_idle(slot, serving).await;
+            if let Some(serving) = serving {
+                until_idle(slot, serving).await;
+            }
             tunnels.dec();
         });
     }
@@ -355,25 +348,29 @@ impl Proxy {
     }
 }
 
-/// Runs `work` until it ends or the connection it came from goes idle.
+/// Runs `work` until it ends (its output) or the connection it came from
+/// goes idle (`None`).
 ///
 /// `work` is boxed here, in a plain function: an `async fn` would keep the
 /// argument's slot in its own state beside the copy it polls, and a tunnel
 /// holds this future for as long as it stays open.
-pub(super) fn until_idle<'a>(
+pub(super) fn until_idle<'a, T: Send + 'a>(
     slot: Option<Arc<ConnSlot>>,
-    work: impl std::future::Future<Output = ()> + Send + 'a,
-) -> impl std::future::Future<Output = ()> + Send + 'a {
+    work: impl std::future::Future<Output = T> + Send + 'a,
+) -> impl std::future::Future<Output = Option<T>> + Send + 'a {
     let work = Box::pin(work);
     async move {
         match slot {
             Some(slot) => {
                 tokio::select! {
-                    _ = work => {}
-                    _ = slot.idle() => tracing::debug!("idle tunnel closed"),
+                    done = work => Some(done),
+                    _ = slot.idle() => {
+                        tracing::debug!("idle tunnel closed");
+                        None
+                    }
                 }
             }
-            None => work.await,
+            None => Some(work.await),
         }
     }
 }

@@ -435,28 +435,12 @@ fn idle_client_certificate_connections_stay_within_the_same_budget() {
         "max_connections = 4000",
     );
     let sidekey = env.spawn();
-    let banner = "agents with client certificates on https://";
-    let addr: SocketAddr = eventually(Duration::from_secs(5), || {
-        let log = sidekey.stderr();
-        let rest = &log[log.find(banner)? + banner.len()..];
-        rest.split_whitespace().next()?.parse().ok()
-    });
-    let prefix = env.path("coder");
-    env.ok(
-        &[
-            "cert",
-            "issue",
-            "coder",
-            "--out",
-            &prefix.display().to_string(),
-        ],
-        None,
-    );
-    let read_pem = |ext: &str| std::fs::read(format!("{}.{ext}", prefix.display())).unwrap();
-    let certs = rustls_pemfile::certs(&mut read_pem("crt").as_slice())
+    let addr = sidekey.tls_addr();
+    let (_, crt, key) = env.issue_cert("coder", "1h");
+    let certs = rustls_pemfile::certs(&mut std::fs::read(crt).unwrap().as_slice())
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
-    let key = rustls_pemfile::private_key(&mut read_pem("key").as_slice())
+    let key = rustls_pemfile::private_key(&mut std::fs::read(key).unwrap().as_slice())
         .unwrap()
         .unwrap();
     let mut config = agent_tls_builder(&env)

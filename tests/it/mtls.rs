@@ -18,14 +18,7 @@ fn setup() -> Setup {
     ));
     env.set_secret("api", SECRET);
     let sidekey = env.spawn();
-    let tls = eventually(std::time::Duration::from_secs(5), || {
-        let log = sidekey.stderr();
-        let at = log.find("agents with client certificates on https://")?;
-        let rest = &log[at + "agents with client certificates on https://".len()..];
-        Some(rest.split_whitespace().next()?.to_string())
-    });
-    let port = tls.rsplit(':').next().unwrap();
-    let tls = format!("https://localhost:{port}");
+    let tls = format!("https://localhost:{}", sidekey.tls_addr().port());
     let ca = env.path("sidekey-ca.pem");
     std::fs::write(&ca, env.ok(&["ca", "cert"], None)).unwrap();
     Setup {
@@ -38,24 +31,8 @@ fn setup() -> Setup {
 }
 
 fn issue(env: &TestEnv, agent: &str, ttl: &str) -> (String, String, String) {
-    let prefix = env.path(agent);
-    let serial = env
-        .ok(
-            &[
-                "cert",
-                "issue",
-                agent,
-                "--ttl",
-                ttl,
-                "--out",
-                &prefix.display().to_string(),
-            ],
-            None,
-        )
-        .trim()
-        .to_string();
-    let crt = format!("{}.crt", prefix.display());
-    let key = format!("{}.key", prefix.display());
+    let (serial, crt, key) = env.issue_cert(agent, ttl);
+    let (crt, key) = (crt.display().to_string(), key.display().to_string());
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);

@@ -198,6 +198,29 @@ impl TestEnv {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// `sidekey cert issue AGENT --ttl TTL`: the serial it prints and the
+    /// paths of the certificate and key it wrote.
+    pub fn issue_cert(&self, agent: &str, ttl: &str) -> (String, PathBuf, PathBuf) {
+        let prefix = self.path(agent);
+        let serial = self
+            .ok(
+                &[
+                    "cert",
+                    "issue",
+                    agent,
+                    "--ttl",
+                    ttl,
+                    "--out",
+                    &prefix.display().to_string(),
+                ],
+                None,
+            )
+            .trim()
+            .to_string();
+        let with = |ext: &str| PathBuf::from(format!("{}.{ext}", prefix.display()));
+        (serial, with("crt"), with("key"))
+    }
 }
 
 /// A running `sidekey run`; killed on drop.
@@ -215,6 +238,17 @@ impl Sidekey {
 
     pub fn stderr(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// The mTLS listener's address, from the banner (`listen_tls` may ask
+    /// for port 0).
+    pub fn tls_addr(&self) -> SocketAddr {
+        let banner = "agents with client certificates on https://";
+        eventually(Duration::from_secs(5), || {
+            let log = self.stderr();
+            let rest = &log[log.find(banner)? + banner.len()..];
+            rest.split_whitespace().next()?.parse().ok()
+        })
     }
 
     pub fn stdout(&self) -> String {
