@@ -135,7 +135,7 @@ fn authorized(req: &Request<Incoming>, token: &crate::secret::Secret) -> bool {
 
 async fn route(
     req: Request<Incoming>,
-    live: &Live,
+    live: &Arc<Live>,
     metrics: &Metrics,
     reloads: &AtomicU64,
 ) -> Response<Full<Bytes>> {
@@ -154,7 +154,7 @@ async fn route(
             );
             response
         }
-        (Method::POST, "/v1/reload") => match live.reload() {
+        (Method::POST, "/v1/reload") => match live.reload_off_runtime().await {
             Ok(()) => {
                 reloads.fetch_add(1, Ordering::Relaxed);
                 json(StatusCode::OK, serde_json::json!({"reloaded": true}))
@@ -181,15 +181,11 @@ async fn route(
                 }
             };
             match revoke_request(&body) {
-                Ok(revoke) => match Revocations::add(&live.state, revoke, now_ms()) {
-                    Ok(()) => {
-                        // Applied now rather than at the next poll.
-                        live.refresh_revocations();
-                        json(StatusCode::OK, serde_json::json!({"revoked": true}))
-                    }
+                Ok(revoke) => match revoke_off_runtime(live, revoke).await {
+                    Ok(()) => json(StatusCode::OK, serde_json::json!({"revoked": true})),
                     Err(e) => json(
                         StatusCode::INTERNAL_SERVER_ERROR,
-                        serde_json::json!({"revoked": false, "error": e.to_string()}),
+                        serde_json::json!({"revoked": false, "error": e}),
                     ),
                 },
                 Err(message) => json(
@@ -203,6 +199,20 @@ async fn route(
             serde_json::json!({"error": "not found"}),
         ),
     }
+}
+
+/// Writes the revocation (a file lock and two syncs) on a blocking thread,
+/// not on the runtime that serves the agents, then applies it at once
+/// rather than at the next poll.
+async fn revoke_off_runtime(live: &Arc<Live>, revoke: Revoke) -> Result<(), String> {
+    let live = live.clone();
+    tokio::task::spawn_blocking(move || {
+        Revocations::add(&live.state, revoke, now_ms()).map_err(|e| e.to_string())?;
+        live.refresh_revocations();
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|_| Err("the revocation stopped before it finished".to_string()))
 }
 
 /// `{"id": …}`, `{"session": …}` or `{"agent": …}`: exactly one.

@@ -132,6 +132,21 @@ impl Live {
         self.revocations.load()
     }
 
+    /// [`Live::reload`] on a blocking thread. Loading secrets can wait
+    /// seconds on a credential process or Vault, and on the one-thread
+    /// runtime of a pinned sidecar that wait would stall every connection.
+    pub async fn reload_off_runtime(self: &Arc<Self>) -> Result<(), ConfigError> {
+        let live = self.clone();
+        tokio::task::spawn_blocking(move || live.reload())
+            .await
+            .unwrap_or_else(|_| {
+                Err(ConfigError {
+                    file: self.config_path.display().to_string(),
+                    problems: vec![Problem::new("reload", "stopped before it finished")],
+                })
+            })
+    }
+
     /// Re-reads the config file. An invalid file is refused and the current
     /// version keeps serving.
     pub fn reload(&self) -> Result<(), ConfigError> {

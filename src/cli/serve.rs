@@ -195,7 +195,7 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
         loop {
             tokio::select! {
                 _ = hangup.recv() => {
-                    if let Err(e) = running.live.reload() {
+                    if let Err(e) = running.live.reload_off_runtime().await {
                         tracing::error!("reload refused, old config still in force:\n{e}");
                     }
                 }

@@ -240,3 +240,86 @@ fn a_credential_process_is_run_and_renewed_before_its_value_expires() {
         "a value reached the log"
     );
 }
+
+/// A reload runs the credential processes again, and one may take seconds
+/// (a token broker, `gh auth token` on a slow network). On the one-thread
+/// runtime of a pinned sidecar a reload that waited on it in place would
+/// stall every agent; here the process holds each reload until the test
+/// releases it, and requests must be answered meanwhile.
+#[test]
+fn agents_are_served_while_a_reload_waits_on_a_credential_process() {
+    let upstream = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let (script, loaded, waiting, release) = (
+        dir.path().join("cred.sh"),
+        dir.path().join("loaded"),
+        dir.path().join("waiting"),
+        dir.path().join("release"),
+    );
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ -e {loaded} ]; then\n  touch {waiting}\n  while [ ! -e {release} ]; do sleep 0.05; done\n  printf proc-tok-reloaded; exit 0\nfi\ntouch {loaded}\nprintf proc-tok-first\n",
+            loaded = loaded.display(),
+            waiting = waiting.display(),
+            release = release.display(),
+        ),
+    )
+    .unwrap();
+    let env = TestEnv::new(&echo_route(
+        &upstream,
+        &format!("exec:sh {}", script.display()),
+    ));
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    // Well under the process's 10 s deadline, after which a stalled runtime
+    // would answer again.
+    let quick = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let get = || {
+        quick
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&token)
+            .send()
+            .expect("a request while the reload waits")
+            .status()
+    };
+    assert_eq!(get(), 200);
+    assert_eq!(bearer(&upstream).as_deref(), Some("Bearer proc-tok-first"));
+
+    // SIGHUP, then `sidekey reload` (the admin socket): both wait on the process.
+    let held = |trigger: &dyn Fn()| {
+        let _ = std::fs::remove_file(&waiting);
+        let _ = std::fs::remove_file(&release);
+        assert_eq!(get(), 200);
+        let before = bearer(&upstream);
+        trigger();
+        eventually(WITHIN, || waiting.exists().then_some(()));
+        for _ in 0..3 {
+            assert_eq!(get(), 200);
+        }
+        // The version in force until the reload completes.
+        assert_eq!(bearer(&upstream), before);
+        std::fs::write(&release, "").unwrap();
+    };
+    held(&|| sidekey.signal("HUP"));
+    eventually(WITHIN, || {
+        get();
+        (bearer(&upstream).as_deref() == Some("Bearer proc-tok-reloaded")).then_some(())
+    });
+
+    std::thread::scope(|scope| {
+        let reload = scope.spawn(|| env.run(&["reload"], None));
+        held(&|| {});
+        let out = reload.join().unwrap();
+        assert!(
+            out.status.success(),
+            "sidekey reload: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    assert_eq!(get(), 200);
+}
