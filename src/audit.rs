@@ -9,9 +9,9 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -51,20 +51,24 @@ pub struct AuditError {
 }
 
 /// Where records go. One writer task takes every record waiting, lets the
-/// runtime's ready tasks add theirs, writes them with one `write`, has them
-/// synced with one `fdatasync` on a blocking thread, and only then releases
-/// their requests. Records that arrive during a sync form the next batch,
-/// so under load one sync covers many records and no request queues behind
-/// a sync of its own (group commit); the runtime thread never waits on the
-/// disk.
+/// runtime's ready tasks add theirs, and has them written with one `write`
+/// and synced with one `fdatasync` on a blocking thread; only then are their
+/// requests released. Records that arrive during a sync form the next
+/// batch, so under load one sync covers many records and no request queues
+/// behind a sync of its own (group commit). The runtime thread never
+/// touches the sink: a log pipe nobody reads or a hung file system stalls
+/// the records, not every connection.
 #[derive(Debug)]
 pub struct AuditLog {
     target: Target,
     on_failure: OnFailure,
     /// The writer task, started at the first record.
     writer: OnceLock<mpsc::UnboundedSender<Pending>>,
-    /// False after a failed write until one succeeds again.
-    healthy: AtomicBool,
+    /// False after a failed or unanswered write until a batch is written.
+    /// Shared with the writer, which sets it after every batch.
+    healthy: Arc<AtomicBool>,
+    /// Records sent to the writer and not yet taken into a batch.
+    queued: Arc<AtomicUsize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +91,18 @@ const MAX_BATCH: usize = 4096;
 /// records, before it syncs a batch.
 const GATHER_ROUNDS: usize = 3;
 
+/// How long a request waits for its record. A sink that has not answered by
+/// then (a hung network file system, a log pipe nobody reads) has failed,
+/// as one that returned an error has: with `on_failure = "deny"` the
+/// request is refused rather than left hanging.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// While the sink is failing, records still queue for it (they are written
+/// once it recovers) up to this many; later ones are dropped, so a long
+/// outage under load cannot exhaust memory. Their requests are refused
+/// under `on_failure = "deny"`.
+const MAX_QUEUED_WHILE_FAILING: usize = 16 * MAX_BATCH;
+
 impl AuditLog {
     /// `sink` paths that are relative are taken from `state_dir`.
     pub fn new(sink: &AuditSink, on_failure: OnFailure, state_dir: &std::path::Path) -> Self {
@@ -98,7 +114,8 @@ impl AuditLog {
             target,
             on_failure,
             writer: OnceLock::new(),
-            healthy: AtomicBool::new(true),
+            healthy: Arc::new(AtomicBool::new(true)),
+            queued: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -124,12 +141,12 @@ impl AuditLog {
     }
 
     /// Appends one record and returns once it is on disk (synced) or known
-    /// to have failed. The caller decides what a failure means (see
-    /// [`AuditLog::on_failure`]). Must run inside the runtime.
+    /// to have failed: an error, no answer within [`DEADLINE`], or a sink
+    /// already failing, whose record is queued for it without waiting. The
+    /// caller decides what a failure means (see [`AuditLog::on_failure`]).
+    /// Must run inside the runtime.
     pub async fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
-        let result = self.write(event).await;
-        self.healthy.store(result.is_ok(), Ordering::Relaxed);
-        result.map_err(|cause| AuditError {
+        self.write(event).await.map_err(|cause| AuditError {
             sink: self.describe(),
             cause,
         })
@@ -140,12 +157,37 @@ impl AuditLog {
         let mut line = Vec::with_capacity(640);
         serde_json::to_writer(&mut line, event).map_err(|e| e.to_string())?;
         line.push(b'\n');
+        let failing = !self.is_healthy();
+        if failing && self.queued.load(Ordering::Relaxed) >= MAX_QUEUED_WHILE_FAILING {
+            return Err("the sink is failing and its queue is full; record dropped".into());
+        }
         let (written, done) = oneshot::channel();
-        self.writer()
-            .send(Pending { line, written })
-            .map_err(|_| "the audit writer has stopped".to_string())?;
-        done.await
-            .unwrap_or_else(|_| Err("the audit writer has stopped".to_string()))
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.writer().send(Pending { line, written }).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.healthy.store(false, Ordering::Relaxed);
+            return Err("the audit writer has stopped".into());
+        }
+        if failing {
+            // The writer retries with this record and says when the sink
+            // is back; the request does not wait for it.
+            return Err("the sink is failing; record queued".into());
+        }
+        let result = match tokio::time::timeout(DEADLINE, done).await {
+            Ok(written) => {
+                written.unwrap_or_else(|_| Err("the audit writer has stopped".to_string()))
+            }
+            Err(_) => Err(format!(
+                "no answer within {} s; record queued",
+                DEADLINE.as_secs()
+            )),
+        };
+        if result.is_err() {
+            // The writer marks failed batches itself; this covers a sink
+            // that never answers.
+            self.healthy.store(false, Ordering::Relaxed);
+        }
+        result
     }
 
     fn writer(&self) -> &mpsc::UnboundedSender<Pending> {
@@ -155,7 +197,12 @@ impl AuditLog {
                 target: self.target.clone(),
                 file: None,
             };
-            tokio::spawn(write_batches(sink, receiver));
+            let writer = Writer {
+                receiver,
+                healthy: self.healthy.clone(),
+                queued: self.queued.clone(),
+            };
+            tokio::spawn(writer.run(sink));
             sender
         })
     }
@@ -165,99 +212,117 @@ impl AuditLog {
 /// recorder in tests.
 trait BatchSink {
     /// Returns once `bytes` are written and synced, or known not to be.
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), String>;
+    async fn write(&mut self, bytes: Vec<u8>) -> Result<(), String>;
 }
 
 struct LogFile {
     target: Target,
     /// The open log and its length, kept here rather than asked of the file
     /// system on every batch.
-    file: Option<(Arc<File>, u64)>,
+    file: Option<(File, u64)>,
 }
 
 impl BatchSink for LogFile {
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let describe = |e: std::io::Error| crate::config::describe_io(&e);
-        let path = match &self.target {
-            Target::Stdout => {
-                let mut out = std::io::stdout().lock();
-                return out
-                    .write_all(bytes)
-                    .and_then(|()| out.flush())
-                    .map_err(describe);
-            }
-            Target::File(path) => path,
-        };
-        let (open, start) = match &self.file {
-            Some((open, len)) => (open.clone(), *len),
-            None => open_log(path)
-                .map(|(open, len)| (Arc::new(open), len))
-                .map_err(describe)?,
-        };
-        // Appending a few kilobytes to the page cache does not block; the sync
-        // that waits on the disk goes to a blocking thread.
-        let mut result = (&*open).write_all(bytes);
-        if result.is_ok() {
-            let syncing = open.clone();
-            result = tokio::task::spawn_blocking(move || syncing.sync_data())
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        }
-        if let Err(e) = result {
-            // Cut off a partly written batch so every line stays whole, and
-            // reopen next time: the file may have been rotated or repaired.
-            let _ = open.set_len(start);
-            self.file = None;
-            return Err(describe(e));
-        }
-        self.file = Some((open, start + bytes.len() as u64));
-        Ok(())
+    async fn write(&mut self, bytes: Vec<u8>) -> Result<(), String> {
+        let target = self.target.clone();
+        let file = self.file.take();
+        let (file, result) = tokio::task::spawn_blocking(move || append(&target, file, &bytes))
+            .await
+            .unwrap_or_else(|_| (None, Err("the audit write stopped".to_string())));
+        self.file = file;
+        result
     }
 }
 
-/// The writer task: until every sender is gone (the config that owned this
-/// log was replaced), take what is waiting, write it, sync it, release it.
-async fn write_batches(mut sink: impl BatchSink, mut receiver: mpsc::UnboundedReceiver<Pending>) {
-    while let Some(first) = receiver.recv().await {
-        let mut batch = vec![first];
-        take_waiting(&mut receiver, &mut batch);
-        // A sync costs the same however many records it covers. Before
-        // paying for one, let the runtime run its ready tasks: requests
-        // already in progress reach their record and join this batch rather
-        // than need a sync of their own. The wait is bounded by scheduler
-        // rounds, not time; a yield with nothing else to run comes straight
-        // back, so on an idle runtime a lone record is synced at once.
-        for _ in 0..GATHER_ROUNDS {
-            if batch.len() >= MAX_BATCH {
-                break;
-            }
-            tokio::task::yield_now().await;
-            if !take_waiting(&mut receiver, &mut batch) {
-                break;
-            }
+/// Writes and syncs one batch, opening the log if `file` is not open yet;
+/// the log to keep open for the next batch, and the outcome. Blocks.
+fn append(
+    target: &Target,
+    file: Option<(File, u64)>,
+    bytes: &[u8],
+) -> (Option<(File, u64)>, Result<(), String>) {
+    let describe = |e: std::io::Error| crate::config::describe_io(&e);
+    let path = match target {
+        Target::Stdout => {
+            let mut out = std::io::stdout().lock();
+            let result = out.write_all(bytes).and_then(|()| out.flush());
+            return (None, result.map_err(describe));
         }
-        let mut bytes = Vec::with_capacity(batch.iter().map(|p| p.line.len()).sum());
-        for pending in &batch {
-            bytes.extend_from_slice(&pending.line);
-        }
-        let result = sink.write(&bytes).await;
-        for pending in batch {
-            let _ = pending.written.send(result.clone());
-        }
+        Target::File(path) => path,
+    };
+    let (open, start) = match file {
+        Some(open) => open,
+        None => match open_log(path) {
+            Ok(open) => open,
+            Err(e) => return (None, Err(describe(e))),
+        },
+    };
+    if let Err(e) = (&open).write_all(bytes).and_then(|()| open.sync_data()) {
+        // Cut off a partly written batch so every line stays whole, and
+        // reopen next time: the file may have been rotated or repaired.
+        let _ = open.set_len(start);
+        return (None, Err(describe(e)));
     }
+    (Some((open, start + bytes.len() as u64)), Ok(()))
 }
 
-/// Moves the records waiting into `batch`, up to [`MAX_BATCH`]; whether
-/// there were any.
-fn take_waiting(receiver: &mut mpsc::UnboundedReceiver<Pending>, batch: &mut Vec<Pending>) -> bool {
-    let before = batch.len();
-    while batch.len() < MAX_BATCH {
-        match receiver.try_recv() {
-            Ok(pending) => batch.push(pending),
-            Err(_) => break,
+/// The writer task's ends of what it shares with its [`AuditLog`].
+struct Writer {
+    receiver: mpsc::UnboundedReceiver<Pending>,
+    healthy: Arc<AtomicBool>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Writer {
+    /// Until every sender is gone (the config that owned this log was
+    /// replaced): take what is waiting, write it, sync it, release it.
+    async fn run(mut self, mut sink: impl BatchSink) {
+        while let Some(first) = self.receiver.recv().await {
+            let mut batch = vec![first];
+            self.take_waiting(&mut batch);
+            // A sync costs the same however many records it covers. Before
+            // paying for one, let the runtime run its ready tasks: requests
+            // already in progress reach their record and join this batch
+            // rather than need a sync of their own. The wait is bounded by
+            // scheduler rounds, not time; a yield with nothing else to run
+            // comes straight back, so on an idle runtime a lone record is
+            // synced at once.
+            for _ in 0..GATHER_ROUNDS {
+                if batch.len() >= MAX_BATCH {
+                    break;
+                }
+                tokio::task::yield_now().await;
+                if !self.take_waiting(&mut batch) {
+                    break;
+                }
+            }
+            self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+            let mut bytes = Vec::with_capacity(batch.iter().map(|p| p.line.len()).sum());
+            for pending in &batch {
+                bytes.extend_from_slice(&pending.line);
+            }
+            let result = sink.write(bytes).await;
+            // A sink that recovers is trusted again, even if no request
+            // is waiting on this batch.
+            self.healthy.store(result.is_ok(), Ordering::Relaxed);
+            for pending in batch {
+                let _ = pending.written.send(result.clone());
+            }
         }
     }
-    batch.len() > before
+
+    /// Moves the records waiting into `batch`, up to [`MAX_BATCH`]; whether
+    /// there were any.
+    fn take_waiting(&mut self, batch: &mut Vec<Pending>) -> bool {
+        let before = batch.len();
+        while batch.len() < MAX_BATCH {
+            match self.receiver.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        batch.len() > before
+    }
 }
 
 /// Opens the log for appending, with its length. A crash can cut the last
@@ -299,7 +364,7 @@ mod tests {
     struct Batches(Arc<Mutex<Vec<usize>>>);
 
     impl BatchSink for Batches {
-        async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        async fn write(&mut self, bytes: Vec<u8>) -> Result<(), String> {
             let lines = bytes.iter().filter(|&&b| b == b'\n').count();
             self.0.lock().unwrap().push(lines);
             Ok(())
@@ -322,14 +387,15 @@ mod tests {
         F: FnOnce(mpsc::UnboundedSender<Pending>) -> R,
         R: Future<Output = ()>,
     {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
         let batches = Batches::default();
-        runtime.block_on(async {
+        one_thread_runtime().block_on(async {
             let (sender, receiver) = mpsc::unbounded_channel();
-            let writer = tokio::spawn(write_batches(batches.clone(), receiver));
+            let writer = Writer {
+                receiver,
+                healthy: Arc::default(),
+                queued: Arc::default(),
+            };
+            let writer = tokio::spawn(writer.run(batches.clone()));
             tokio::time::timeout(Duration::from_secs(10), records(sender))
                 .await
                 .expect("every record is written");
@@ -370,6 +436,51 @@ mod tests {
             }
         });
         assert_eq!(batches, vec![requests]);
+    }
+
+    fn one_thread_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_failing_sink_is_not_waited_on_and_is_trusted_again_once_a_batch_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = AuditSink::File("audit.jsonl".into());
+        let log = AuditLog::new(&sink, OnFailure::Deny, dir.path());
+        log.healthy.store(false, Ordering::Relaxed);
+        one_thread_runtime().block_on(async {
+            let refused = log.record(&AuditEvent::default()).await.unwrap_err();
+            assert!(refused.to_string().contains("record queued"), "{refused}");
+            // The writer still writes it, and the sink is trusted again.
+            for _ in 0..500 {
+                if log.is_healthy() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(log.is_healthy());
+            log.record(&AuditEvent::default()).await.unwrap();
+        });
+        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 2);
+    }
+
+    #[test]
+    fn a_failing_sink_queues_records_only_up_to_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = AuditSink::File("audit.jsonl".into());
+        let log = AuditLog::new(&sink, OnFailure::Deny, dir.path());
+        log.healthy.store(false, Ordering::Relaxed);
+        log.queued
+            .store(MAX_QUEUED_WHILE_FAILING, Ordering::Relaxed);
+        let dropped = one_thread_runtime()
+            .block_on(log.record(&AuditEvent::default()))
+            .unwrap_err();
+        assert!(dropped.to_string().contains("record dropped"), "{dropped}");
+        assert!(log.writer.get().is_none(), "the record was queued");
     }
 
     #[test]

@@ -498,6 +498,106 @@ fn collect_request_ids(
         .collect()
 }
 
+/// Records go to stdout, a pipe that nobody reads until the test says so:
+/// a log shipper that stopped, say. Once the pipe is full the sink gives no
+/// answer. A request must then be refused (deny) within the audit deadline
+/// rather than hang, nothing more reach the upstream, and the admin socket
+/// still answer; when the pipe drains, service resumes and the refused
+/// request's record, queued meanwhile, is written too.
+#[test]
+fn a_stalled_audit_sink_refuses_requests_instead_of_hanging_them() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        "[audit]\nfile = \"-\"\n{}",
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let fifo = env.path("audit.fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let records = Arc::new(Mutex::new(String::new()));
+    let (read_now, reader) = {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (fifo, records) = (fifo.clone(), records.clone());
+        let reader = std::thread::spawn(move || {
+            let pipe = std::fs::File::open(fifo).unwrap();
+            rx.recv().unwrap();
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut records = records.lock().unwrap();
+                records.push_str(&line);
+                records.push('\n');
+            }
+        });
+        (tx, reader)
+    };
+    let sidekey = env.spawn_wrapped(
+        &["sh", "-c", "exec \"$@\" >\"$0\"", fifo.to_str().unwrap()],
+        "127.0.0.1:0",
+        &[],
+    );
+    // Longer than the deadline: without one, this client gives up first.
+    let patient = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(40))
+        .build()
+        .unwrap();
+    let get = || {
+        let res = patient
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&token)
+            .send()
+            .expect("an answer while the audit sink is stalled");
+        let id = res.headers()["x-sidekey-request-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let code = res
+            .headers()
+            .get("x-sidekey-error")
+            .map(|v| v.to_str().unwrap().to_string());
+        (res.status().as_u16(), code, id)
+    };
+
+    // A pipe holds a few hundred records; then a request waits on its own.
+    let mut served = 0;
+    let (status, code, refused_id) = loop {
+        let answer = get();
+        if answer.0 != 200 || served > 5_000 {
+            break answer;
+        }
+        served += 1;
+    };
+    assert!(served > 0, "the first records fit in the pipe");
+    assert_eq!((status, code.as_deref()), (503, Some("audit_unavailable")));
+
+    // Still stalled: refused at once, before a credential is spent.
+    let seen = upstream.count();
+    let (status, code, _) = get();
+    assert_eq!((status, code.as_deref()), (503, Some("audit_unavailable")));
+    assert_eq!(
+        upstream.count(),
+        seen,
+        "a request reached the upstream unaudited"
+    );
+    let status = env.ok(&["status"], None);
+    assert!(status.contains("open_connections"), "{status}");
+
+    read_now.send(()).unwrap();
+    eventually(Duration::from_secs(20), || (get().0 == 200).then_some(()));
+    eventually(Duration::from_secs(5), || {
+        records.lock().unwrap().contains(&refused_id).then_some(())
+    });
+    drop(sidekey);
+    reader.join().unwrap();
+}
+
 #[test]
 fn killed_under_load_every_released_response_is_audited_on_a_whole_line() {
     let upstream = Upstream::http();
