@@ -177,3 +177,49 @@ fn a_kept_alive_connection_the_upstream_closed_is_replaced_without_failing_a_req
         env.audit_text()
     );
 }
+
+/// Pooled upstream connections are closed after a minute unused, HTTP/1.1
+/// and a shared HTTP/2 one alike, so a sidecar that once called many hosts
+/// does not hold a socket to each for ever.
+#[test]
+fn idle_upstream_connections_are_closed_after_a_minute() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = Upstream::http();
+    let tls = Upstream::https(dir.path());
+    let routes = [("echo", plain.base()), ("echo-tls", tls.base())]
+        .map(|(name, origin)| {
+            format!(
+                "[routes.{name}]\nupstream = \"{origin}\"\nallow_private = true\n\
+                 inject = {{ header = \"authorization\", format = \"Bearer {{secret}}\", secret = \"api\" }}\n\
+                 [[rules]]\nagents = [\"coder\"]\nroute = \"{name}\"\naction = \"allow\"\n"
+            )
+        })
+        .concat();
+    let env = TestEnv::new(&format!(
+        "[tls]\nupstream_ca = [\"{}\"]\n[secrets.api]\nsource = \"store\"\n{routes}",
+        tls.ca.as_ref().unwrap().display()
+    ));
+    env.set_secret("api", "sk-pool-idle-secret");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    for route in ["echo", "echo-tls"] {
+        let res = client()
+            .get(sidekey.url(&format!("/{route}/x")))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 200, "{route}");
+    }
+    assert_eq!(tls.last().version, "HTTP/2.0");
+    assert_eq!(plain.last().version, "HTTP/1.1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        (plain.open_connections(), tls.open_connections()),
+        (1, 1),
+        "kept for the next request"
+    );
+    // The pool's limit is 60 s, checked every 15 s.
+    eventually(Duration::from_secs(90), || {
+        (plain.open_connections() == 0 && tls.open_connections() == 0).then_some(())
+    });
+}

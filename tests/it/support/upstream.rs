@@ -91,6 +91,8 @@ impl Seen {
 
 struct Shared {
     seen: Mutex<Vec<Seen>>,
+    /// Connections accepted and not yet closed.
+    open: std::sync::atomic::AtomicUsize,
     release: Semaphore,
     /// Static files a test put: path -> (content type, body).
     files: Mutex<std::collections::HashMap<String, (String, Vec<u8>)>>,
@@ -141,6 +143,7 @@ impl Upstream {
     fn start(tls: Option<Arc<rustls::ServerConfig>>, ca: Option<PathBuf>) -> Self {
         let shared = Arc::new(Shared {
             seen: Mutex::new(Vec::new()),
+            open: Default::default(),
             release: Semaphore::new(0),
             files: Mutex::default(),
         });
@@ -163,6 +166,7 @@ impl Upstream {
                     let shared = server_shared.clone();
                     let acceptor = acceptor.clone();
                     tokio::spawn(async move {
+                        let _open = OpenConnection::count(&shared);
                         let builder =
                             hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                         match acceptor {
@@ -212,6 +216,11 @@ impl Upstream {
         self.shared.seen.lock().unwrap().len()
     }
 
+    /// Connections open to this upstream now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn last(&self) -> Seen {
         self.seen().pop().expect("the upstream received a request")
     }
@@ -228,6 +237,26 @@ impl Upstream {
     /// Lets one waiting `/sse` response finish.
     pub fn release(&self) {
         self.shared.release.add_permits(1);
+    }
+}
+
+/// Counts one connection as open until it is dropped.
+struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    fn count(shared: &Arc<Shared>) -> Self {
+        shared
+            .open
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
