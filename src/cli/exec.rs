@@ -27,7 +27,7 @@ const SANDBOX_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
     // Quiet by default: the command's own output is what its user reads.
-    init_logging("warn");
+    let _logging = init_logging("warn");
     check_name("agent", &args.agent)?;
     let ttl = parse_ttl(&args.ttl).map_err(anyhow::Error::msg)?;
     let config = paths.config()?;

@@ -407,14 +407,27 @@ fn check_name(kind: &str, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs to stderr at `default` level, or as `$SIDEKEY_LOG` says.
-fn init_logging(default: &str) {
+/// Logs to stderr at `default` level, or as `$SIDEKEY_LOG` says. Lines are
+/// written by a thread of their own, so a stderr pipe that stops draining
+/// (a stalled log shipper) loses log lines beyond a small buffer rather
+/// than stall every connection on the runtime thread; the audit log, not
+/// this one, is the record of decisions. Keep the guard until the command
+/// ends: dropping it writes out what is still queued.
+fn init_logging(default: &str) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SIDEKEY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_LINES_BUFFERED)
+        .lossy(true)
+        .finish(std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
+    guard
 }
+
+/// Log lines held for a stderr that is not draining, about a megabyte.
+const LOG_LINES_BUFFERED: usize = 4096;

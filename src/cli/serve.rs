@@ -167,7 +167,7 @@ pub(crate) fn start_private(
 }
 
 pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<()> {
-    init_logging("info");
+    let _logging = init_logging("info");
     let config = paths.config()?;
     let state = paths.state_dir_of(&config)?;
     if let Some(limit) = crate::listen::raise_fd_limit()

@@ -598,6 +598,79 @@ fn a_stalled_audit_sink_refuses_requests_instead_of_hanging_them() {
     reader.join().unwrap();
 }
 
+/// sidekey's own log goes to stderr, here a pipe that nobody reads, as
+/// when a log shipper stops. Every refused request logs a line; once the
+/// pipe is full those lines must be dropped, not block the proxy.
+#[test]
+fn a_stderr_nobody_reads_does_not_stall_the_proxy() {
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "store"));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let fifo = env.path("log.fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (read_now, reader) = {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let fifo = fifo.clone();
+        let reader = std::thread::spawn(move || {
+            let mut pipe = std::fs::File::open(fifo).unwrap();
+            rx.recv().unwrap();
+            let mut log = String::new();
+            let _ = pipe.read_to_string(&mut log);
+            log
+        });
+        (tx, reader)
+    };
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let sidekey = Killed(
+        env.cmd_wrapped(
+            &["sh", "-c", "exec \"$@\" 2>\"$0\"", fifo.to_str().unwrap()],
+            &["run", "--listen", &addr.to_string()],
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    eventually(Duration::from_secs(20), || TcpStream::connect(addr).ok());
+    let quick = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let url = format!("http://{addr}/echo/x");
+    // A pipe holds 64 KiB, a few hundred of these lines.
+    for _ in 0..3_000 {
+        let res = quick
+            .get(&url)
+            .bearer_auth("not-a-token")
+            .send()
+            .expect("answered although its log is not read");
+        assert_eq!(res.status(), 401);
+    }
+    let res = quick.get(&url).bearer_auth(&token).send().unwrap();
+    assert_eq!(res.status(), 200);
+    drop(sidekey);
+    read_now.send(()).unwrap();
+    let log = reader.join().unwrap();
+    assert!(log.contains("listening on"), "{log}");
+}
+
 #[test]
 fn killed_under_load_every_released_response_is_audited_on_a_whole_line() {
     let upstream = Upstream::http();
