@@ -142,7 +142,11 @@ async fn route(
     match (req.method().clone(), req.uri().path()) {
         (Method::GET, "/v1/status") => {
             let mut status = metrics.status();
-            status["config"] = live.snapshot().config.file.display().to_string().into();
+            let snapshot = live.snapshot();
+            status["config"] = snapshot.config.file.display().to_string().into();
+            // False while records are failing or unanswered; with
+            // `on_failure = "deny"` agents are refused until it is true again.
+            status["audit"] = serde_json::json!({"healthy": snapshot.audit.is_healthy()});
             status["reloads"] = reloads.load(Ordering::Relaxed).into();
             json(StatusCode::OK, status)
         }

@@ -586,11 +586,15 @@ fn a_stalled_audit_sink_refuses_requests_instead_of_hanging_them() {
         seen,
         "a request reached the upstream unaudited"
     );
-    let status = env.ok(&["status"], None);
-    assert!(status.contains("open_connections"), "{status}");
+    let audit_healthy = || {
+        let status: serde_json::Value = serde_json::from_str(&env.ok(&["status"], None)).unwrap();
+        status["audit"]["healthy"].as_bool()
+    };
+    assert_eq!(audit_healthy(), Some(false));
 
     read_now.send(()).unwrap();
     eventually(Duration::from_secs(20), || (get().0 == 200).then_some(()));
+    assert_eq!(audit_healthy(), Some(true));
     eventually(Duration::from_secs(5), || {
         records.lock().unwrap().contains(&refused_id).then_some(())
     });
