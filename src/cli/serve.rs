@@ -180,7 +180,8 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
         );
     }
     let admin_path = config.admin.clone().unwrap_or_else(|| state.admin_socket());
-    runtime()?.block_on(async {
+    let runtime = runtime()?;
+    let served = runtime.block_on(async {
         // Watched before "listening" is announced: a supervisor may send
         // SIGHUP as soon as it reads that line, and unwatched, SIGHUP kills.
         let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
@@ -207,9 +208,17 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
         running.stop().await;
         let _ = std::fs::remove_file(&admin_path);
         Ok::<_, anyhow::Error>(())
-    })?;
-    Ok(())
+    });
+    // A blocking task can be stuck for good (an audit write to a dead
+    // network file system); what it holds was never reported as written,
+    // so it does not keep the process from exiting.
+    runtime.shutdown_timeout(STOP_GRACE);
+    served
 }
+
+/// How long a stop waits for blocking work still running once every
+/// connection has ended.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(super) fn check(paths: &Paths) -> anyhow::Result<()> {
     let config = match Config::load(&paths.config) {

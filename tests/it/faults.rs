@@ -498,6 +498,79 @@ fn collect_request_ids(
         .collect()
 }
 
+/// A named pipe that a thread holds open but reads only once told to,
+/// standing for a log reader that stopped: what sidekey writes to it blocks
+/// once the pipe is full. Telling the sender to go reads everything from
+/// then on into the string.
+struct HeldPipe {
+    path: std::path::PathBuf,
+    read_now: std::sync::mpsc::Sender<()>,
+    read: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl HeldPipe {
+    fn new(env: &TestEnv, name: &str) -> Self {
+        let path = env.path(name);
+        assert!(
+            Command::new("mkfifo")
+                .arg(&path)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let (read_now, go) = std::sync::mpsc::channel::<()>();
+        let read = Arc::new(Mutex::new(String::new()));
+        let reader = {
+            let (path, read) = (path.clone(), read.clone());
+            std::thread::spawn(move || {
+                let pipe = std::fs::File::open(path).unwrap();
+                if go.recv().is_err() {
+                    return;
+                }
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let mut read = read.lock().unwrap();
+                    read.push_str(&line);
+                    read.push('\n');
+                }
+            })
+        };
+        Self {
+            path,
+            read_now,
+            read,
+            reader,
+        }
+    }
+
+    /// `sh -c 'exec sidekey … >PIPE'` (or `2>PIPE` for `fd` 2).
+    fn wrapper(&self, fd: u8) -> [String; 4] {
+        let redirect = if fd == 2 { "2>" } else { ">" };
+        [
+            "sh".into(),
+            "-c".into(),
+            format!("exec \"$@\" {redirect}\"$0\""),
+            self.path.to_str().unwrap().into(),
+        ]
+    }
+
+    fn drain(&self) {
+        self.read_now.send(()).unwrap();
+    }
+
+    fn text(&self) -> String {
+        self.read.lock().unwrap().clone()
+    }
+
+    /// Everything read, once the writer has gone.
+    fn finish(self) -> String {
+        let _ = self.read_now.send(());
+        self.reader.join().unwrap();
+        self.read.lock().unwrap().clone()
+    }
+}
+
 /// Records go to stdout, a pipe that nobody reads until the test says so:
 /// a log shipper that stopped, say. Once the pipe is full the sink gives no
 /// answer. A request must then be refused (deny) within the audit deadline
@@ -513,32 +586,9 @@ fn a_stalled_audit_sink_refuses_requests_instead_of_hanging_them() {
     ));
     env.set_secret("api", SECRET);
     let token = env.token("coder");
-    let fifo = env.path("audit.fifo");
-    assert!(
-        Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let records = Arc::new(Mutex::new(String::new()));
-    let (read_now, reader) = {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let (fifo, records) = (fifo.clone(), records.clone());
-        let reader = std::thread::spawn(move || {
-            let pipe = std::fs::File::open(fifo).unwrap();
-            rx.recv().unwrap();
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut records = records.lock().unwrap();
-                records.push_str(&line);
-                records.push('\n');
-            }
-        });
-        (tx, reader)
-    };
-    let sidekey = env.spawn_wrapped(
-        &["sh", "-c", "exec \"$@\" >\"$0\"", fifo.to_str().unwrap()],
+    let records = HeldPipe::new(&env, "audit.fifo");
+    let mut sidekey = env.spawn_wrapped(
+        &records.wrapper(1).each_ref().map(String::as_str),
         "127.0.0.1:0",
         &[],
     );
@@ -592,14 +642,47 @@ fn a_stalled_audit_sink_refuses_requests_instead_of_hanging_them() {
     };
     assert_eq!(audit_healthy(), Some(false));
 
-    read_now.send(()).unwrap();
+    records.drain();
     eventually(Duration::from_secs(20), || (get().0 == 200).then_some(()));
     assert_eq!(audit_healthy(), Some(true));
     eventually(Duration::from_secs(5), || {
-        records.lock().unwrap().contains(&refused_id).then_some(())
+        records.text().contains(&refused_id).then_some(())
     });
-    drop(sidekey);
-    reader.join().unwrap();
+    sidekey.signal("TERM");
+    assert_eq!(sidekey.wait_exit(Duration::from_secs(10)), Some(0));
+    drop(records.finish());
+}
+
+/// A sink stuck for good (a dead network file system) must not keep
+/// sidekey from stopping: what it holds was never reported as written.
+#[test]
+fn a_stop_is_not_held_up_by_a_stuck_audit_sink() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        "[audit]\nfile = \"-\"\n{}",
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let records = HeldPipe::new(&env, "audit.fifo");
+    let mut sidekey = env.spawn_wrapped(
+        &records.wrapper(1).each_ref().map(String::as_str),
+        "127.0.0.1:0",
+        &[],
+    );
+    let client = client();
+    // Until a request waits out the deadline: the sink is stuck.
+    eventually(Duration::from_secs(60), || {
+        let res = client
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        (res.status() == 503).then_some(())
+    });
+    sidekey.signal("TERM");
+    assert_eq!(sidekey.wait_exit(Duration::from_secs(30)), Some(0));
+    drop(records.finish());
 }
 
 /// sidekey's own log goes to stderr, here a pipe that nobody reads, as
@@ -618,33 +701,14 @@ fn a_stderr_nobody_reads_does_not_stall_the_proxy() {
     let env = TestEnv::new(&echo_route(&upstream, "store"));
     env.set_secret("api", SECRET);
     let token = env.token("coder");
-    let fifo = env.path("log.fifo");
-    assert!(
-        Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let (read_now, reader) = {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let fifo = fifo.clone();
-        let reader = std::thread::spawn(move || {
-            let mut pipe = std::fs::File::open(fifo).unwrap();
-            rx.recv().unwrap();
-            let mut log = String::new();
-            let _ = pipe.read_to_string(&mut log);
-            log
-        });
-        (tx, reader)
-    };
+    let log = HeldPipe::new(&env, "log.fifo");
     let addr = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
     let sidekey = Killed(
         env.cmd_wrapped(
-            &["sh", "-c", "exec \"$@\" 2>\"$0\"", fifo.to_str().unwrap()],
+            &log.wrapper(2).each_ref().map(String::as_str),
             &["run", "--listen", &addr.to_string()],
         )
         .stdout(Stdio::null())
@@ -670,8 +734,7 @@ fn a_stderr_nobody_reads_does_not_stall_the_proxy() {
     let res = quick.get(&url).bearer_auth(&token).send().unwrap();
     assert_eq!(res.status(), 200);
     drop(sidekey);
-    read_now.send(()).unwrap();
-    let log = reader.join().unwrap();
+    let log = log.finish();
     assert!(log.contains("listening on"), "{log}");
 }
 
@@ -741,29 +804,9 @@ fn no_response_is_released_before_its_record_is_written() {
     ));
     env.set_secret("api", SECRET);
     let token = env.token("coder");
-    let fifo = env.path("audit.fifo");
-    assert!(
-        Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let (read_now, reader) = {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let fifo = fifo.clone();
-        let reader = std::thread::spawn(move || {
-            let mut pipe = std::fs::File::open(fifo).unwrap();
-            rx.recv().unwrap();
-            let mut records = String::new();
-            pipe.read_to_string(&mut records).unwrap();
-            records
-        });
-        (tx, reader)
-    };
-    let fifo = fifo.to_str().unwrap();
+    let records = HeldPipe::new(&env, "audit.fifo");
     let sidekey = env.spawn_wrapped(
-        &["sh", "-c", "exec \"$@\" >\"$0\"", fifo],
+        &records.wrapper(1).each_ref().map(String::as_str),
         "127.0.0.1:0",
         &[],
     );
@@ -782,12 +825,12 @@ fn no_response_is_released_before_its_record_is_written() {
         stalled_at < 8 * 100,
         "the blocked sink never held a response back"
     );
-    read_now.send(()).unwrap();
+    records.drain();
     for c in clients {
         c.join().unwrap();
     }
     drop(sidekey);
-    let records = reader.join().unwrap();
+    let records = records.finish();
     for id in released.lock().unwrap().iter() {
         assert!(
             records.contains(id.as_str()),
