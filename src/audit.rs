@@ -445,12 +445,17 @@ mod tests {
             .unwrap()
     }
 
+    /// A log to `dir/audit.jsonl` whose sink is marked failing.
+    fn failing_log(dir: &std::path::Path) -> AuditLog {
+        let log = AuditLog::new(&AuditSink::File("audit.jsonl".into()), OnFailure::Deny, dir);
+        log.healthy.store(false, Ordering::Relaxed);
+        log
+    }
+
     #[test]
     fn a_failing_sink_is_not_waited_on_and_is_trusted_again_once_a_batch_lands() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = AuditSink::File("audit.jsonl".into());
-        let log = AuditLog::new(&sink, OnFailure::Deny, dir.path());
-        log.healthy.store(false, Ordering::Relaxed);
+        let log = failing_log(dir.path());
         one_thread_runtime().block_on(async {
             let refused = log.record(&AuditEvent::default()).await.unwrap_err();
             assert!(refused.to_string().contains("record queued"), "{refused}");
@@ -471,9 +476,7 @@ mod tests {
     #[test]
     fn a_failing_sink_queues_records_only_up_to_its_cap() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = AuditSink::File("audit.jsonl".into());
-        let log = AuditLog::new(&sink, OnFailure::Deny, dir.path());
-        log.healthy.store(false, Ordering::Relaxed);
+        let log = failing_log(dir.path());
         log.queued
             .store(MAX_QUEUED_WHILE_FAILING, Ordering::Relaxed);
         let dropped = one_thread_runtime()

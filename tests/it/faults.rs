@@ -571,6 +571,24 @@ impl HeldPipe {
     }
 }
 
+/// sidekey in front of `upstream` with its audit records on stdout, a
+/// [`HeldPipe`]; with an agent token for `coder`.
+fn audit_to_held_pipe(upstream: &Upstream) -> (TestEnv, String, HeldPipe, Sidekey) {
+    let env = TestEnv::new(&format!(
+        "[audit]\nfile = \"-\"\n{}",
+        echo_route(upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let records = HeldPipe::new(&env, "audit.fifo");
+    let sidekey = env.spawn_wrapped(
+        &records.wrapper(1).each_ref().map(String::as_str),
+        "127.0.0.1:0",
+        &[],
+    );
+    (env, token, records, sidekey)
+}
+
 /// Records go to stdout, a pipe that nobody reads until the test says so:
 /// a log shipper that stopped, say. Once the pipe is full the sink gives no
 /// answer. A request must then be refused (deny) within the audit deadline
@@ -580,24 +598,9 @@ impl HeldPipe {
 #[test]
 fn a_stalled_audit_sink_refuses_requests_instead_of_hanging_them() {
     let upstream = Upstream::http();
-    let env = TestEnv::new(&format!(
-        "[audit]\nfile = \"-\"\n{}",
-        echo_route(&upstream, "store")
-    ));
-    env.set_secret("api", SECRET);
-    let token = env.token("coder");
-    let records = HeldPipe::new(&env, "audit.fifo");
-    let mut sidekey = env.spawn_wrapped(
-        &records.wrapper(1).each_ref().map(String::as_str),
-        "127.0.0.1:0",
-        &[],
-    );
+    let (env, token, records, mut sidekey) = audit_to_held_pipe(&upstream);
     // Longer than the deadline: without one, this client gives up first.
-    let patient = reqwest::blocking::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(40))
-        .build()
-        .unwrap();
+    let patient = client_with_timeout(Duration::from_secs(40));
     let get = || {
         let res = patient
             .get(sidekey.url("/echo/x"))
@@ -658,18 +661,7 @@ fn a_stalled_audit_sink_refuses_requests_instead_of_hanging_them() {
 #[test]
 fn a_stop_is_not_held_up_by_a_stuck_audit_sink() {
     let upstream = Upstream::http();
-    let env = TestEnv::new(&format!(
-        "[audit]\nfile = \"-\"\n{}",
-        echo_route(&upstream, "store")
-    ));
-    env.set_secret("api", SECRET);
-    let token = env.token("coder");
-    let records = HeldPipe::new(&env, "audit.fifo");
-    let mut sidekey = env.spawn_wrapped(
-        &records.wrapper(1).each_ref().map(String::as_str),
-        "127.0.0.1:0",
-        &[],
-    );
+    let (_env, token, records, mut sidekey) = audit_to_held_pipe(&upstream);
     let client = client();
     // Until a request waits out the deadline: the sink is stuck.
     eventually(Duration::from_secs(60), || {
@@ -716,11 +708,7 @@ fn a_stderr_nobody_reads_does_not_stall_the_proxy() {
         .unwrap(),
     );
     eventually(Duration::from_secs(20), || TcpStream::connect(addr).ok());
-    let quick = reqwest::blocking::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let quick = client_with_timeout(Duration::from_secs(5));
     let url = format!("http://{addr}/echo/x");
     // A pipe holds 64 KiB, a few hundred of these lines.
     for _ in 0..3_000 {
@@ -798,18 +786,7 @@ fn no_response_is_released_before_its_record_is_written() {
     // Records go to stdout, a pipe the test leaves unread: once it is full,
     // writes block, and so must every response whose record is behind them.
     let upstream = Upstream::http();
-    let env = TestEnv::new(&format!(
-        "[audit]\nfile = \"-\"\n{}",
-        echo_route(&upstream, "store")
-    ));
-    env.set_secret("api", SECRET);
-    let token = env.token("coder");
-    let records = HeldPipe::new(&env, "audit.fifo");
-    let sidekey = env.spawn_wrapped(
-        &records.wrapper(1).each_ref().map(String::as_str),
-        "127.0.0.1:0",
-        &[],
-    );
+    let (_env, token, records, sidekey) = audit_to_held_pipe(&upstream);
     let released = Arc::new(Mutex::new(Vec::new()));
     let clients = collect_request_ids(&sidekey.url("/echo/pipe"), &token, 100, &released);
     // The pipe holds some records; then answers stop coming.

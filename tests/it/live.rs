@@ -274,11 +274,7 @@ fn agents_are_served_while_a_reload_waits_on_a_credential_process() {
     let sidekey = env.spawn();
     // Well under the process's 10 s deadline, after which a stalled runtime
     // would answer again.
-    let quick = reqwest::blocking::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let quick = client_with_timeout(Duration::from_secs(5));
     let get = || {
         quick
             .get(sidekey.url("/echo/x"))

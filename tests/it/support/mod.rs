@@ -302,9 +302,15 @@ pub fn eventually<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> 
 
 /// A blocking reqwest client that talks to sidekey directly (no proxy).
 pub fn client() -> reqwest::blocking::Client {
+    client_with_timeout(Duration::from_secs(30))
+}
+
+/// [`client`] that gives up after `timeout`: shorter to show that an answer
+/// did not wait on something stuck, longer to outlast a deadline.
+pub fn client_with_timeout(timeout: Duration) -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .no_proxy()
-        .timeout(Duration::from_secs(30))
+        .timeout(timeout)
         .build()
         .unwrap()
 }
