@@ -19,7 +19,7 @@ use crate::exec::isolate::receive_listener;
 use crate::live::Live;
 use crate::secret::source::SecretSource;
 use crate::secret::store::now_ms;
-use crate::token::revocation::{Revocations, Revoke};
+use crate::token::revocation::Revocations;
 use crate::token::{Issuer, parse_ttl, random_id};
 
 /// How long the sandbox may take to hand over its listener.
@@ -35,7 +35,7 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
     crate::listen::raise_fd_limit();
     let issuer = Issuer::load(&state)?;
     let session = random_id("exec");
-    let (token, _) = issuer.issue(&args.agent, Some(&session), ttl);
+    let (token, claims) = issuer.issue(&args.agent, Some(&session), ttl);
     drop(issuer);
 
     // The CA bundle lives outside the state dir, which the sandbox hides.
@@ -110,7 +110,7 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
             .context("cannot forward signals to the command")?;
         let status = child.wait().await.context("cannot wait for the command")?;
         drop(forwarding);
-        finish(running, &state, &session).await;
+        finish(running, &state, &session, claims.exp).await;
         Ok::<_, anyhow::Error>(crate::exec::exit_code_of(status))
     });
     drop(workdir);
@@ -198,10 +198,15 @@ async fn sandbox_listener(
     tokio::net::TcpListener::from_std(listener).map_err(|e| format!("--isolate: {e}"))
 }
 
-/// The session ends with the command: its token is revoked for good (a
-/// `sidekey run` on the same state dir refuses it too), then the proxy stops.
-async fn finish(running: Running, state: &crate::state::StateDir, session: &str) {
-    if let Err(e) = Revocations::add(state, Revoke::Session(session.to_string()), now_ms()) {
+/// The session ends with the command: its token is revoked until it would
+/// have expired anyway (a `sidekey run` on the same state dir refuses it
+/// too), then the proxy stops. `expires` is the token's `exp` (seconds).
+async fn finish(running: Running, state: &crate::state::StateDir, session: &str, expires: u64) {
+    // A token is valid through the whole second of its `exp`.
+    let expires_ms = expires.saturating_add(1).saturating_mul(1000);
+    if let Err(e) =
+        Revocations::add_expiring_session(state, session.to_string(), expires_ms, now_ms())
+    {
         eprintln!(
             "sidekey exec: cannot revoke session {session}: {e}; revoke it with `sidekey token revoke --session {session}`"
         );

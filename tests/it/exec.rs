@@ -408,6 +408,51 @@ fn the_exit_status_passes_through_and_the_token_dies_with_the_command() {
     assert_eq!(missing.status.code(), Some(127), "{}", describe(&missing));
 }
 
+/// Every command revokes its session: the list keeps it only until the
+/// session's token would have expired, so a host that runs many commands
+/// does not grow the list (read and rewritten whole on each revocation)
+/// for ever. Revocations made by hand stay.
+#[test]
+fn the_revocation_list_drops_command_sessions_once_their_tokens_expire() {
+    let upstream = Upstream::http();
+    let env = exec_env(&upstream, "");
+    let list = env.state.join("revocations.json");
+    std::fs::write(
+        &list,
+        r#"{"ids": ["t-by-hand"], "sessions": ["s-by-hand"], "sessions_until": {"exec-long-gone": 1000}}"#,
+    )
+    .unwrap();
+    let started_ms = now_ms();
+    for _ in 0..3 {
+        assert_success(&exec(&env, &["--ttl", "2h"], "exit 0"));
+    }
+    let after: serde_json::Value = serde_json::from_str(&read(&list)).unwrap();
+    assert_eq!(after["ids"], serde_json::json!(["t-by-hand"]), "{after}");
+    assert_eq!(
+        after["sessions"],
+        serde_json::json!(["s-by-hand"]),
+        "{after}"
+    );
+    let until = after["sessions_until"].as_object().unwrap();
+    assert!(!until.contains_key("exec-long-gone"), "{after}");
+    assert_eq!(until.len(), 3, "one entry per command: {after}");
+    let two_hours_ms = 2 * 3600 * 1000;
+    for expires in until.values() {
+        let expires = expires.as_u64().unwrap();
+        assert!(
+            expires >= started_ms + two_hours_ms && expires <= now_ms() + two_hours_ms + 1000,
+            "kept until the token's expiry: {after}"
+        );
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 #[test]
 fn signals_reach_the_command_and_nothing_is_left_behind() {
     let upstream = Upstream::http();
