@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use rand::Rng;
 
 use super::serve::{Running, start_private};
-use super::{ExecArgs, Paths, SilentExit, check_name, init_logging, runtime};
+use super::{ExecArgs, Paths, STOP_GRACE, SilentExit, check_name, init_logging, runtime};
 use crate::config::Config;
 use crate::exec::env::{AgentEnv, Dropped};
 use crate::exec::isolate::receive_listener;
@@ -49,7 +49,8 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
     let hide = hidden_paths(&config, state.root(), &args.hide);
     let handoff = workdir.path().join("handoff.sock");
 
-    let code = runtime()?.block_on(async {
+    let runtime = runtime()?;
+    let code = runtime.block_on(async {
         // Where the proxy listens: here, or inside the sandbox, where any
         // port is free in a network namespace of its own.
         let (bound, port) = if args.isolate {
@@ -113,6 +114,8 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
         finish(running, &state, &session, claims.exp).await;
         Ok::<_, anyhow::Error>(crate::exec::exit_code_of(status))
     });
+    // The command has ended, so must sidekey, even with a write stuck.
+    runtime.shutdown_timeout(STOP_GRACE);
     drop(workdir);
     match code? {
         0 => Ok(()),

@@ -379,6 +379,10 @@ impl Paths {
 }
 
 /// Builds the runtime for commands that do network I/O.
+/// How long a stop waits for blocking work still running (an audit write on
+/// a hung file system, say) once every connection has ended.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // A sidecar usually gets one core: there a single-threaded runtime
     // does the same work without handing tasks and wake-ups between threads.

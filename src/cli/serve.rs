@@ -9,7 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{Paths, SilentExit, init_logging, runtime};
+use super::{Paths, STOP_GRACE, SilentExit, init_logging, runtime};
 use crate::admin;
 use crate::config::{Config, Target};
 use crate::live::Live;
@@ -215,10 +215,6 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
     runtime.shutdown_timeout(STOP_GRACE);
     served
 }
-
-/// How long a stop waits for blocking work still running once every
-/// connection has ended.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(super) fn check(paths: &Paths) -> anyhow::Result<()> {
     let config = match Config::load(&paths.config) {

@@ -677,6 +677,52 @@ fn a_stop_is_not_held_up_by_a_stuck_audit_sink() {
     drop(records.finish());
 }
 
+/// `sidekey exec` ends with its command even when the audit sink is stuck
+/// (records on stdout, a pipe nobody reads): the command's last request is
+/// refused once the sink stops answering, and exec must not then wait for
+/// the stuck write for ever.
+#[test]
+fn exec_ends_with_its_command_when_the_audit_sink_is_stuck() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        "[audit]\nfile = \"-\"\n{}",
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let records = HeldPipe::new(&env, "audit.fifo");
+    // Through the forward proxy exec points HTTP_PROXY at, until a request
+    // is refused: a pipe holds 64 KiB, about a hundred records.
+    let script = format!(
+        "for i in $(seq 1 2000); do \
+           code=$(curl -s -o /dev/null -w '%{{http_code}}' -m 60 {}/x); \
+           [ \"$code\" = 200 ] || break; \
+         done; echo \"$code\" > last.txt",
+        upstream.base()
+    );
+    let mut exec = env
+        .cmd_wrapped(
+            &records.wrapper(1).each_ref().map(String::as_str),
+            &["exec", "--agent", "coder", "--", "sh", "-c", &script],
+        )
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let last = env.path("last.txt");
+    let ended = eventually(Duration::from_secs(90), || {
+        std::fs::metadata(&last).ok().map(|_| Instant::now())
+    });
+    let exited = eventually(Duration::from_secs(60), || exec.try_wait().unwrap());
+    let waited = ended.elapsed();
+    assert_eq!(read(&last).trim(), "503", "refused once the sink is stuck");
+    assert_eq!(exited.code(), Some(0), "the command's status");
+    assert!(
+        waited < Duration::from_secs(30),
+        "exec outlived its command by {waited:?}"
+    );
+    drop(records.finish());
+}
+
 /// sidekey's own log goes to stderr, here a pipe that nobody reads, as
 /// when a log shipper stops. Every refused request logs a line; once the
 /// pipe is full those lines must be dropped, not block the proxy.
