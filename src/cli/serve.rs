@@ -193,10 +193,23 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
             env!("CARGO_PKG_VERSION"),
             running.addr
         );
+        // A reload may wait on a credential process for seconds; a stop
+        // asked for meanwhile starts at once rather than after it. SIGHUPs
+        // that arrive during a reload are taken by one more once it ends.
+        let mut reloading = None;
         loop {
             tokio::select! {
-                _ = hangup.recv() => {
-                    if let Err(e) = running.live.reload_off_runtime().await {
+                _ = hangup.recv(), if reloading.is_none() => {
+                    reloading = Some(Box::pin(running.live.reload_off_runtime()));
+                }
+                reloaded = async {
+                    match reloading.as_mut() {
+                        Some(reload) => reload.await,
+                        None => std::future::pending().await,
+                    }
+                }, if reloading.is_some() => {
+                    reloading = None;
+                    if let Err(e) = reloaded {
                         tracing::error!("reload refused, old config still in force:\n{e}");
                     }
                 }
@@ -204,6 +217,7 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
                 _ = interrupt.recv() => break,
             }
         }
+        drop(reloading);
         tracing::info!("shutting down");
         running.stop().await;
         let _ = std::fs::remove_file(&admin_path);

@@ -246,30 +246,64 @@ fn a_credential_process_is_run_and_renewed_before_its_value_expires() {
 /// runtime of a pinned sidecar a reload that waited on it in place would
 /// stall every agent; here the process holds each reload until the test
 /// releases it, and requests must be answered meanwhile.
+/// An `exec:` credential process that answers at once the first time and
+/// holds every later run (a reload's) until the test releases it.
+struct HeldCredentialProcess {
+    _dir: tempfile::TempDir,
+    script: std::path::PathBuf,
+    /// Made by a held run once it has started.
+    waiting: std::path::PathBuf,
+    /// Made by the test to let a held run answer.
+    release: std::path::PathBuf,
+}
+
+impl HeldCredentialProcess {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name| dir.path().join(name);
+        let (script, loaded, waiting, release) = (
+            path("cred.sh"),
+            path("loaded"),
+            path("waiting"),
+            path("release"),
+        );
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nif [ -e {loaded} ]; then\n  touch {waiting}\n  while [ ! -e {release} ]; do sleep 0.05; done\n  printf proc-tok-reloaded; exit 0\nfi\ntouch {loaded}\nprintf proc-tok-first\n",
+                loaded = loaded.display(),
+                waiting = waiting.display(),
+                release = release.display(),
+            ),
+        )
+        .unwrap();
+        Self {
+            _dir: dir,
+            script,
+            waiting,
+            release,
+        }
+    }
+
+    /// The secret source that runs it.
+    fn source(&self) -> String {
+        format!("exec:sh {}", self.script.display())
+    }
+}
+
+impl Drop for HeldCredentialProcess {
+    /// A held run left behind ends too.
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.release, "");
+    }
+}
+
 #[test]
 fn agents_are_served_while_a_reload_waits_on_a_credential_process() {
     let upstream = Upstream::http();
-    let dir = tempfile::tempdir().unwrap();
-    let (script, loaded, waiting, release) = (
-        dir.path().join("cred.sh"),
-        dir.path().join("loaded"),
-        dir.path().join("waiting"),
-        dir.path().join("release"),
-    );
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nif [ -e {loaded} ]; then\n  touch {waiting}\n  while [ ! -e {release} ]; do sleep 0.05; done\n  printf proc-tok-reloaded; exit 0\nfi\ntouch {loaded}\nprintf proc-tok-first\n",
-            loaded = loaded.display(),
-            waiting = waiting.display(),
-            release = release.display(),
-        ),
-    )
-    .unwrap();
-    let env = TestEnv::new(&echo_route(
-        &upstream,
-        &format!("exec:sh {}", script.display()),
-    ));
+    let process = HeldCredentialProcess::new();
+    let (waiting, release) = (&process.waiting, &process.release);
+    let env = TestEnv::new(&echo_route(&upstream, &process.source()));
     let token = env.token("coder");
     let sidekey = env.spawn();
     // Well under the process's 10 s deadline, after which a stalled runtime
@@ -288,8 +322,8 @@ fn agents_are_served_while_a_reload_waits_on_a_credential_process() {
 
     // SIGHUP, then `sidekey reload` (the admin socket): both wait on the process.
     let held = |trigger: &dyn Fn()| {
-        let _ = std::fs::remove_file(&waiting);
-        let _ = std::fs::remove_file(&release);
+        let _ = std::fs::remove_file(waiting);
+        let _ = std::fs::remove_file(release);
         assert_eq!(get(), 200);
         let before = bearer(&upstream);
         trigger();
@@ -299,7 +333,7 @@ fn agents_are_served_while_a_reload_waits_on_a_credential_process() {
         }
         // The version in force until the reload completes.
         assert_eq!(bearer(&upstream), before);
-        std::fs::write(&release, "").unwrap();
+        std::fs::write(release, "").unwrap();
     };
     held(&|| sidekey.signal("HUP"));
     eventually(WITHIN, || {
@@ -318,4 +352,26 @@ fn agents_are_served_while_a_reload_waits_on_a_credential_process() {
         );
     });
     assert_eq!(get(), 200);
+}
+
+/// A stop asked for while a reload waits on a credential process starts at
+/// once: the listener closes and the process exits, without waiting for the
+/// reload (here held for good) to end.
+#[test]
+fn a_stop_does_not_wait_for_a_reload_held_by_a_credential_process() {
+    let upstream = Upstream::http();
+    let process = HeldCredentialProcess::new();
+    let env = TestEnv::new(&echo_route(&upstream, &process.source()));
+    let mut sidekey = env.spawn();
+    sidekey.signal("HUP");
+    eventually(WITHIN, || process.waiting.exists().then_some(()));
+    sidekey.signal("TERM");
+    // The credential process's deadline is 10 s, after which the reload
+    // would end and the stop begin anyway.
+    eventually(WITHIN, || {
+        std::net::TcpStream::connect(sidekey.addr)
+            .is_err()
+            .then_some(())
+    });
+    assert_eq!(sidekey.wait_exit(Duration::from_secs(8)), Some(0));
 }
