@@ -12,15 +12,15 @@ use anyhow::{Context, bail};
 use rand::Rng;
 
 use super::serve::{Running, start_private};
-use super::{ExecArgs, Paths, STOP_GRACE, SilentExit, check_name, init_logging, runtime};
+use super::{ExecArgs, Paths, SilentExit, check_name, init_logging, runtime, shut_down};
 use crate::config::Config;
 use crate::exec::env::{AgentEnv, Dropped};
 use crate::exec::isolate::receive_listener;
 use crate::live::Live;
 use crate::secret::source::SecretSource;
 use crate::secret::store::now_ms;
-use crate::token::revocation::Revocations;
-use crate::token::{Issuer, parse_ttl, random_id};
+use crate::token::revocation::{self, Revocations, Revoke};
+use crate::token::{Issuer, parse_ttl};
 
 /// How long the sandbox may take to hand over its listener.
 const SANDBOX_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,8 +34,12 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
     let state = paths.state_dir_of(&config)?;
     crate::listen::raise_fd_limit();
     let issuer = Issuer::load(&state)?;
-    let session = random_id("exec");
-    let (token, claims) = issuer.issue(&args.agent, Some(&session), ttl);
+    // A token is valid through the whole second of its expiry; a second
+    // more covers the one in which it is issued.
+    let expires_ms =
+        now_ms().saturating_add(ttl.max(Duration::from_secs(1)).as_millis() as u64 + 2_000);
+    let session = revocation::exec_session(expires_ms);
+    let (token, _) = issuer.issue(&args.agent, Some(&session), ttl);
     drop(issuer);
 
     // The CA bundle lives outside the state dir, which the sandbox hides.
@@ -111,11 +115,11 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
             .context("cannot forward signals to the command")?;
         let status = child.wait().await.context("cannot wait for the command")?;
         drop(forwarding);
-        finish(running, &state, &session, claims.exp).await;
+        finish(running, &state, &session).await;
         Ok::<_, anyhow::Error>(crate::exec::exit_code_of(status))
     });
     // The command has ended, so must sidekey, even with a write stuck.
-    runtime.shutdown_timeout(STOP_GRACE);
+    shut_down(runtime);
     drop(workdir);
     match code? {
         0 => Ok(()),
@@ -201,15 +205,11 @@ async fn sandbox_listener(
     tokio::net::TcpListener::from_std(listener).map_err(|e| format!("--isolate: {e}"))
 }
 
-/// The session ends with the command: its token is revoked until it would
-/// have expired anyway (a `sidekey run` on the same state dir refuses it
-/// too), then the proxy stops. `expires` is the token's `exp` (seconds).
-async fn finish(running: Running, state: &crate::state::StateDir, session: &str, expires: u64) {
-    // A token is valid through the whole second of its `exp`.
-    let expires_ms = expires.saturating_add(1).saturating_mul(1000);
-    if let Err(e) =
-        Revocations::add_expiring_session(state, session.to_string(), expires_ms, now_ms())
-    {
+/// The session ends with the command: its token is revoked (a `sidekey run`
+/// on the same state dir refuses it too) until it would have expired
+/// anyway, then the proxy stops.
+async fn finish(running: Running, state: &crate::state::StateDir, session: &str) {
+    if let Err(e) = Revocations::add(state, Revoke::Session(session.to_string()), now_ms()) {
         eprintln!(
             "sidekey exec: cannot revoke session {session}: {e}; revoke it with `sidekey token revoke --session {session}`"
         );

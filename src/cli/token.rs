@@ -2,7 +2,7 @@
 
 use super::{Paths, RevokeArgs, check_name};
 use crate::secret::store::now_ms;
-use crate::token::revocation::{Revocations, Revoke};
+use crate::token::revocation::{EXEC_SESSION_PREFIX, Revocations, Revoke};
 use crate::token::{Issuer, parse_ttl};
 
 pub(super) fn issue(
@@ -14,6 +14,13 @@ pub(super) fn issue(
     check_name("agent", agent)?;
     if let Some(session) = session {
         check_name("session", session)?;
+        // Such a session leaves the revocation list once its name says its
+        // tokens have expired; one issued here could outlive that.
+        if session.starts_with(EXEC_SESSION_PREFIX) {
+            anyhow::bail!(
+                "session names starting with {EXEC_SESSION_PREFIX:?} are reserved for sidekey exec"
+            );
+        }
     }
     let ttl = parse_ttl(ttl).map_err(anyhow::Error::msg)?;
     let state = paths.state_dir()?;

@@ -29,6 +29,28 @@ pub enum RevocationError {
     },
 }
 
+/// How long a `sidekey exec` session stays on the list after its token has
+/// expired, so that a clock stepped back (tokens are checked against the
+/// same clock) does not revive it.
+const EXPIRY_MARGIN_MS: u64 = 60 * 60 * 1000;
+
+/// What names a `sidekey exec` session; reserved for it.
+pub const EXEC_SESSION_PREFIX: &str = "exec-";
+
+/// A name for a `sidekey exec` session whose token is valid until
+/// `expires_ms`. The expiry is in the name, so the list can drop the
+/// session once it is past without a field earlier versions would refuse.
+pub fn exec_session(expires_ms: u64) -> String {
+    crate::token::random_id(&format!("{EXEC_SESSION_PREFIX}{expires_ms}"))
+}
+
+/// When an `exec_session`'s token expires; `None` for any other name.
+fn exec_session_expiry(session: &str) -> Option<u64> {
+    let rest = session.strip_prefix(EXEC_SESSION_PREFIX)?;
+    let (expires_ms, _random) = rest.split_once('-')?;
+    expires_ms.parse().ok()
+}
+
 /// One `token revoke` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoke {
@@ -37,11 +59,6 @@ pub enum Revoke {
     Agent(String),
 }
 
-/// How long an expiring revocation outlives its tokens' expiry, so that a
-/// clock stepped back (tokens are checked against the same clock) does not
-/// revive them.
-const EXPIRY_MARGIN_MS: u64 = 60 * 60 * 1000;
-
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Revocations {
@@ -49,11 +66,6 @@ pub struct Revocations {
     ids: BTreeSet<String>,
     #[serde(default)]
     sessions: BTreeSet<String>,
-    /// Session -> when its last token expires (ms); dropped from the list
-    /// once that is [`EXPIRY_MARGIN_MS`] past. Omitted when empty, so a list
-    /// without one stays readable by earlier versions.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    sessions_until: BTreeMap<String, u64>,
     /// Agent name -> revocation time (ms); tokens issued at or before it are revoked.
     #[serde(default)]
     agents: BTreeMap<String, u64>,
@@ -63,7 +75,6 @@ impl Revocations {
     pub fn is_revoked(&self, claims: &Claims) -> bool {
         self.ids.contains(&claims.jti)
             || self.sessions.contains(&claims.sid)
-            || self.sessions_until.contains_key(&claims.sid)
             || self
                 .agents
                 .get(&claims.sub)
@@ -87,9 +98,19 @@ impl Revocations {
         }
     }
 
-    /// Adds `revoke` to the state dir's list under the writer lock, atomically.
+    /// Adds `revoke` to the state dir's list under the writer lock,
+    /// atomically, and drops the `sidekey exec` sessions whose tokens have
+    /// expired: one is added per command, and the whole list is read and
+    /// rewritten on every revocation.
     pub fn add(state: &StateDir, revoke: Revoke, now_ms: u64) -> Result<(), RevocationError> {
-        Self::update(state, now_ms, |list| match revoke {
+        let path = state.revocations();
+        let write_err = |source| RevocationError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        let _lock = state.lock().map_err(write_err)?;
+        let mut list = Self::read(&path)?;
+        match revoke {
             Revoke::Id(id) => {
                 list.ids.insert(id);
             }
@@ -99,40 +120,11 @@ impl Revocations {
             Revoke::Agent(agent) => {
                 list.agents.insert(agent, now_ms);
             }
-        })
-    }
-
-    /// Revokes a session whose every token expires by `expires_ms`, only
-    /// until then: `sidekey exec`'s own, so that a list which gains an entry
-    /// per command does not grow for ever.
-    pub fn add_expiring_session(
-        state: &StateDir,
-        session: String,
-        expires_ms: u64,
-        now_ms: u64,
-    ) -> Result<(), RevocationError> {
-        Self::update(state, now_ms, |list| {
-            list.sessions_until.insert(session, expires_ms);
-        })
-    }
-
-    /// Applies `change` to the list under the writer lock, drops the
-    /// expiring sessions that are past their time, and writes it atomically.
-    fn update(
-        state: &StateDir,
-        now_ms: u64,
-        change: impl FnOnce(&mut Self),
-    ) -> Result<(), RevocationError> {
-        let path = state.revocations();
-        let write_err = |source| RevocationError::Write {
-            path: path.display().to_string(),
-            source,
-        };
-        let _lock = state.lock().map_err(write_err)?;
-        let mut list = Self::read(&path)?;
-        change(&mut list);
-        list.sessions_until
-            .retain(|_, expires_ms| expires_ms.saturating_add(EXPIRY_MARGIN_MS) > now_ms);
+        }
+        list.sessions.retain(|session| {
+            exec_session_expiry(session)
+                .is_none_or(|expires_ms| expires_ms.saturating_add(EXPIRY_MARGIN_MS) > now_ms)
+        });
         let mut json = serde_json::to_vec_pretty(&list)
             .map_err(|_| RevocationError::Corrupt(path.display().to_string()))?;
         json.push(b'\n');
@@ -175,41 +167,34 @@ mod tests {
     }
 
     #[test]
-    fn expiring_sessions_are_revoked_until_their_tokens_expire_then_dropped() {
+    fn exec_sessions_are_revoked_until_their_tokens_expire_then_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
-        let until = |session: &str, expires_ms, now_ms| {
-            Revocations::add_expiring_session(&state, session.into(), expires_ms, now_ms).unwrap()
+        let session = |expires_ms| {
+            let name = exec_session(expires_ms);
+            assert_eq!(exec_session_expiry(&name), Some(expires_ms), "{name}");
+            name
         };
-        until("exec-1", 10_000, 1_000);
-        Revocations::add(&state, Revoke::Session("kept".into()), 1_000).unwrap();
-        // Still listed to the end of the margin after expiry.
-        let later = 10_000 + EXPIRY_MARGIN_MS - 1;
-        until("exec-2", later + 10_000, later);
-        let list = Revocations::read(&state.revocations()).unwrap();
-        assert!(list.is_revoked(&claims("coder", "exec-1", "t-1", 1)));
-        assert!(list.is_revoked(&claims("coder", "exec-2", "t-2", 1)));
-
-        until("exec-3", u64::MAX, later + 1);
-        let list = Revocations::read(&state.revocations()).unwrap();
+        let revoke = |name: &str, now_ms| {
+            Revocations::add(&state, Revoke::Session(name.into()), now_ms).unwrap();
+            Revocations::read(&state.revocations()).unwrap()
+        };
+        let (first, second) = (session(10_000), session(u64::MAX));
+        revoke(&first, 1_000);
+        revoke("exec-by-hand", 1_000);
+        // Listed to the end of the margin after expiry.
+        let list = revoke(&second, 10_000 + EXPIRY_MARGIN_MS - 1);
+        assert!(list.is_revoked(&claims("coder", &first, "t-1", 1)));
+        let list = revoke("s-2", 10_000 + EXPIRY_MARGIN_MS);
         assert!(
-            !list.sessions_until.contains_key("exec-1"),
+            !list.sessions.contains(&first),
             "dropped once past expiry and margin"
         );
-        assert!(list.is_revoked(&claims("coder", "exec-2", "t-2", 1)));
-        assert!(list.is_revoked(&claims("coder", "exec-3", "t-3", 1)));
+        assert!(list.is_revoked(&claims("coder", &second, "t-2", 1)));
         assert!(
-            list.is_revoked(&claims("coder", "kept", "t-4", 1)),
-            "a plain session revocation is kept"
+            list.is_revoked(&claims("coder", "exec-by-hand", "t-3", 1)),
+            "a name without an expiry is kept"
         );
-    }
-
-    #[test]
-    fn a_list_without_expiring_sessions_keeps_its_earlier_form() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateDir::new(dir.path());
-        Revocations::add(&state, Revoke::Session("s-1".into()), 0).unwrap();
-        let text = std::fs::read_to_string(state.revocations()).unwrap();
-        assert!(!text.contains("sessions_until"), "{text}");
+        assert!(list.is_revoked(&claims("coder", "s-2", "t-4", 1)));
     }
 }

@@ -411,7 +411,8 @@ fn the_exit_status_passes_through_and_the_token_dies_with_the_command() {
 /// Every command revokes its session: the list keeps it only until the
 /// session's token would have expired, so a host that runs many commands
 /// does not grow the list (read and rewritten whole on each revocation)
-/// for ever. Revocations made by hand stay.
+/// for ever. Revocations made by hand stay, and a session name that would
+/// leave the list early cannot be given to a token by hand.
 #[test]
 fn the_revocation_list_drops_command_sessions_once_their_tokens_expire() {
     let upstream = Upstream::http();
@@ -419,7 +420,7 @@ fn the_revocation_list_drops_command_sessions_once_their_tokens_expire() {
     let list = env.state.join("revocations.json");
     std::fs::write(
         &list,
-        r#"{"ids": ["t-by-hand"], "sessions": ["s-by-hand"], "sessions_until": {"exec-long-gone": 1000}}"#,
+        r#"{"ids": ["t-by-hand"], "sessions": ["s-by-hand", "exec-1000-6c6f6e6720676f6e65"]}"#,
     )
     .unwrap();
     let started_ms = now_ms();
@@ -428,22 +429,47 @@ fn the_revocation_list_drops_command_sessions_once_their_tokens_expire() {
     }
     let after: serde_json::Value = serde_json::from_str(&read(&list)).unwrap();
     assert_eq!(after["ids"], serde_json::json!(["t-by-hand"]), "{after}");
+    let sessions: Vec<&str> = after["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert!(sessions.contains(&"s-by-hand"), "{after}");
+    let commands: Vec<&str> = sessions
+        .into_iter()
+        .filter(|s| s.starts_with("exec-"))
+        .collect();
     assert_eq!(
-        after["sessions"],
-        serde_json::json!(["s-by-hand"]),
-        "{after}"
+        commands.len(),
+        3,
+        "the long-expired one dropped, one per command: {after}"
     );
-    let until = after["sessions_until"].as_object().unwrap();
-    assert!(!until.contains_key("exec-long-gone"), "{after}");
-    assert_eq!(until.len(), 3, "one entry per command: {after}");
     let two_hours_ms = 2 * 3600 * 1000;
-    for expires in until.values() {
-        let expires = expires.as_u64().unwrap();
+    for session in commands {
+        let expires: u64 = session.split('-').nth(1).unwrap().parse().unwrap();
         assert!(
-            expires >= started_ms + two_hours_ms && expires <= now_ms() + two_hours_ms + 1000,
-            "kept until the token's expiry: {after}"
+            expires > started_ms + two_hours_ms && expires <= now_ms() + two_hours_ms + 2_000,
+            "named for its token's expiry: {session}"
         );
     }
+
+    let out = env.run(
+        &[
+            "token",
+            "issue",
+            "coder",
+            "--session",
+            "exec-99999999999999-x",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reserved for sidekey exec"),
+        "{}",
+        describe(&out)
+    );
 }
 
 fn now_ms() -> u64 {
