@@ -378,11 +378,21 @@ impl Paths {
     }
 }
 
-/// Builds the runtime for commands that do network I/O.
 /// How long a stop waits for blocking work still running (an audit write on
 /// a hung file system, say) once every connection has ended.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Ends a proxy's runtime once its connections have: credential processes
+/// still running are killed, and blocking work gets [`STOP_GRACE`]. A task
+/// can be stuck for good (an audit write to a dead network file system);
+/// what it holds was never reported as written, so it does not keep the
+/// process from exiting.
+fn shut_down(runtime: tokio::runtime::Runtime) {
+    crate::secret::process::end_all();
+    runtime.shutdown_timeout(STOP_GRACE);
+}
+
+/// Builds the runtime for commands that do network I/O.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // A sidecar usually gets one core: there a single-threaded runtime
     // does the same work without handing tasks and wake-ups between threads.

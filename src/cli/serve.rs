@@ -9,7 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{Paths, STOP_GRACE, SilentExit, init_logging, runtime};
+use super::{Paths, SilentExit, init_logging, runtime, shut_down};
 use crate::admin;
 use crate::config::{Config, Target};
 use crate::live::Live;
@@ -196,11 +196,12 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
         // A reload may wait on a credential process for seconds; a stop
         // asked for meanwhile starts at once rather than after it. SIGHUPs
         // that arrive during a reload are taken by one more once it ends.
-        let mut reloading = None;
+        let mut reloading: Option<tokio::task::JoinHandle<_>> = None;
         loop {
             tokio::select! {
                 _ = hangup.recv(), if reloading.is_none() => {
-                    reloading = Some(Box::pin(running.live.reload_off_runtime()));
+                    let live = running.live.clone();
+                    reloading = Some(tokio::task::spawn_blocking(move || live.reload()));
                 }
                 reloaded = async {
                     match reloading.as_mut() {
@@ -209,24 +210,22 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
                     }
                 }, if reloading.is_some() => {
                     reloading = None;
-                    if let Err(e) = reloaded {
-                        tracing::error!("reload refused, old config still in force:\n{e}");
+                    match reloaded {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!("reload refused, old config still in force:\n{e}"),
+                        Err(_) => tracing::error!("reload stopped before it finished; old config still in force"),
                     }
                 }
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
         }
-        drop(reloading);
         tracing::info!("shutting down");
         running.stop().await;
         let _ = std::fs::remove_file(&admin_path);
         Ok::<_, anyhow::Error>(())
     });
-    // A blocking task can be stuck for good (an audit write to a dead
-    // network file system); what it holds was never reported as written,
-    // so it does not keep the process from exiting.
-    runtime.shutdown_timeout(STOP_GRACE);
+    shut_down(runtime);
     served
 }
 

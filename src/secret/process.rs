@@ -5,8 +5,10 @@
 //! ever reaches it: it runs only when sidekey loads secrets), and a
 //! deadline; a non-zero exit, a timeout or empty output fail closed.
 
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use zeroize::Zeroizing;
@@ -17,6 +19,41 @@ use crate::secret::Secret;
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// Its output is a token, not a file.
 const MAX_OUTPUT: u64 = 64 * 1024;
+
+/// The process groups of the credential processes running now. The thread
+/// that would kill one at its deadline does not outlive a stop, so a stop
+/// ends them itself ([`end_all`]) rather than leave them behind.
+static RUNNING: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn running() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
+    RUNNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A process group in [`RUNNING`] until dropped.
+struct Registered(u32);
+
+impl Registered {
+    fn new(pgid: u32) -> Self {
+        running().insert(pgid);
+        Self(pgid)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        running().remove(&self.0);
+    }
+}
+
+/// Kills every credential process still running: sidekey is stopping, and
+/// what a reload or renewal would get from them is no longer wanted.
+pub fn end_all() {
+    for pgid in std::mem::take(&mut *running()) {
+        kill_group(pgid);
+    }
+}
 
 /// Splits `COMMAND ARGS` on whitespace, honouring double quotes.
 pub fn parse_command(text: &str) -> Result<Vec<String>, String> {
@@ -70,6 +107,7 @@ pub fn run(args: &[String]) -> Result<(Secret, Option<SystemTime>), String> {
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run {program}: {}", crate::config::describe_io(&e)))?;
+    let _registered = Registered::new(child.id());
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
     let (sender, output) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -241,17 +241,12 @@ fn a_credential_process_is_run_and_renewed_before_its_value_expires() {
     );
 }
 
-/// A reload runs the credential processes again, and one may take seconds
-/// (a token broker, `gh auth token` on a slow network). On the one-thread
-/// runtime of a pinned sidecar a reload that waited on it in place would
-/// stall every agent; here the process holds each reload until the test
-/// releases it, and requests must be answered meanwhile.
 /// An `exec:` credential process that answers at once the first time and
 /// holds every later run (a reload's) until the test releases it.
 struct HeldCredentialProcess {
     _dir: tempfile::TempDir,
     script: std::path::PathBuf,
-    /// Made by a held run once it has started.
+    /// Made by a held run once it has started; holds its pid.
     waiting: std::path::PathBuf,
     /// Made by the test to let a held run answer.
     release: std::path::PathBuf,
@@ -270,7 +265,8 @@ impl HeldCredentialProcess {
         std::fs::write(
             &script,
             format!(
-                "#!/bin/sh\nif [ -e {loaded} ]; then\n  touch {waiting}\n  while [ ! -e {release} ]; do sleep 0.05; done\n  printf proc-tok-reloaded; exit 0\nfi\ntouch {loaded}\nprintf proc-tok-first\n",
+                // Held while the test's dir exists, so none outlives the test.
+                "#!/bin/sh\nif [ -e {loaded} ]; then\n  echo $$ > {waiting}.new; mv {waiting}.new {waiting}\n  while [ ! -e {release} ] && [ -e {loaded} ]; do sleep 0.05; done\n  printf proc-tok-reloaded; exit 0\nfi\ntouch {loaded}\nprintf proc-tok-first\n",
                 loaded = loaded.display(),
                 waiting = waiting.display(),
                 release = release.display(),
@@ -291,13 +287,11 @@ impl HeldCredentialProcess {
     }
 }
 
-impl Drop for HeldCredentialProcess {
-    /// A held run left behind ends too.
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.release, "");
-    }
-}
-
+/// A reload runs the credential processes again, and one may take seconds
+/// (a token broker, `gh auth token` on a slow network). On the one-thread
+/// runtime of a pinned sidecar a reload that waited on it in place would
+/// stall every agent; here the process holds each reload until the test
+/// releases it, and requests must be answered meanwhile.
 #[test]
 fn agents_are_served_while_a_reload_waits_on_a_credential_process() {
     let upstream = Upstream::http();
@@ -355,8 +349,8 @@ fn agents_are_served_while_a_reload_waits_on_a_credential_process() {
 }
 
 /// A stop asked for while a reload waits on a credential process starts at
-/// once: the listener closes and the process exits, without waiting for the
-/// reload (here held for good) to end.
+/// once: the listener closes, the process (here held for good) is ended
+/// rather than left behind, and sidekey exits.
 #[test]
 fn a_stop_does_not_wait_for_a_reload_held_by_a_credential_process() {
     let upstream = Upstream::http();
@@ -364,7 +358,11 @@ fn a_stop_does_not_wait_for_a_reload_held_by_a_credential_process() {
     let env = TestEnv::new(&echo_route(&upstream, &process.source()));
     let mut sidekey = env.spawn();
     sidekey.signal("HUP");
-    eventually(WITHIN, || process.waiting.exists().then_some(()));
+    let pid = eventually(WITHIN, || {
+        std::fs::read_to_string(&process.waiting)
+            .ok()
+            .map(|pid| pid.trim().to_string())
+    });
     sidekey.signal("TERM");
     // The credential process's deadline is 10 s, after which the reload
     // would end and the stop begin anyway.
@@ -373,5 +371,14 @@ fn a_stop_does_not_wait_for_a_reload_held_by_a_credential_process() {
             .is_err()
             .then_some(())
     });
-    assert_eq!(sidekey.wait_exit(Duration::from_secs(8)), Some(0));
+    assert_eq!(sidekey.wait_exit(Duration::from_secs(20)), Some(0));
+    // Gone, or a zombie waiting for whoever adopted it to reap it.
+    eventually(WITHIN, || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next());
+        matches!(state, None | Some("Z")).then_some(())
+    });
 }
