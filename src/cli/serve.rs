@@ -201,7 +201,7 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
             tokio::select! {
                 _ = hangup.recv(), if reloading.is_none() => {
                     let live = running.live.clone();
-                    reloading = Some(tokio::task::spawn_blocking(move || live.reload()));
+                    reloading = Some(tokio::spawn(async move { live.reload_off_runtime().await }));
                 }
                 reloaded = async {
                     match reloading.as_mut() {
@@ -210,10 +210,9 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
                     }
                 }, if reloading.is_some() => {
                     reloading = None;
-                    match reloaded {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::error!("reload refused, old config still in force:\n{e}"),
-                        Err(_) => tracing::error!("reload stopped before it finished; old config still in force"),
+                    // The task itself fails only when the runtime stops.
+                    if let Ok(Err(e)) = reloaded {
+                        tracing::error!("reload refused, old config still in force:\n{e}");
                     }
                 }
                 _ = terminate.recv() => break,

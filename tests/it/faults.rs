@@ -571,16 +571,23 @@ impl HeldPipe {
     }
 }
 
-/// sidekey in front of `upstream` with its audit records on stdout, a
-/// [`HeldPipe`]; with an agent token for `coder`.
-fn audit_to_held_pipe(upstream: &Upstream) -> (TestEnv, String, HeldPipe, Sidekey) {
+/// A config for `upstream` with audit records on stdout, and the
+/// [`HeldPipe`] to put there.
+fn held_audit_env(upstream: &Upstream) -> (TestEnv, HeldPipe) {
     let env = TestEnv::new(&format!(
         "[audit]\nfile = \"-\"\n{}",
         echo_route(upstream, "store")
     ));
     env.set_secret("api", SECRET);
-    let token = env.token("coder");
     let records = HeldPipe::new(&env, "audit.fifo");
+    (env, records)
+}
+
+/// sidekey in front of `upstream` with its audit records on stdout, a
+/// [`HeldPipe`]; with an agent token for `coder`.
+fn audit_to_held_pipe(upstream: &Upstream) -> (TestEnv, String, HeldPipe, Sidekey) {
+    let (env, records) = held_audit_env(upstream);
+    let token = env.token("coder");
     let sidekey = env.spawn_wrapped(
         &records.wrapper(1).each_ref().map(String::as_str),
         "127.0.0.1:0",
@@ -684,12 +691,7 @@ fn a_stop_is_not_held_up_by_a_stuck_audit_sink() {
 #[test]
 fn exec_ends_with_its_command_when_the_audit_sink_is_stuck() {
     let upstream = Upstream::http();
-    let env = TestEnv::new(&format!(
-        "[audit]\nfile = \"-\"\n{}",
-        echo_route(&upstream, "store")
-    ));
-    env.set_secret("api", SECRET);
-    let records = HeldPipe::new(&env, "audit.fifo");
+    let (env, records) = held_audit_env(&upstream);
     // Through the forward proxy exec points HTTP_PROXY at, until a request
     // is refused: a pipe holds 64 KiB, about a hundred records.
     let script = format!(
