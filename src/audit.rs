@@ -13,13 +13,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{AuditSink, OnFailure};
 
-/// One decision, as written.
-#[derive(Debug, Clone, Serialize, Default)]
+mod line;
+
+/// One decision, as written (see `line.rs` for its JSON).
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct AuditEvent {
     pub ts: String,
     pub request_id: String,
@@ -155,7 +157,7 @@ impl AuditLog {
     async fn write(&self, event: &AuditEvent) -> Result<(), String> {
         // Sized for a typical record, so the line is not regrown field by field.
         let mut line = Vec::with_capacity(640);
-        serde_json::to_writer(&mut line, event).map_err(|e| e.to_string())?;
+        event.write_json(&mut line);
         line.push(b'\n');
         let failing = !self.is_healthy();
         if failing && self.queued.load(Ordering::Relaxed) >= MAX_QUEUED_WHILE_FAILING {
