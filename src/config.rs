@@ -192,8 +192,8 @@ pub fn push_origin(out: &mut String, https: bool, host: &str, port: u16) {
         out.push_str(host);
     }
     if port != if https { 443 } else { 80 } {
-        // Writing to a String cannot fail.
-        let _ = std::fmt::Write::write_fmt(out, format_args!(":{port}"));
+        out.push(':');
+        out.push_str(itoa::Buffer::new().format(port));
     }
 }
 

@@ -94,7 +94,7 @@ pub fn headers(
     // `x-api-key`; a copy under that spelling must not survive either.
     let underscored: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().replace('_', "-") == name.as_str())
+        .filter(|k| same_but_underscores(k.as_str(), name.as_str()))
         .cloned()
         .collect();
     for other in underscored {
@@ -137,6 +137,17 @@ pub fn strip_token(headers: &mut HeaderMap, token: &str) {
 /// The parts in one string allocated once at its final size: a string that
 /// grew would leave earlier copies of the secret in freed memory, where
 /// `Zeroizing` cannot reach them (and `format!` is slower besides).
+/// Whether `key` is `name` with some of its dashes written as underscores
+/// (compared in place: this runs for every header of every request).
+fn same_but_underscores(key: &str, name: &str) -> bool {
+    key.len() == name.len()
+        && key.contains('_')
+        && key
+            .bytes()
+            .zip(name.bytes())
+            .all(|(k, n)| k == n || (k == b'_' && n == b'-'))
+}
+
 fn joined(parts: &[&str]) -> zeroize::Zeroizing<String> {
     let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
     for part in parts {
@@ -241,6 +252,21 @@ mod tests {
         headers(&mut h, &slot, "s", &Secret::new("sk-1".into())).unwrap();
         let all: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
         assert_eq!(all, vec!["Bearer sk-1"]);
+    }
+
+    #[test]
+    fn underscore_spellings_match_only_the_same_name() {
+        for (key, same) in [
+            ("x_api_key", true),
+            ("x_api-key", true),
+            ("x-api_key", true),
+            ("x-api-key", false), // the name itself, removed before
+            ("x_api_keys", false),
+            ("y_api_key", false),
+            ("x__pi_key", false),
+        ] {
+            assert_eq!(same_but_underscores(key, "x-api-key"), same, "{key}");
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
@@ -153,13 +153,14 @@ impl Plan {
         target.push_str(&self.base_path);
         // `/route` alone goes to the base path itself.
         if !self.path.segments().is_empty() || self.base_path.is_empty() {
-            target.push_str(&self.path.encoded());
+            self.path.push_encoded(&mut target);
         }
         if let Some(query) = query {
             target.push('?');
             target.push_str(query);
         }
-        target.parse().map_err(|_| {
+        // Handed over whole: `str::parse` would copy it first.
+        Uri::try_from(target).map_err(|_| {
             ProxyError::BadRequest("the request cannot be forwarded as a valid URL".into())
         })
     }
@@ -716,7 +717,8 @@ impl Proxy {
 
 fn set_request_id(response: &mut Response<Body>, request_id: &str) {
     if let Ok(value) = HeaderValue::from_str(request_id) {
-        response.headers_mut().insert("x-sidekey-request-id", value);
+        const REQUEST_ID: HeaderName = HeaderName::from_static("x-sidekey-request-id");
+        response.headers_mut().insert(REQUEST_ID, value);
     }
 }
 
@@ -748,8 +750,12 @@ const METHOD_OVERRIDES: [&str; 3] = [
 
 fn method_overrides(headers: &HeaderMap) -> Result<Vec<Method>, ProxyError> {
     let mut methods = Vec::new();
-    for name in METHOD_OVERRIDES {
-        for value in headers.get_all(name) {
+    // One pass over the request's few headers: a lookup by name would parse
+    // and hash each of the three names on every request, and almost no
+    // request carries any of them.
+    for (name, value) in headers {
+        let name = name.as_str();
+        if METHOD_OVERRIDES.contains(&name) {
             let method = value
                 .to_str()
                 .ok()
@@ -831,5 +837,32 @@ fn log_refusal(error: &ProxyError, request_id: &str) {
         error::Fault::Caller => tracing::info!(request_id, code = error.code(), "refused: {error}"),
         error::Fault::Upstream => tracing::warn!(request_id, code = error.code(), "{error}"),
         error::Fault::Sidekey => tracing::error!(request_id, code = error.code(), "{error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_override_spelling_is_found_and_checked() {
+        let mut headers = HeaderMap::new();
+        headers.insert("accept", HeaderValue::from_static("*/*"));
+        assert!(method_overrides(&headers).unwrap().is_empty());
+        headers.insert("x-http-method-override", HeaderValue::from_static("delete"));
+        headers.insert("x-http-method", HeaderValue::from_static(" PUT "));
+        headers.append("x-method-override", HeaderValue::from_static("PATCH"));
+        headers.append("x-method-override", HeaderValue::from_static("get"));
+        let mut found = method_overrides(&headers).unwrap();
+        found.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        assert_eq!(
+            found,
+            [Method::DELETE, Method::GET, Method::PATCH, Method::PUT]
+        );
+        headers.append("x-http-method", HeaderValue::from_static("GET /admin"));
+        assert!(matches!(
+            method_overrides(&headers),
+            Err(ProxyError::BadRequest(m)) if m == "invalid x-http-method header"
+        ));
     }
 }

@@ -60,15 +60,20 @@ impl NormalPath {
 
     /// The canonical encoded form that is forwarded upstream.
     pub fn encoded(&self) -> String {
-        if self.segments.is_empty() {
-            return "/".to_string();
-        }
         let mut out = String::new();
+        self.push_encoded(&mut out);
+        out
+    }
+
+    /// Appends the encoded form to `out`, as the upstream URL is built.
+    pub fn push_encoded(&self, out: &mut String) {
+        if self.segments.is_empty() {
+            out.push('/');
+        }
         for segment in &self.segments {
             out.push('/');
             out.extend(utf8_percent_encode(segment, SEGMENT));
         }
-        out
     }
 
     /// The decoded form, for audit records and messages.
