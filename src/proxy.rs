@@ -562,6 +562,7 @@ impl Proxy {
         {
             let upstream_side = hyper::upgrade::on(&mut response);
             let (mut parts, _) = response.into_parts();
+            forget_upstream_extras(&mut parts);
             inject::strip_hop_by_hop(&mut parts.headers);
             flow.outcome.redactions += scrub_headers(&mut parts.headers, &scrubber) as u64;
             let accepted = parts
@@ -651,6 +652,7 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let outcome = &mut flow.outcome;
         let (mut parts, body) = response.into_parts();
+        forget_upstream_extras(&mut parts);
         // The agent's connection has its own version; hyper picks the framing.
         parts.version = http::Version::default();
         inject::strip_hop_by_hop(&mut parts.headers);
@@ -713,6 +715,16 @@ impl Proxy {
             Scrubbed::new(body, scrubber).boxed(),
         ))
     }
+}
+
+/// Drops what hyper kept of the upstream's response beside its status,
+/// headers and body. SECURITY: its extensions carry the upstream's own
+/// HTTP/1 reason phrase, which hyper's server would write on the agent's
+/// status line verbatim, outside every scrubbed header and body: an
+/// upstream that names the credential there ("401 Invalid key sk-...")
+/// would hand it to the agent. The agent gets the canonical phrase.
+fn forget_upstream_extras(parts: &mut http::response::Parts) {
+    parts.extensions.clear();
 }
 
 fn set_request_id(response: &mut Response<Body>, request_id: &str) {

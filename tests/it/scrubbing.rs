@@ -36,6 +36,28 @@ fn an_echoed_secret_comes_back_redacted_in_body_and_headers() {
 }
 
 #[test]
+fn a_status_line_naming_the_secret_gets_the_standard_reason_phrase() {
+    let (upstream, _env, token, sidekey) = setup();
+    let auth = format!("Authorization: Bearer {token}");
+    // Directly, the upstream's status line repeats the credential...
+    let (status, text) = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {SECRET}"),
+        &format!("{}/reason", upstream.base()),
+    ]);
+    assert_eq!(status, 401);
+    assert!(
+        text.starts_with(&format!("HTTP/1.1 401 Invalid key Bearer {SECRET}\r\n")),
+        "{text}"
+    );
+    // ...through sidekey the agent gets the standard phrase.
+    let (status, text) = curl(&["-H", &auth, &sidekey.url("/echo/reason")]);
+    assert_eq!(status, 401, "{text}");
+    assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
+    assert_no_leak(&text, SECRET, "status line");
+}
+
+#[test]
 fn a_secret_split_across_two_chunks_is_still_redacted() {
     let (_upstream, _env, token, sidekey) = setup();
     for _ in 0..3 {
@@ -138,7 +160,11 @@ fn websocket_upgrade_carries_the_credential_and_masks_it_in_frames() {
         }
         head.push_str(&line);
     }
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{head}"
+    );
+    assert_no_leak(&head, SECRET, "101 status line");
     let seen = upstream.last();
     assert_eq!(
         seen.header("authorization"),

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
+use hyper::ext::ReasonPhrase;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
@@ -334,12 +335,27 @@ async fn handle(
                 }
             }
         });
-        Response::builder()
+        let mut response = Response::builder()
             .status(101)
             .header("upgrade", "websocket")
             .header("connection", "upgrade")
             .body(full(Bytes::new()))
-            .unwrap()
+            .unwrap();
+        // A status line of its own that repeats the credential.
+        if let Ok(phrase) = ReasonPhrase::try_from(format!("Switching for {auth}").into_bytes()) {
+            response.extensions_mut().insert(phrase);
+        }
+        response
+    } else if path.ends_with("/reason") {
+        // A hostile upstream that names the credential in its status line.
+        let mut response = Response::builder()
+            .status(401)
+            .body(full("denied"))
+            .unwrap();
+        if let Ok(phrase) = ReasonPhrase::try_from(format!("Invalid key {auth}").into_bytes()) {
+            response.extensions_mut().insert(phrase);
+        }
+        response
     } else if path.starts_with("/bucket/") {
         // S3-shaped: an empty 200 with an ETag, as PutObject answers.
         Response::builder()
