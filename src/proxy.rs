@@ -655,13 +655,12 @@ impl Proxy {
         forget_upstream_extras(&mut parts);
         // The agent's connection has its own version; hyper picks the framing.
         parts.version = http::Version::default();
+        // Read before the hop-by-hop headers go: hyper undoes only
+        // `chunked`, so a body sent `Transfer-Encoding: gzip, chunked`
+        // arrives as compressed as one with a `Content-Encoding`.
+        let encoded = codings_other_than(&parts.headers, header::CONTENT_ENCODING, "identity")
+            || codings_other_than(&parts.headers, header::TRANSFER_ENCODING, "chunked");
         inject::strip_hop_by_hop(&mut parts.headers);
-        let encoded = parts
-            .headers
-            .get_all(header::CONTENT_ENCODING)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or("unknown").split(','))
-            .any(|e| !e.trim().eq_ignore_ascii_case("identity"));
         if encoded && credentialed && !body.is_end_stream() {
             return Err(ProxyError::Unscrubbable { host });
         }
@@ -715,6 +714,16 @@ impl Proxy {
             Scrubbed::new(body, scrubber).boxed(),
         ))
     }
+}
+
+/// Whether the `name` header lists any coding but `plain` (an unreadable
+/// value counts as one).
+fn codings_other_than(headers: &HeaderMap, name: HeaderName, plain: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("unknown").split(','))
+        .any(|coding| !coding.trim().eq_ignore_ascii_case(plain))
 }
 
 /// Drops what hyper kept of the upstream's response beside its status,

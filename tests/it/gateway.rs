@@ -494,6 +494,18 @@ action = "allow"
         502,
         "upstream_unreachable",
     );
+    // Compressed as a transfer coding, the body is as unreadable to the
+    // scrubber: refused too, not passed on with its coding stripped.
+    let raw = curl(&["--raw", &format!("{}/te-gzip", upstream.base())]).1;
+    assert!(raw.contains("transfer-encoding: gzip, chunked"), "{raw}");
+    check(
+        c.get(sidekey.url("/echo/te-gzip"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap(),
+        502,
+        "upstream_unreachable",
+    );
     let codes: Vec<String> = env
         .audit()
         .iter()

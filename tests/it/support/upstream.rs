@@ -7,6 +7,8 @@
 //! - `/status/NNN`: answers NNN with the echo body;
 //! - `/redirect`: 302 to another host, with the credential in the Location;
 //! - `/gzip`: a gzip-encoded body;
+//! - `/te-gzip`: the same, compressed as a transfer coding (`gzip, chunked`);
+//! - `/reason`: 401 with the credential in the status line's reason phrase;
 //! - anything else: a JSON echo of method, URI, headers and body (like httpbin's `/anything`).
 
 use std::convert::Infallible;
@@ -472,6 +474,13 @@ async fn handle(
             )
             .header("x-echo-auth", auth.clone())
             .body(full(format!("moved; you sent {auth}")))
+            .unwrap()
+    } else if path.ends_with("/te-gzip") {
+        // A transfer coding hides the body from a scrubber as well as a
+        // content coding does, and hyper's client removes only `chunked`.
+        Response::builder()
+            .header("transfer-encoding", "gzip, chunked")
+            .body(full(b"\x1f\x8b\x08\x00\x00\x00\x00\x00".to_vec()))
             .unwrap()
     } else if path.ends_with("/gzip") {
         Response::builder()
