@@ -238,13 +238,15 @@ pub fn verify_uid(
         .ok_or(IdentityError::UnknownUid(uid))?;
     let revocations = revocations.map_err(|()| IdentityError::RevocationsUnavailable)?;
     // A uid identity has no issue time, so an agent revocation covers it
-    // until the revocation is removed from the list.
-    if revocations.agent_revoked(&name) {
+    // until the revocation is removed from the list. Its session is the
+    // one its audit records name, so revoking that works as it reads.
+    let session = format!("uid-{uid}");
+    if revocations.agent_revoked(&name) || revocations.session_revoked(&session) {
         return Err(TokenError::Revoked.into());
     }
     Ok(Agent {
         name,
-        session: format!("uid-{uid}"),
+        session,
         token_id: None,
         claims: None,
     })

@@ -85,6 +85,10 @@ impl Revocations {
         self.agents.contains_key(agent)
     }
 
+    pub fn session_revoked(&self, session: &str) -> bool {
+        self.sessions.contains(session)
+    }
+
     /// Reads the list; a missing file is an empty list.
     pub fn read(path: &Path) -> Result<Self, RevocationError> {
         match fs::read(path) {

@@ -72,7 +72,22 @@ fn a_unix_peer_uid_mapped_to_an_agent_needs_no_token() {
     );
     assert_eq!(status, 401);
 
-    // Revoking the agent stops uid identities too.
+    // Revoking the session the audit records name stops that uid...
+    let session = format!("uid-{}", my_uid());
+    env.ok(&["token", "revoke", "--session", &session], None);
+    let (status, text) = curl_unix(&socket, &["http://sidekey/echo/x"]);
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("token_revoked"), "{text}");
+}
+
+#[test]
+fn revoking_an_agent_stops_its_uid_identities() {
+    let upstream = Upstream::http();
+    let env = env_for_uid(&upstream, my_uid());
+    let _sidekey = env.spawn();
+    let socket = env.state.join("agents.sock");
+    let (status, text) = curl_unix(&socket, &["http://sidekey/echo/x"]);
+    assert_eq!(status, 200, "{text}");
     env.ok(&["token", "revoke", "--agent", "coder"], None);
     let (status, text) = curl_unix(&socket, &["http://sidekey/echo/x"]);
     assert_eq!(status, 401, "{text}");
