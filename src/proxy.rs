@@ -17,6 +17,7 @@
 pub mod body;
 pub mod error;
 mod forward;
+mod lasting;
 pub mod pool;
 mod reverse;
 mod upgrade;
@@ -49,6 +50,7 @@ use crate::token::{Verifier, random_id};
 
 use body::{AgentBody, Body, Scrubbed, full};
 pub use error::{Mode, ProxyError};
+use lasting::LastingIdentity;
 use pool::UpstreamBody;
 
 /// Responses up to this size with a declared length are read whole, so they
@@ -60,7 +62,8 @@ const WHOLE_BODY_LIMIT: u64 = 64 * 1024;
 #[derive(Debug)]
 pub struct Proxy {
     live: Arc<Live>,
-    verifier: Verifier,
+    /// Shared with the open connections that check their identity again.
+    verifier: Arc<Verifier>,
     minter: LeafMinter,
     metrics: Arc<Metrics>,
     tokens: TokenCache,
@@ -142,8 +145,9 @@ struct Plan {
     base_path: String,
     path: policy::NormalPath,
     reach: Reach,
-    /// The agent token, removed from wherever it appears ("" for none).
-    token: String,
+    /// How the agent proved who it is; its token, if it has one, is
+    /// removed from wherever it appears.
+    presented: Presented,
 }
 
 impl Plan {
@@ -176,7 +180,7 @@ impl Proxy {
     ) -> Self {
         Self {
             live,
-            verifier,
+            verifier: Arc::new(verifier),
             minter,
             metrics,
             tokens: TokenCache::default(),
@@ -471,7 +475,13 @@ impl Proxy {
                         };
                         let token = self
                             .tokens
-                            .token(grant, &inject.secret, secret, &plan.token, client)
+                            .token(
+                                grant,
+                                &inject.secret,
+                                secret,
+                                plan.presented.token(),
+                                client,
+                            )
                             .await
                             .map_err(unavailable)?;
                         scrubber = token.scrubber(&scrubber).map_err(unavailable)?;
@@ -491,7 +501,7 @@ impl Proxy {
         // 6. inject
         let query = inject::query(
             parts.uri.query(),
-            &plan.token,
+            plan.presented.token(),
             credential
                 .as_ref()
                 .map(|(inject, secret)| (&inject.slot, secret.as_ref())),
@@ -505,7 +515,7 @@ impl Proxy {
             .get::<Arc<crate::listen::ConnSlot>>()
             .cloned();
         inject::strip_hop_by_hop(&mut parts.headers);
-        inject::strip_token(&mut parts.headers, &plan.token);
+        inject::strip_token(&mut parts.headers, plan.presented.token());
         parts.headers.remove(header::HOST);
         if let Some(protocol) = upgrade.clone() {
             upgrade::restore(&mut parts.headers, protocol);
@@ -574,7 +584,8 @@ impl Proxy {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            upgrade::splice(agent_side, upstream_side, scrubber, slot);
+            let identity = self.lasting(plan.presented);
+            upgrade::splice(agent_side, upstream_side, scrubber, slot, identity);
             return Ok(Response::from_parts(parts, body::empty()));
         }
         self.respond(flow, response, scrubber, head_only, credentialed, host)
@@ -611,34 +622,17 @@ impl Proxy {
     fn verify(&self, flow: &Flow<'_>, presented: &Presented) -> Result<Agent, ProxyError> {
         let revocations = self.live.revocations();
         let list = revocations.as_ref().as_ref().map_err(|_| ());
-        Ok(match presented {
-            Presented::Token { token, user }
-                if flow.snapshot.oidc.as_ref().is_some_and(|o| o.is_for(token)) =>
-            {
-                let oidc = flow
-                    .snapshot
-                    .oidc
-                    .as_ref()
-                    .ok_or(identity::IdentityError::Missing)?;
-                let (agent, claims) = oidc.verify(token)?;
-                // As for agent tokens: a Basic user name must be the agent.
-                if user
-                    .as_deref()
-                    .is_some_and(|u| !u.is_empty() && u != agent.name)
-                {
-                    return Err(identity::IdentityError::AgentMismatch.into());
-                }
-                identity::check_revoked(&claims, list)?;
-                agent
-            }
-            Presented::Token { token, user } => {
-                identity::verify(&self.verifier, list, token, user.as_deref())?
-            }
-            Presented::PeerUid(uid) => {
-                identity::verify_uid(*uid, &flow.snapshot.config.agents, list)?
-            }
-            Presented::PeerCert(cert) => identity::verify_cert(cert, list)?,
-        })
+        verify_presented(&self.verifier, list, flow.snapshot, presented)
+    }
+
+    /// What an open tunnel or upgraded connection needs to check `presented`
+    /// again while it lasts.
+    fn lasting(&self, presented: Presented) -> LastingIdentity {
+        LastingIdentity {
+            live: self.live.clone(),
+            verifier: self.verifier.clone(),
+            presented,
+        }
     }
 
     async fn respond(
@@ -724,6 +718,40 @@ fn codings_other_than(headers: &HeaderMap, name: HeaderName, plain: &str) -> boo
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("unknown").split(','))
         .any(|coding| !coding.trim().eq_ignore_ascii_case(plain))
+}
+
+/// [`Proxy::verify`] against a given config version and revocation list.
+fn verify_presented(
+    verifier: &Verifier,
+    list: Result<&crate::token::revocation::Revocations, ()>,
+    snapshot: &Snapshot,
+    presented: &Presented,
+) -> Result<Agent, ProxyError> {
+    Ok(match presented {
+        Presented::Token { token, user }
+            if snapshot.oidc.as_ref().is_some_and(|o| o.is_for(token)) =>
+        {
+            let oidc = snapshot
+                .oidc
+                .as_ref()
+                .ok_or(identity::IdentityError::Missing)?;
+            let (agent, claims) = oidc.verify(token)?;
+            // As for agent tokens: a Basic user name must be the agent.
+            if user
+                .as_deref()
+                .is_some_and(|u| !u.is_empty() && u != agent.name)
+            {
+                return Err(identity::IdentityError::AgentMismatch.into());
+            }
+            identity::check_revoked(&claims, list)?;
+            agent
+        }
+        Presented::Token { token, user } => {
+            identity::verify(verifier, list, token, user.as_deref())?
+        }
+        Presented::PeerUid(uid) => identity::verify_uid(*uid, &snapshot.config.agents, list)?,
+        Presented::PeerCert(cert) => identity::verify_cert(cert, list)?,
+    })
 }
 
 /// Drops what hyper kept of the upstream's response beside its status,

@@ -56,9 +56,10 @@ impl Proxy {
         }
         let (host, port) = destination(&parts.uri, 80)?;
         let route = route_for_origin(flow.snapshot, false, &host, port, Some(parts.uri.path()));
-        let token = presented.token().to_string();
-        self.plan_and_deliver(flow, parts, body, agent, token, host, port, false, route)
-            .await
+        self.plan_and_deliver(
+            flow, parts, body, agent, presented, host, port, false, route,
+        )
+        .await
     }
 
     /// `CONNECT host:port`, decided now; the tunnel is served after the 200.
@@ -104,17 +105,18 @@ impl Proxy {
             let upstream = connect_checked(&host, port, reach).await?;
             let tunnels = self.metrics.active_tunnels.clone();
             let slot = req.extensions().get::<Arc<ConnSlot>>().cloned();
+            let identity = self.lasting(presented);
             tokio::spawn(async move {
                 match hyper::upgrade::on(req).await {
                     Ok(upgraded) => {
                         tunnels.inc();
                         let mut agent_side = TokioIo::new(upgraded);
                         let mut upstream = upstream;
-                        until_idle(slot, async {
+                        let copy = until_idle(slot, async {
                             let _ =
                                 tokio::io::copy_bidirectional(&mut agent_side, &mut upstream).await;
-                        })
-                        .await;
+                        });
+                        identity.guard(copy).await;
                         tunnels.dec();
                     }
                     Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
@@ -261,7 +263,7 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let (parts, body) = req.into_parts();
         let agent = self.verify(flow, &tunnel.presented)?;
-        let token = tunnel.presented.token().to_string();
+        let presented = tunnel.presented.clone();
         flow.set_agent(&agent);
         // SECURITY: the request must be for the host the tunnel was opened
         // (and decided) for; anything else would steer the credential.
@@ -289,7 +291,7 @@ impl Proxy {
             )));
         }
         let route = route_for_origin(flow.snapshot, true, &host, port, Some(parts.uri.path()));
-        self.plan_and_deliver(flow, parts, body, agent, token, host, port, true, route)
+        self.plan_and_deliver(flow, parts, body, agent, presented, host, port, true, route)
             .await
     }
 
@@ -300,7 +302,7 @@ impl Proxy {
         parts: http::request::Parts,
         body: Incoming,
         agent: crate::identity::Agent,
-        token: String,
+        presented: Presented,
         host: String,
         port: u16,
         https: bool,
@@ -342,7 +344,7 @@ impl Proxy {
             base_path,
             path,
             reach,
-            token,
+            presented,
         };
         self.deliver(flow, parts, body, plan).await
     }

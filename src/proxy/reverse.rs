@@ -62,7 +62,7 @@ impl Proxy {
             route: Some(route),
             path,
             reach,
-            token: presented.token().to_string(),
+            presented,
         };
         self.deliver(flow, parts, body, plan).await
     }

@@ -11,6 +11,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::lasting::LastingIdentity;
 use crate::scrub::{ScrubStream, Scrubber};
 
 /// The protocol an agent asks to upgrade to, if it does (`Connection:
@@ -40,12 +41,14 @@ pub(super) fn restore(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.remove("sec-websocket-extensions");
 }
 
-/// Joins the two upgraded connections until either side closes.
+/// Joins the two upgraded connections until either side closes, they idle
+/// out, or `identity` no longer verifies.
 pub(super) fn splice(
     agent: OnUpgrade,
     upstream: OnUpgrade,
     scrubber: Arc<Scrubber>,
     slot: Option<Arc<crate::listen::ConnSlot>>,
+    identity: LastingIdentity,
 ) {
     tokio::spawn(async move {
         let (agent, upstream) = match tokio::try_join!(agent, upstream) {
@@ -77,9 +80,9 @@ pub(super) fn splice(
             let _ = agent_write.write_all(&stream.finish(&scrubber)).await;
             let _ = agent_write.shutdown().await;
         };
-        super::forward::until_idle(slot, async {
+        let spliced = super::forward::until_idle(slot, async {
             tokio::join!(outbound, inbound);
-        })
-        .await;
+        });
+        identity.guard(spliced).await;
     });
 }
