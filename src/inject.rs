@@ -137,6 +137,30 @@ pub fn strip_token(headers: &mut HeaderMap, token: &str) {
 /// The parts in one string allocated once at its final size: a string that
 /// grew would leave earlier copies of the secret in freed memory, where
 /// `Zeroizing` cannot reach them (and `format!` is slower besides).
+/// Headers with which IIS URL Rewrite and older Symfony and Zend apps let a
+/// request name another path than its own: the policy decided the path in
+/// the request line, so these never cross.
+const PATH_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
+/// Removes the [`PATH_OVERRIDES`] an agent sent, in any spelling a CGI or
+/// PHP app reads as the same variable.
+pub fn strip_path_overrides(headers: &mut HeaderMap) {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| PATH_OVERRIDES.iter().any(|o| spelled_as(k.as_str(), o)))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// Whether header `key` is `name`, or `name` with some of its dashes written
+/// as underscores, which CGI, WSGI and PHP apps read as the same variable.
+pub fn spelled_as(key: &str, name: &str) -> bool {
+    key == name || same_but_underscores(key, name)
+}
+
 /// Whether `key` is `name` with some of its dashes written as underscores
 /// (compared in place: this runs for every header of every request).
 fn same_but_underscores(key: &str, name: &str) -> bool {

@@ -112,7 +112,7 @@ impl Flow<'_> {
         parts: &http::request::Parts,
         path: &policy::NormalPath,
     ) -> Result<policy::Decision, ProxyError> {
-        let overrides = method_overrides(&parts.headers)?;
+        let overrides = method_overrides(&parts.headers, parts.uri.query())?;
         let decision = self.snapshot.policy.check(&policy::Request {
             agent: &agent.name,
             session: &agent.session,
@@ -515,6 +515,7 @@ impl Proxy {
             .get::<Arc<crate::listen::ConnSlot>>()
             .cloned();
         inject::strip_hop_by_hop(&mut parts.headers);
+        inject::strip_path_overrides(&mut parts.headers);
         inject::strip_token(&mut parts.headers, plan.presented.token());
         parts.headers.remove(header::HOST);
         if let Some(protocol) = upgrade.clone() {
@@ -797,20 +798,32 @@ const METHOD_OVERRIDES: [&str; 3] = [
     "x-method-override",
 ];
 
-fn method_overrides(headers: &HeaderMap) -> Result<Vec<Method>, ProxyError> {
+/// The query parameter with which Express's `method-override` (and form
+/// conventions elsewhere) lets a POST act as another method.
+const METHOD_OVERRIDE_PARAM: &str = "_method";
+
+/// Every method the request could act as besides its own: the override
+/// headers, in any spelling a CGI or PHP app reads as the same, and the
+/// `_method` query parameter.
+fn method_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<Vec<Method>, ProxyError> {
+    let parse = |value: &[u8], source: &str| {
+        std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| Method::from_bytes(v.trim().to_ascii_uppercase().as_bytes()).ok())
+            .ok_or_else(|| ProxyError::BadRequest(format!("invalid {source}")))
+    };
     let mut methods = Vec::new();
     // One pass over the request's few headers: a lookup by name would parse
-    // and hash each of the three names on every request, and almost no
-    // request carries any of them.
+    // and hash each name on every request, and almost no request carries any.
     for (name, value) in headers {
         let name = name.as_str();
-        if METHOD_OVERRIDES.contains(&name) {
-            let method = value
-                .to_str()
-                .ok()
-                .and_then(|v| Method::from_bytes(v.trim().to_ascii_uppercase().as_bytes()).ok())
-                .ok_or_else(|| ProxyError::BadRequest(format!("invalid {name} header")))?;
-            methods.push(method);
+        if METHOD_OVERRIDES.iter().any(|o| inject::spelled_as(name, o)) {
+            methods.push(parse(value.as_bytes(), &format!("{name} header"))?);
+        }
+    }
+    for (name, value) in identity::query_pairs(query.unwrap_or_default()) {
+        if name == METHOD_OVERRIDE_PARAM {
+            methods.push(parse(value.as_bytes(), "_method parameter")?);
         }
     }
     Ok(methods)
@@ -897,20 +910,36 @@ mod tests {
     fn every_method_override_spelling_is_found_and_checked() {
         let mut headers = HeaderMap::new();
         headers.insert("accept", HeaderValue::from_static("*/*"));
-        assert!(method_overrides(&headers).unwrap().is_empty());
+        assert!(
+            method_overrides(&headers, Some("a=1&method=x"))
+                .unwrap()
+                .is_empty()
+        );
         headers.insert("x-http-method-override", HeaderValue::from_static("delete"));
         headers.insert("x-http-method", HeaderValue::from_static(" PUT "));
         headers.append("x-method-override", HeaderValue::from_static("PATCH"));
         headers.append("x-method-override", HeaderValue::from_static("get"));
-        let mut found = method_overrides(&headers).unwrap();
+        headers.append("x_http_method_override", HeaderValue::from_static("HEAD"));
+        let mut found = method_overrides(&headers, Some("a=1&_method=options")).unwrap();
         found.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         assert_eq!(
             found,
-            [Method::DELETE, Method::GET, Method::PATCH, Method::PUT]
+            [
+                Method::DELETE,
+                Method::GET,
+                Method::HEAD,
+                Method::OPTIONS,
+                Method::PATCH,
+                Method::PUT
+            ]
         );
+        assert!(matches!(
+            method_overrides(&headers, Some("_method=a%20b")),
+            Err(ProxyError::BadRequest(m)) if m == "invalid _method parameter"
+        ));
         headers.append("x-http-method", HeaderValue::from_static("GET /admin"));
         assert!(matches!(
-            method_overrides(&headers),
+            method_overrides(&headers, None),
             Err(ProxyError::BadRequest(m)) if m == "invalid x-http-method header"
         ));
     }

@@ -659,6 +659,40 @@ action = "deny"
         &sidekey.url("/keyed/v1/x"),
     ]);
     assert_eq!(status, 403, "{text}");
+    // So must one spelled as PHP and CGI apps read it, or sent as Express's
+    // `_method` parameter.
+    for (header, query) in [
+        ("X_HTTP_METHOD_OVERRIDE: DELETE", ""),
+        ("X-Ok: 1", "?_method=DELETE"),
+    ] {
+        let (status, text) = curl(&[
+            "-X",
+            "POST",
+            "-H",
+            &proxy_auth,
+            "-H",
+            header,
+            &sidekey.url(&format!("/keyed/v1/x{query}")),
+        ]);
+        assert_eq!(status, 403, "{header} {query}: {text}");
+    }
+    // A header naming another path than the one decided never crosses.
+    let (status, text) = curl(&[
+        "-H",
+        &proxy_auth,
+        "-H",
+        "X-Original-URL: /admin/users",
+        "-H",
+        "x_rewrite_url: /admin/users",
+        &sidekey.url("/keyed/v1/x"),
+    ]);
+    assert_eq!(status, 200, "{text}");
+    let seen = upstream.last();
+    assert!(
+        !seen.headers.iter().any(|(_, v)| v.contains("/admin")),
+        "{:?}",
+        seen.headers
+    );
 
     // A deny cannot be dodged by respelling the path.
     for path in [
