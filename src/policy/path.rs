@@ -35,6 +35,8 @@ pub enum PathError {
     DotDot,
     #[error("path contains an encoded `/` or `\\`, or a backslash")]
     EncodedSeparator,
+    #[error("path encodes `.`, `/` or `\\` twice")]
+    DoubleEncoded,
     #[error("path is not valid UTF-8 once decoded")]
     NotUtf8,
     #[error("path contains a control character")]
@@ -109,12 +111,23 @@ pub fn normalize(raw: &str) -> Result<NormalPath, PathError> {
         if decoded.contains(['/', '\\']) {
             return Err(PathError::EncodedSeparator);
         }
+        // Encoded twice: an upstream that decodes again (some frameworks
+        // and WAF-fronted servers do) would see `..`, `/` or `\\` where the
+        // policy saw a plain name.
+        if encodes_dot_or_separator(&decoded) {
+            return Err(PathError::DoubleEncoded);
+        }
         if decoded.chars().any(char::is_control) {
             return Err(PathError::Control);
         }
         // `..;x` is `..` to servlet containers; `.;x` likewise `.`.
         let bare = decoded.split(';').next().unwrap_or_default();
         if bare == ".." {
+            return Err(PathError::DotDot);
+        }
+        // Windows and IIS drop trailing dots and spaces: `.. ` and `...`
+        // are `..` there, `. ` is `.`.
+        if bare.len() > 1 && bare.trim_end_matches(['.', ' ']).is_empty() {
             return Err(PathError::DotDot);
         }
         if bare == "." {
@@ -134,6 +147,17 @@ pub fn normalize(raw: &str) -> Result<NormalPath, PathError> {
         segments.push(decoded.into_owned());
     }
     Ok(NormalPath { segments })
+}
+
+/// Whether a once-decoded segment still holds `%2e`, `%2f` or `%5c` (any case).
+fn encodes_dot_or_separator(decoded: &str) -> bool {
+    decoded.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'e' | b'f') | (b'5', b'c')
+            )
+    })
 }
 
 /// A `paths` entry: `*` matches within one segment, `**` any number of
@@ -321,6 +345,13 @@ mod tests {
             ("/%ff", PathError::NotUtf8),
             ("/a%00b", PathError::Control),
             ("/a%0d%0ab", PathError::Control),
+            ("/v1/%252e%252e/admin", PathError::DoubleEncoded),
+            ("/v1/%252E./admin", PathError::DoubleEncoded),
+            ("/v1/%252fadmin", PathError::DoubleEncoded),
+            ("/v1/x%255Cadmin", PathError::DoubleEncoded),
+            ("/v1/..%20/admin", PathError::DotDot),
+            ("/v1/.../admin", PathError::DotDot),
+            ("/v1/. /admin", PathError::DotDot),
         ];
         for (input, want) in bad {
             assert_eq!(norm(input), Err(want), "{input}");

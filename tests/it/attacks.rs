@@ -522,6 +522,13 @@ fn path_tricks_do_not_bypass_the_policy() {
         ("/echo/v1/allowed/%c0%ae%c0%ae/x", 400),
         ("/echo/v1/allowed/%e0%80%ae/x", 400),
         ("/echo/v1/allowed/admin%00/x", 400),
+        // Encoded twice, for an upstream that decodes again.
+        ("/echo/v1/allowed/%252e%252e/admin/x", 400),
+        ("/echo/v1/allowed/x%252fadmin", 400),
+        ("/echo/v1/allowed/x%255cadmin", 400),
+        // `..` once a Windows upstream drops trailing dots and spaces.
+        ("/echo/v1/allowed/..%20/admin/x", 400),
+        ("/echo/v1/allowed/.../admin/x", 400),
         ("/echo/v1/allowed//admin/x", 403),
         ("/echo//v1/allowed/admin/x", 403),
         ("/echo/v1/allowed/./admin/x", 403),
