@@ -14,6 +14,8 @@ use zeroize::Zeroizing;
 
 use crate::secret::Secret;
 
+pub mod websocket;
+
 pub const REDACTED: &[u8] = b"[REDACTED]";
 
 /// The patterns of one set of secrets. The default scrubs nothing.

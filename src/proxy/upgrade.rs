@@ -1,10 +1,10 @@
 //! Upgraded connections (WebSocket): the credential rides on the upgrade
-//! request; afterwards bytes flow both ways, and the upstream's bytes are
-//! scrubbed with same-length masking so frame lengths stay valid.
+//! request; afterwards bytes flow both ways, and the upstream's frames are
+//! scrubbed with same-length masking so frame lengths stay valid (see
+//! `scrub::websocket`).
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{self, HeaderValue};
 use hyper::upgrade::OnUpgrade;
@@ -12,7 +12,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::lasting::LastingIdentity;
-use crate::scrub::{ScrubStream, Scrubber};
+use crate::scrub::Scrubber;
+use crate::scrub::websocket::FrameScrubber;
 
 /// The protocol an agent asks to upgrade to, if it does (`Connection:
 /// upgrade` with an `Upgrade` header).
@@ -65,19 +66,29 @@ pub(super) fn splice(
             let _ = up_write.shutdown().await;
         };
         let inbound = async {
-            let mut stream = ScrubStream::masking();
+            let mut frames = FrameScrubber::default();
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 let n = match up_read.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                let out = stream.push(&scrubber, Bytes::copy_from_slice(&buf[..n]));
-                if agent_write.write_all(&out).await.is_err() {
-                    return;
+                match frames.push(&scrubber, &buf[..n]) {
+                    Ok(out) => {
+                        if agent_write.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        // Nothing more can be scrubbed; the agent's side
+                        // is closed rather than fed unread bytes.
+                        tracing::info!(error = %e, "WebSocket closed");
+                        let _ = agent_write.shutdown().await;
+                        return;
+                    }
                 }
             }
-            let _ = agent_write.write_all(&stream.finish(&scrubber)).await;
+            let _ = agent_write.write_all(&frames.finish(&scrubber)).await;
             let _ = agent_write.shutdown().await;
         };
         let spliced = super::forward::until_idle(slot, async {

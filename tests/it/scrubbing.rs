@@ -180,6 +180,26 @@ fn websocket_upgrade_carries_the_credential_and_masks_it_in_frames() {
     assert_eq!(usize::from(frame[1]), greeting.len());
     assert_eq!(String::from_utf8_lossy(&frame[2..]), greeting);
 
+    // A message split across fragments, a ping between them: each frame
+    // keeps its header and length, and the joined message is masked.
+    let mut message = Vec::new();
+    for first in [0x01, 0x89, 0x80] {
+        let mut head = [0u8; 2];
+        reader.read_exact(&mut head).unwrap();
+        assert_eq!(head[0], first);
+        let mut payload = vec![0u8; usize::from(head[1])];
+        reader.read_exact(&mut payload).unwrap();
+        if first == 0x89 {
+            assert_eq!(payload, b"ping");
+        } else {
+            message.extend(payload);
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&message),
+        format!("frag:Bearer {}", "*".repeat(SECRET.len()))
+    );
+
     // Bytes flow both ways.
     writer.write_all(b"ping-1234").unwrap();
     let mut echo = [0u8; 9];

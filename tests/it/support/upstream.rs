@@ -321,12 +321,20 @@ async fn handle(
         // WebSocket: greet with a text frame carrying the credential it got
         // (a hostile upstream), then echo raw bytes.
         let greeting = format!("hello {auth}");
+        let split = format!("frag:{auth}");
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let Ok(upgraded) = upgrade.await else { return };
             let mut io = TokioIo::new(upgraded);
             let mut frame = vec![0x81, greeting.len() as u8];
             frame.extend_from_slice(greeting.as_bytes());
+            // Then the credential again, in one message split across two
+            // fragments with a ping between them: the agent joins the pieces.
+            let (head, tail) = split.split_at(split.len() / 2);
+            for (first, piece) in [(0x01, head), (0x89, "ping"), (0x80, tail)] {
+                frame.extend_from_slice(&[first, piece.len() as u8]);
+                frame.extend_from_slice(piece.as_bytes());
+            }
             if io.write_all(&frame).await.is_err() {
                 return;
             }
