@@ -116,7 +116,8 @@ const PY_QUOTE: &AsciiSet = &UNRESERVED.remove(b'/');
 /// The forms in which `secret` may come back in a response: raw; percent-
 /// encoded the ways common libraries do it, with upper- and lower-case hex,
 /// and form-encoded; JSON-escaped (with and without `\/`); base64 of the
-/// value alone; and, for Basic credentials, base64 of `user:secret`.
+/// value alone and inside longer encoded text; hex; and, for Basic
+/// credentials, base64 of `user:secret`.
 pub fn variants(secret: &Secret, basic_username: Option<&str>) -> Vec<Zeroizing<Vec<u8>>> {
     let raw = secret.expose();
     let mut out = vec![Zeroizing::new(raw.as_bytes().to_vec())];
@@ -138,6 +139,31 @@ pub fn variants(secret: &Secret, basic_username: Option<&str>) -> Vec<Zeroizing<
     ] {
         out.push(Zeroizing::new(engine.encode(raw).into_bytes()));
     }
+    // Inside longer base64 text (the whole header value `Bearer <secret>`,
+    // a MIME part, a JSON document encoded whole) the secret may start at
+    // any of the three byte positions of a 3-byte group; the characters
+    // that depend on its bytes alone are the encoding of its whole groups.
+    for engine in [
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ] {
+        for skip in 0..3 {
+            let rest = raw.as_bytes().get(skip..).unwrap_or_default();
+            let groups = &rest[..rest.len() / 3 * 3];
+            // Fewer characters than this could turn up by chance.
+            if groups.len() >= MIN_BASE64_GROUPS_BYTES {
+                out.push(Zeroizing::new(engine.encode(groups).into_bytes()));
+            }
+        }
+    }
+    // Hex, as dumps and error reports print bytes: S3's
+    // `SignatureDoesNotMatch` lists the canonical request (session token
+    // included) as space-separated hex.
+    let hex = Zeroizing::new(raw.bytes().map(|b| format!("{b:02x}")).collect::<Vec<_>>());
+    let lower = Zeroizing::new(hex.concat());
+    out.push(Zeroizing::new(lower.to_ascii_uppercase().into_bytes()));
+    out.push(Zeroizing::new(lower.as_bytes().to_vec()));
+    out.push(Zeroizing::new(hex.join(" ").into_bytes()));
     if let Some(user) = basic_username {
         let pair = Zeroizing::new(format!("{user}:{raw}"));
         let b64 = base64::engine::general_purpose::STANDARD.encode(pair.as_bytes());
@@ -145,6 +171,10 @@ pub fn variants(secret: &Secret, basic_username: Option<&str>) -> Vec<Zeroizing<
     }
     out
 }
+
+/// The shortest run of a secret's bytes whose base64 is matched within
+/// longer encoded text: 16 characters.
+const MIN_BASE64_GROUPS_BYTES: usize = 12;
 
 /// `%2F` -> `%2f`, leaving everything else alone.
 fn lower_hex(encoded: &str) -> String {
@@ -410,6 +440,41 @@ mod tests {
             let (out, n) = whole(&s, format!("<{form}>").as_bytes());
             assert_eq!(n, 1, "{form}");
             assert_eq!(out, b"<[REDACTED]>");
+        }
+    }
+
+    #[test]
+    fn a_secret_inside_longer_base64_or_printed_as_hex_is_found() {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        const KEY: &str = "sk-live-A1b2C3+d4/E5==&<z>?";
+        let s = Scrubber::new(variants(&Secret::new(KEY.into()), None)).unwrap();
+        let hex: Vec<String> = KEY.bytes().map(|b| format!("{b:02x}")).collect();
+        let mut texts = vec![
+            hex.concat(),
+            hex.concat().to_uppercase(),
+            format!("50 55 54 0a {} 0a", hex.join(" ")),
+        ];
+        // Every alignment within a longer encoded text, both alphabets.
+        for prefix in ["", "B", "Be", "Bearer "] {
+            let whole = format!("{prefix}{KEY} and more");
+            texts.push(STANDARD.encode(&whole));
+            texts.push(URL_SAFE_NO_PAD.encode(&whole));
+        }
+        for text in texts {
+            let (out, n) = whole(&s, text.as_bytes());
+            assert!(n >= 1, "{text}");
+            let out = String::from_utf8(out).unwrap();
+            assert!(out.contains("[REDACTED]"), "{text}");
+        }
+        // A short secret gets no partial-base64 forms that could match by chance.
+        let short = variants(&Secret::new("sk-1234567".into()), None);
+        for skip in 0..3 {
+            let groups = &b"sk-1234567"[skip..][..(10 - skip) / 3 * 3];
+            let partial = STANDARD.encode(groups);
+            assert!(
+                !short.iter().any(|v| v.as_slice() == partial.as_bytes()),
+                "{partial}"
+            );
         }
     }
 
