@@ -253,16 +253,24 @@ fn matches(rule: &Rule, req: &Request<'_>) -> bool {
     {
         return false;
     }
+    // Methods are case-sensitive on the wire, but some servers (ASP.NET
+    // Core among them) route `delete` as DELETE: a rule naming a method
+    // covers every spelling of it.
+    let listed = |methods: &[Method], m: &Method| {
+        methods
+            .iter()
+            .any(|listed| listed.as_str().eq_ignore_ascii_case(m.as_str()))
+    };
     let methods_match = match &rule.methods {
         None => true,
         // A deny matches if any method involved is denied; an allow only if
         // every one is allowed.
         Some(methods) if deny => std::iter::once(req.method)
             .chain(req.overrides)
-            .any(|m| methods.contains(m)),
+            .any(|m| listed(methods, m)),
         Some(methods) => std::iter::once(req.method)
             .chain(req.overrides)
-            .all(|m| methods.contains(m)),
+            .all(|m| listed(methods, m)),
     };
     methods_match
         && rule.paths.as_ref().is_none_or(|paths| {

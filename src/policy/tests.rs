@@ -236,6 +236,42 @@ action = "allow"
 }
 
 #[test]
+fn a_method_rule_covers_every_spelling_of_its_method() {
+    let p = policy(
+        r#"
+[[rules]]
+agents = ["coder"]
+route = "openai"
+action = "allow"
+[[rules]]
+agents = ["coder"]
+route = "openai"
+methods = ["DELETE"]
+action = "deny"
+"#,
+    );
+    let path = path::normalize("/v1/x").unwrap();
+    let allowed = |method: &str| {
+        p.check(&Request {
+            agent: "coder",
+            session: "s-1",
+            claims: None,
+            route: Some("openai"),
+            host: "api.openai.com",
+            port: 443,
+            method: &Method::from_bytes(method.as_bytes()).unwrap(),
+            overrides: &[],
+            path: &path,
+        })
+        .allowed
+    };
+    assert!(allowed("GET"));
+    for spelling in ["DELETE", "delete", "Delete"] {
+        assert!(!allowed(spelling), "{spelling}");
+    }
+}
+
+#[test]
 fn sessions_narrow_a_rule() {
     let p = policy(
         r#"
