@@ -103,6 +103,8 @@ impl Flow<'_> {
     }
 
     /// Step 4: the policy decision, recorded; a refusal is an error.
+    /// `path` is relative to the destination's `base_path`.
+    #[allow(clippy::too_many_arguments)]
     fn authorize(
         &mut self,
         agent: &Agent,
@@ -110,20 +112,36 @@ impl Flow<'_> {
         host: &str,
         port: u16,
         parts: &http::request::Parts,
+        base_path: &str,
         path: &policy::NormalPath,
     ) -> Result<policy::Decision, ProxyError> {
         let overrides = method_overrides(&parts.headers, parts.uri.query())?;
-        let decision = self.snapshot.policy.check(&policy::Request {
-            agent: &agent.name,
-            session: &agent.session,
-            claims: agent.claims.as_deref(),
-            route,
-            host,
-            port,
-            method: &parts.method,
-            overrides: &overrides,
-            path,
-        });
+        let check = |method: &Method, overrides: &[Method], path: &policy::NormalPath| {
+            self.snapshot.policy.check(&policy::Request {
+                agent: &agent.name,
+                session: &agent.session,
+                claims: agent.claims.as_deref(),
+                route,
+                host,
+                port,
+                method,
+                overrides,
+                path,
+            })
+        };
+        let mut decision = check(&parts.method, &overrides, path);
+        // S3's CopyObject and UploadPartCopy (both PUT) read the object
+        // `x-amz-copy-source` names with the same credential: reading it
+        // must be allowed too, or a write to one bucket would read any other.
+        if decision.allowed
+            && parts.method == Method::PUT
+            && let Some(source) = copy_source(&parts.headers, base_path)?
+        {
+            let read = check(&Method::GET, &[], &source);
+            if !read.allowed {
+                decision = read;
+            }
+        }
         self.event.rule = decision.rule.clone();
         if !decision.allowed {
             return Err(ProxyError::Denied {
@@ -132,6 +150,32 @@ impl Flow<'_> {
         }
         Ok(decision)
     }
+}
+
+/// The path an `x-amz-copy-source` header names (`bucket/key` or
+/// `/bucket/key`, percent-encoded, perhaps with `?versionId=`), relative to
+/// `base_path`; one outside `base_path` is refused.
+fn copy_source(
+    headers: &HeaderMap,
+    base_path: &str,
+) -> Result<Option<policy::NormalPath>, ProxyError> {
+    const COPY_SOURCE: HeaderName = HeaderName::from_static("x-amz-copy-source");
+    let Some(value) = headers.get(COPY_SOURCE) else {
+        return Ok(None);
+    };
+    let invalid = || ProxyError::BadRequest("invalid x-amz-copy-source header".into());
+    let value = value.to_str().map_err(|_| invalid())?;
+    let value = value.split('?').next().unwrap_or_default();
+    let absolute = if value.starts_with('/') {
+        value.to_string()
+    } else {
+        format!("/{value}")
+    };
+    let relative = absolute
+        .strip_prefix(base_path)
+        .filter(|rest| base_path.is_empty() || rest.starts_with('/'))
+        .ok_or_else(invalid)?;
+    Ok(Some(policy::path::normalize(relative)?))
 }
 
 /// Where an authorized request goes and what it carries.

@@ -323,6 +323,7 @@ impl Proxy {
             &host,
             port,
             &parts,
+            &base_path,
             &path,
         )?;
         let private_ok = match &route {

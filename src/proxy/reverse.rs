@@ -47,6 +47,7 @@ impl Proxy {
             &route.upstream.host,
             route.upstream.port,
             &parts,
+            &route.upstream.base_path,
             &path,
         )?;
         let reach = if route.allow_private {

@@ -860,3 +860,61 @@ action = "allow"
     assert_eq!(res.status(), 200);
     assert_eq!(upstream.last().header_all("x-api-key"), vec![SECRET]);
 }
+
+#[test]
+fn an_s3_copy_must_be_allowed_to_read_its_source_too() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"
+[secrets.api]
+source = "store"
+[routes.s3]
+upstream = "{base}"
+allow_private = true
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "api" }}
+
+[[rules]]
+agents = ["coder"]
+route = "s3"
+paths = ["/agent-bucket/**"]
+action = "allow"
+"#,
+        base = upstream.base()
+    ));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let auth = format!("Authorization: Bearer {token}");
+    let copy = |source: &str| {
+        curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            &auth,
+            "-H",
+            &format!("x-amz-copy-source: {source}"),
+            &sidekey.url("/s3/agent-bucket/copied.txt"),
+        ])
+    };
+    // Within the bucket the agent may read: the copy goes through.
+    let (status, text) = copy("/agent-bucket/notes.txt?versionId=3");
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = copy("agent-bucket/other%20notes.txt");
+    assert_eq!(status, 200, "{text}");
+    // Another bucket, however spelled: the write would read it.
+    let before = upstream.count();
+    for source in [
+        "/prod-bucket/customers.csv",
+        "prod-bucket/customers.csv",
+        "/agent-bucket/../prod-bucket/customers.csv",
+        "/agent-bucket/%2e%2e/prod-bucket/customers.csv",
+    ] {
+        let (status, text) = copy(source);
+        assert!(status == 403 || status == 400, "{source}: {status} {text}");
+    }
+    assert_eq!(
+        upstream.count(),
+        before,
+        "a copy of another bucket went out"
+    );
+}

@@ -72,10 +72,16 @@ fn a_unix_peer_uid_mapped_to_an_agent_needs_no_token() {
     );
     assert_eq!(status, 401);
 
-    // Revoking the session the audit records name stops that uid...
+    // Revoking the session the audit records name stops that uid.
     let session = format!("uid-{}", my_uid());
-    env.ok(&["token", "revoke", "--session", &session], None);
-    let (status, text) = curl_unix(&socket, &["http://sidekey/echo/x"]);
+    revoke_and_expect_refusal(&env, &["--session", &session], &socket);
+}
+
+fn revoke_and_expect_refusal(env: &TestEnv, which: &[&str], socket: &std::path::Path) {
+    let mut args = vec!["token", "revoke"];
+    args.extend_from_slice(which);
+    env.ok(&args, None);
+    let (status, text) = curl_unix(socket, &["http://sidekey/echo/x"]);
     assert_eq!(status, 401, "{text}");
     assert!(text.contains("token_revoked"), "{text}");
 }
@@ -88,10 +94,7 @@ fn revoking_an_agent_stops_its_uid_identities() {
     let socket = env.state.join("agents.sock");
     let (status, text) = curl_unix(&socket, &["http://sidekey/echo/x"]);
     assert_eq!(status, 200, "{text}");
-    env.ok(&["token", "revoke", "--agent", "coder"], None);
-    let (status, text) = curl_unix(&socket, &["http://sidekey/echo/x"]);
-    assert_eq!(status, 401, "{text}");
-    assert!(text.contains("token_revoked"), "{text}");
+    revoke_and_expect_refusal(&env, &["--agent", "coder"], &socket);
 }
 
 #[test]
