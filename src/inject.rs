@@ -134,9 +134,6 @@ pub fn strip_token(headers: &mut HeaderMap, token: &str) {
     }
 }
 
-/// The parts in one string allocated once at its final size: a string that
-/// grew would leave earlier copies of the secret in freed memory, where
-/// `Zeroizing` cannot reach them (and `format!` is slower besides).
 /// Headers with which IIS URL Rewrite and older Symfony and Zend apps let a
 /// request name another path than its own: the policy decided the path in
 /// the request line, so these never cross.
@@ -172,6 +169,9 @@ fn same_but_underscores(key: &str, name: &str) -> bool {
             .all(|(k, n)| k == n || (k == b'_' && n == b'-'))
 }
 
+/// The parts in one string allocated once at its final size: a string that
+/// grew would leave earlier copies of the secret in freed memory, where
+/// `Zeroizing` cannot reach them (and `format!` is slower besides).
 fn joined(parts: &[&str]) -> zeroize::Zeroizing<String> {
     let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
     for part in parts {

@@ -104,7 +104,6 @@ impl Flow<'_> {
 
     /// Step 4: the policy decision, recorded; a refusal is an error.
     /// `path` is relative to the destination's `base_path`.
-    #[allow(clippy::too_many_arguments)]
     fn authorize(
         &mut self,
         agent: &Agent,
@@ -134,7 +133,7 @@ impl Flow<'_> {
         // `x-amz-copy-source` names with the same credential: reading it
         // must be allowed too, or a write to one bucket would read any other.
         if decision.allowed
-            && parts.method == Method::PUT
+            && parts.method.as_str().eq_ignore_ascii_case("PUT")
             && let Some(source) = copy_source(&parts.headers, base_path)?
         {
             let read = check(&Method::GET, &[], &source);
@@ -160,11 +159,19 @@ fn copy_source(
     base_path: &str,
 ) -> Result<Option<policy::NormalPath>, ProxyError> {
     const COPY_SOURCE: HeaderName = HeaderName::from_static("x-amz-copy-source");
-    let Some(value) = headers.get(COPY_SOURCE) else {
+    let mut values = headers.get_all(COPY_SOURCE).iter();
+    let Some(value) = values.next() else {
         return Ok(None);
     };
     let invalid = || ProxyError::BadRequest("invalid x-amz-copy-source header".into());
+    if values.next().is_some() {
+        return Err(invalid());
+    }
     let value = value.to_str().map_err(|_| invalid())?;
+    // An access point ARN names no path the policy could check.
+    if value.starts_with("arn:") {
+        return Err(invalid());
+    }
     let value = value.split('?').next().unwrap_or_default();
     let absolute = if value.starts_with('/') {
         value.to_string()
@@ -762,7 +769,8 @@ fn codings_other_than(headers: &HeaderMap, name: HeaderName, plain: &str) -> boo
         .get_all(name)
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("unknown").split(','))
-        .any(|coding| !coding.trim().eq_ignore_ascii_case(plain))
+        .map(str::trim)
+        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(plain))
 }
 
 /// [`Proxy::verify`] against a given config version and revocation list.
@@ -850,7 +858,7 @@ const METHOD_OVERRIDE_PARAM: &str = "_method";
 /// headers, in any spelling a CGI or PHP app reads as the same, and the
 /// `_method` query parameter.
 fn method_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<Vec<Method>, ProxyError> {
-    let parse = |value: &[u8], source: &str| {
+    let parse = |value: &[u8], source: &dyn std::fmt::Display| {
         std::str::from_utf8(value)
             .ok()
             .and_then(|v| Method::from_bytes(v.trim().to_ascii_uppercase().as_bytes()).ok())
@@ -862,12 +870,12 @@ fn method_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<Vec<Meth
     for (name, value) in headers {
         let name = name.as_str();
         if METHOD_OVERRIDES.iter().any(|o| inject::spelled_as(name, o)) {
-            methods.push(parse(value.as_bytes(), &format!("{name} header"))?);
+            methods.push(parse(value.as_bytes(), &format_args!("{name} header"))?);
         }
     }
     for (name, value) in identity::query_pairs(query.unwrap_or_default()) {
         if name == METHOD_OVERRIDE_PARAM {
-            methods.push(parse(value.as_bytes(), "_method parameter")?);
+            methods.push(parse(value.as_bytes(), &"_method parameter")?);
         }
     }
     Ok(methods)

@@ -35,7 +35,7 @@ pub enum PathError {
     DotDot,
     #[error("path contains an encoded `/` or `\\`, or a backslash")]
     EncodedSeparator,
-    #[error("path encodes `.`, `/` or `\\` twice")]
+    #[error("path is percent-encoded twice")]
     DoubleEncoded,
     #[error("path is not valid UTF-8 once decoded")]
     NotUtf8,
@@ -112,9 +112,9 @@ pub fn normalize(raw: &str) -> Result<NormalPath, PathError> {
             return Err(PathError::EncodedSeparator);
         }
         // Encoded twice: an upstream that decodes again (some frameworks
-        // and WAF-fronted servers do) would see `..`, `/` or `\\` where the
-        // policy saw a plain name.
-        if encodes_dot_or_separator(&decoded) {
+        // and WAF-fronted servers do) would see `..`, `/`, `;` or `\\` where
+        // the policy saw a plain name.
+        if still_encoded(&decoded) {
             return Err(PathError::DoubleEncoded);
         }
         if decoded.chars().any(char::is_control) {
@@ -127,7 +127,7 @@ pub fn normalize(raw: &str) -> Result<NormalPath, PathError> {
         }
         // Windows and IIS drop trailing dots and spaces: `.. ` and `...`
         // are `..` there, `. ` is `.`.
-        if bare.len() > 1 && bare.trim_end_matches(['.', ' ']).is_empty() {
+        if bare.starts_with('.') && bare.len() > 1 && bare.trim_end_matches(['.', ' ']).is_empty() {
             return Err(PathError::DotDot);
         }
         if bare == "." {
@@ -149,14 +149,17 @@ pub fn normalize(raw: &str) -> Result<NormalPath, PathError> {
     Ok(NormalPath { segments })
 }
 
-/// Whether a once-decoded segment still holds `%2e`, `%2f` or `%5c` (any case).
-fn encodes_dot_or_separator(decoded: &str) -> bool {
-    decoded.as_bytes().windows(3).any(|w| {
-        w[0] == b'%'
-            && matches!(
-                (w[1], w[2].to_ascii_lowercase()),
-                (b'2', b'e' | b'f') | (b'5', b'c')
-            )
+/// Whether a once-decoded segment still holds a percent-escape (`%2e`) or
+/// IIS's `%u002e` form.
+fn still_encoded(decoded: &str) -> bool {
+    let bytes = decoded.as_bytes();
+    let hex = |range: std::ops::Range<usize>| {
+        bytes
+            .get(range)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    };
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%' && (hex(i + 1..i + 3) || (bytes.get(i + 1) == Some(&b'u') && hex(i + 2..i + 6)))
     })
 }
 
@@ -349,6 +352,9 @@ mod tests {
             ("/v1/%252E./admin", PathError::DoubleEncoded),
             ("/v1/%252fadmin", PathError::DoubleEncoded),
             ("/v1/x%255Cadmin", PathError::DoubleEncoded),
+            ("/v1/..%253b/admin", PathError::DoubleEncoded),
+            ("/v1/%25u002e%25u002e/admin", PathError::DoubleEncoded),
+            ("/v1/%2541", PathError::DoubleEncoded),
             ("/v1/..%20/admin", PathError::DotDot),
             ("/v1/.../admin", PathError::DotDot),
             ("/v1/. /admin", PathError::DotDot),

@@ -27,6 +27,13 @@ pub enum FrameError {
     Masked,
     #[error("the upstream sent a WebSocket control frame longer than 125 bytes")]
     LongControl,
+    /// RSV bits mean an extension (permessage-deflate): compressed
+    /// payloads would hide a secret, and sidekey negotiates none.
+    #[error("the upstream sent a WebSocket frame using an extension")]
+    Extension,
+    /// Frames queued behind a fragment's undecided tail, past [`MAX_WAITING`].
+    #[error("the upstream sent too many WebSocket frames behind an unfinished fragment")]
+    Backlog,
     #[error("the upstream sent a WebSocket frame longer than 2^63 bytes")]
     TooLong,
 }
@@ -84,6 +91,11 @@ impl Default for FrameScrubber {
 
 /// 2 bytes, 8 of extended length, 4 of mask.
 const MAX_HEADER: usize = 14;
+
+/// Frames that may wait behind the undecided tail of a fragment (empty
+/// continuations, control frames): a bound on what an upstream can make
+/// sidekey hold.
+const MAX_WAITING: usize = 64;
 
 impl FrameScrubber {
     /// Scrubs the next bytes from the upstream; what may go to the agent.
@@ -145,6 +157,12 @@ impl FrameScrubber {
             return Ok(());
         };
         let header = std::mem::take(&mut self.header);
+        if header[0] & 0x70 != 0 {
+            return Err(FrameError::Extension);
+        }
+        if self.waiting.len() >= MAX_WAITING {
+            return Err(FrameError::Backlog);
+        }
         let fin = header[0] & 0x80 != 0;
         if header[0] & 0x08 != 0 {
             if length > 125 {
@@ -364,6 +382,18 @@ mod tests {
     #[test]
     fn masked_or_oversized_frames_from_the_upstream_are_refused() {
         let scrubber = scrubber();
+        let mut frames = FrameScrubber::default();
+        assert_eq!(
+            frames.push(&scrubber, &[0xc1, 0x01, b'x']),
+            Err(FrameError::Extension)
+        );
+        // Endless empty frames behind a fragment's undecided tail.
+        let mut frames = FrameScrubber::default();
+        frames
+            .push(&scrubber, &frame(false, 0x1, b"x sk-l"))
+            .unwrap();
+        let empties = frame(false, 0x0, b"").repeat(MAX_WAITING + 1);
+        assert_eq!(frames.push(&scrubber, &empties), Err(FrameError::Backlog));
         let mut frames = FrameScrubber::default();
         let mut long_ping = vec![0x89, 126, 0, 126];
         long_ping.extend_from_slice(&[0; 126]);

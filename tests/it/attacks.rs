@@ -852,7 +852,8 @@ fn a_revoked_or_expired_agent_loses_its_open_tunnels_and_websockets() {
     .unwrap();
     let head = read_head(&mut ws);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    ws.write_all(b"ping").unwrap();
+    // A text frame, which the upstream echoes as it is.
+    ws.write_all(b"\x81\x04ping").unwrap();
     assert!(!closed_within(&mut ws, Duration::from_millis(600)));
 
     a.env
@@ -873,7 +874,9 @@ fn a_revoked_or_expired_agent_loses_its_open_tunnels_and_websockets() {
         "expired tunnel still open"
     );
 
-    // A tunnel whose agent still holds goes on working.
+    // A tunnel whose agent still holds goes on working, through a reload.
+    a.env.ok(&["reload"], None);
+    std::thread::sleep(Duration::from_millis(1200));
     kept.write_all(format!("GET /still HTTP/1.1\r\nHost: {other}\r\n\r\n").as_bytes())
         .unwrap();
     let head = read_head(&mut kept);

@@ -908,6 +908,7 @@ action = "allow"
         "prod-bucket/customers.csv",
         "/agent-bucket/../prod-bucket/customers.csv",
         "/agent-bucket/%2e%2e/prod-bucket/customers.csv",
+        "arn:aws:s3:us-east-1:123456789012:accesspoint/prod/object/customers.csv",
     ] {
         let (status, text) = copy(source);
         assert!(status == 403 || status == 400, "{source}: {status} {text}");

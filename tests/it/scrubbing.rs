@@ -200,11 +200,12 @@ fn websocket_upgrade_carries_the_credential_and_masks_it_in_frames() {
         format!("frag:Bearer {}", "*".repeat(SECRET.len()))
     );
 
-    // Bytes flow both ways.
-    writer.write_all(b"ping-1234").unwrap();
-    let mut echo = [0u8; 9];
+    // Frames flow both ways (the upstream echoes this one as it is).
+    let text = b"\x81\x09ping-1234";
+    writer.write_all(text).unwrap();
+    let mut echo = [0u8; 11];
     reader.read_exact(&mut echo).unwrap();
-    assert_eq!(&echo, b"ping-1234");
+    assert_eq!(&echo, text);
 }
 
 #[test]
