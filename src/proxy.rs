@@ -873,6 +873,9 @@ fn method_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<Vec<Meth
             methods.push(parse(value.as_bytes(), &format_args!("{name} header"))?);
         }
     }
+    // Decoding every pair costs allocations; a query can name `_method`
+    // only in plain text or through a percent-escape.
+    let query = query.filter(|q| q.contains("method") || q.contains('%'));
     for (name, value) in identity::query_pairs(query.unwrap_or_default()) {
         if name == METHOD_OVERRIDE_PARAM {
             methods.push(parse(value.as_bytes(), &"_method parameter")?);

@@ -159,11 +159,20 @@ pub fn variants(secret: &Secret, basic_username: Option<&str>) -> Vec<Zeroizing<
     // Hex, as dumps and error reports print bytes: S3's
     // `SignatureDoesNotMatch` lists the canonical request (session token
     // included) as space-separated hex.
-    let hex = Zeroizing::new(raw.bytes().map(|b| format!("{b:02x}")).collect::<Vec<_>>());
-    let lower = Zeroizing::new(hex.concat());
+    let mut lower = Zeroizing::new(String::with_capacity(2 * raw.len()));
+    crate::token::push_hex(&mut lower, raw.as_bytes());
+    // Each buffer is allocated at its final size: one that grew would leave
+    // copies in freed memory, out of `Zeroizing`'s reach.
+    let mut spaced = Zeroizing::new(Vec::with_capacity(3 * raw.len()));
+    for (i, pair) in lower.as_bytes().chunks(2).enumerate() {
+        if i > 0 {
+            spaced.push(b' ');
+        }
+        spaced.extend_from_slice(pair);
+    }
+    out.push(spaced);
     out.push(Zeroizing::new(lower.to_ascii_uppercase().into_bytes()));
     out.push(Zeroizing::new(lower.as_bytes().to_vec()));
-    out.push(Zeroizing::new(hex.join(" ").into_bytes()));
     if let Some(user) = basic_username {
         let pair = Zeroizing::new(format!("{user}:{raw}"));
         let b64 = base64::engine::general_purpose::STANDARD.encode(pair.as_bytes());

@@ -203,15 +203,11 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
                     let live = running.live.clone();
                     reloading = Some(tokio::spawn(async move { live.reload_off_runtime().await }));
                 }
-                reloaded = async {
-                    match reloading.as_mut() {
-                        Some(reload) => reload.await,
-                        None => std::future::pending().await,
-                    }
-                }, if reloading.is_some() => {
+                reloaded = futures_util::future::OptionFuture::from(reloading.as_mut()),
+                    if reloading.is_some() => {
                     reloading = None;
                     // The task itself fails only when the runtime stops.
-                    if let Ok(Err(e)) = reloaded {
+                    if let Some(Ok(Err(e))) = reloaded {
                         tracing::error!("reload refused, old config still in force:\n{e}");
                     }
                 }
