@@ -88,6 +88,8 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
         }
         command.arg("--").args(&args.command);
 
+        let caught =
+            crate::exec::signals::catch().context("cannot forward signals to the command")?;
         let (listener, mut child) = match bound {
             Some(listener) => {
                 let child = command.spawn().context("cannot start the command")?;
@@ -111,7 +113,8 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
         };
         let child_pid = child.id().context("the command ended at once")?;
         let running = start_private(live, listener)?;
-        let forwarding = crate::exec::signals::forward_to(child_pid)
+        let forwarding = caught
+            .forward_to(child_pid)
             .context("cannot forward signals to the command")?;
         let status = child.wait().await.context("cannot wait for the command")?;
         drop(forwarding);

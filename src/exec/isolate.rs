@@ -73,6 +73,7 @@ pub fn run(sandbox: &Sandbox) -> u8 {
         return 125;
     }
     drop((listener, handoff));
+    let caught = super::signals::catch();
     let supervisor = std::process::Command::new("/proc/self/exe")
         .arg("__supervise")
         .arg("--isolated")
@@ -86,7 +87,7 @@ pub fn run(sandbox: &Sandbox) -> u8 {
             return 125;
         }
     };
-    let forwarding = super::signals::forward_to(supervisor.id());
+    let forwarding = caught.and_then(|caught| caught.forward_to(supervisor.id()));
     let status = supervisor.wait();
     drop(forwarding);
     match status {

@@ -19,14 +19,37 @@ impl Drop for Forwarding {
     }
 }
 
-/// Forwards the signals that ask a program to stop or reconfigure to
-/// `child`, from a background thread, instead of acting on them here.
-///
-/// Signals the kernel raised are not forwarded: a terminal's ^C already
-/// reaches the whole foreground process group, the command included, and a
-/// second copy would interrupt it twice.
-pub fn forward_to(child: u32) -> std::io::Result<Forwarding> {
-    let mut signals = SignalsInfo::<WithOrigin>::new(FORWARDED)?;
+/// The signals to forward, caught from now on and held until
+/// [`Caught::forward_to`] names the child. Catching them only once the child
+/// runs would let one that arrives in between end this process by default
+/// and leave the child behind, unsignalled. (A caught signal's handler does
+/// not survive the child's `exec`.)
+pub struct Caught(SignalsInfo<WithOrigin>);
+
+impl std::fmt::Debug for Caught {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Caught")
+    }
+}
+
+pub fn catch() -> std::io::Result<Caught> {
+    SignalsInfo::<WithOrigin>::new(FORWARDED).map(Caught)
+}
+
+impl Caught {
+    /// Forwards the signals that ask a program to stop or reconfigure to
+    /// `child`, from a background thread, instead of acting on them here;
+    /// those caught before go first.
+    ///
+    /// Signals the kernel raised are not forwarded: a terminal's ^C already
+    /// reaches the whole foreground process group, the command included, and a
+    /// second copy would interrupt it twice.
+    pub fn forward_to(self, child: u32) -> std::io::Result<Forwarding> {
+        forward(self.0, child)
+    }
+}
+
+fn forward(mut signals: SignalsInfo<WithOrigin>, child: u32) -> std::io::Result<Forwarding> {
     let handle = signals.handle();
     let pid = i32::try_from(child)
         .ok()

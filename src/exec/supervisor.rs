@@ -59,6 +59,7 @@ fn supervise(command: &[OsString], isolated: bool) -> Result<u8, Failure> {
     }
     drop_privileges().map_err(|e| setup("cannot drop privileges", e))?;
 
+    let caught = super::signals::catch();
     let child = std::process::Command::new(program)
         .args(args)
         .spawn()
@@ -69,7 +70,7 @@ fn supervise(command: &[OsString], isolated: bool) -> Result<u8, Failure> {
                 _ => Failure(NOT_EXECUTABLE, format!("{name}: {e}")),
             }
         })?;
-    let forwarding = super::signals::forward_to(child.id());
+    let forwarding = caught.and_then(|caught| caught.forward_to(child.id()));
     let pid = i32::try_from(child.id()).ok().and_then(Pid::from_raw);
     let code = loop {
         match wait(WaitOptions::empty()) {
