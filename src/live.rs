@@ -159,12 +159,7 @@ impl Live {
                 "a new listen address takes effect at restart"
             );
         }
-        let snapshot = build_snapshot(
-            config,
-            &self.state,
-            self.listen_override,
-            Some(&current.audit),
-        )?;
+        let snapshot = build_snapshot(config, &self.state, self.listen_override, Some(&current))?;
         seen.secrets = secret_stamps(&snapshot.config, &self.state);
         let secrets = load_secrets(&snapshot.config, &self.state, self.master_key.as_ref());
         self.snapshot.store(Arc::new(snapshot));
@@ -312,7 +307,7 @@ fn build_snapshot(
     mut config: Config,
     state: &StateDir,
     listen_override: Option<SocketAddr>,
-    previous_audit: Option<&Arc<AuditLog>>,
+    previous: Option<&Snapshot>,
 ) -> Result<Snapshot, ConfigError> {
     if let Some(listen) = listen_override {
         config.listen = listen;
@@ -322,11 +317,15 @@ fn build_snapshot(
         problems: vec![Problem::new("tls", e.to_string())],
     })?;
     let audit = AuditLog::new(&config.audit.sink, config.audit.on_failure, state.root());
-    let audit = match previous_audit {
-        Some(previous) if previous.same_as(&audit) => previous.clone(),
+    let audit = match previous {
+        Some(previous) if previous.audit.same_as(&audit) => previous.audit.clone(),
         _ => Arc::new(audit),
     };
-    let oidc = config.oidc.clone().map(|c| Arc::new(OidcVerifier::new(c)));
+    let previous_oidc = previous.and_then(|p| p.oidc.as_deref());
+    let oidc = config
+        .oidc
+        .clone()
+        .map(|c| Arc::new(OidcVerifier::new(c, previous_oidc)));
     Ok(Snapshot {
         policy: Policy::new(&config),
         config: Arc::new(config),

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet, KeyAlgorithm};
@@ -45,7 +46,7 @@ pub struct OidcVerifier {
     config: OidcConfig,
     keys: ArcSwap<Result<JwkSet, String>>,
     /// When the key set was last loaded successfully.
-    loaded: ArcSwap<std::time::Instant>,
+    loaded: ArcSwap<Instant>,
 }
 
 /// A key set that could not be refreshed for this long is no longer
@@ -53,15 +54,25 @@ pub struct OidcVerifier {
 const MAX_KEY_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 impl OidcVerifier {
-    pub fn new(config: OidcConfig) -> Self {
-        let keys = match &config.jwks {
-            JwksSource::File(path) => read_jwks(path),
-            JwksSource::Url(_) => Err("the key set has not been fetched yet".to_string()),
+    /// A verifier for `config`. A key set fetched from a URL is carried over
+    /// from the `previous` verifier when it names the same URL: a reload
+    /// must not leave workloads unauthenticated until the next fetch, nor
+    /// at all while the issuer is unreachable.
+    pub fn new(config: OidcConfig, previous: Option<&OidcVerifier>) -> Self {
+        let (keys, loaded) = match (&config.jwks, previous) {
+            (JwksSource::File(path), _) => (Arc::new(read_jwks(path)), Arc::new(Instant::now())),
+            (JwksSource::Url(_), Some(previous)) if previous.config.jwks == config.jwks => {
+                (previous.keys.load_full(), previous.loaded.load_full())
+            }
+            (JwksSource::Url(_), _) => (
+                Arc::new(Err("the key set has not been fetched yet".to_string())),
+                Arc::new(Instant::now()),
+            ),
         };
         Self {
             config,
-            keys: ArcSwap::from_pointee(keys),
-            loaded: ArcSwap::from_pointee(std::time::Instant::now()),
+            keys: ArcSwap::new(keys),
+            loaded: ArcSwap::new(loaded),
         }
     }
 
@@ -74,7 +85,7 @@ impl OidcVerifier {
         match keys {
             Ok(keys) => {
                 self.keys.store(Arc::new(Ok(keys)));
-                self.loaded.store(Arc::new(std::time::Instant::now()));
+                self.loaded.store(Arc::new(Instant::now()));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot load the OIDC key set");

@@ -341,3 +341,72 @@ fn a_workload_jwt_must_match_its_proxy_user_name() {
     assert_eq!(status("coder"), 200);
     assert_eq!(status("mallory"), 401);
 }
+
+/// A `jwks_url` key set survives a reload: the new config version starts
+/// with the keys already fetched, so workloads keep working even while the
+/// issuer cannot be reached; a workload the reload maps anew works at once.
+#[test]
+fn a_reload_keeps_the_fetched_key_set_while_the_issuer_is_down() {
+    let upstream = Upstream::http();
+    let issuer = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys(dir.path());
+    issuer.put(
+        "/jwks.json",
+        "application/json",
+        keys.jwks.to_string().into_bytes(),
+    );
+    let config = |mapped: &str| {
+        format!(
+            r#"
+[identity.oidc]
+issuer = "{ISSUER}"
+audience = "sidekey"
+jwks_url = "{}/jwks.json"
+[identity.oidc.map]
+{mapped}
+{}"#,
+            issuer.base(),
+            echo_route(&upstream, "store")
+        )
+    };
+    let env = TestEnv::new(&config(r#""w" = "coder""#));
+    env.set_secret("api", SECRET);
+    let sidekey = env.spawn();
+    let call = |workload: &str| {
+        let token = sign(
+            Algorithm::ES256,
+            "ec-1",
+            &keys.es256,
+            &claims(workload, "sidekey", now() + 300),
+        );
+        client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    eventually(std::time::Duration::from_secs(5), || {
+        (call("w") == 200).then_some(())
+    });
+
+    // The issuer breaks, then the config is reloaded with one more workload.
+    issuer.put(
+        "/jwks.json",
+        "text/html",
+        b"<h1>502 Bad Gateway</h1>".to_vec(),
+    );
+    env.write_config(&config("\"w\" = \"coder\"\n\"w2\" = \"coder\""));
+    env.ok(&["reload"], None);
+    for _ in 0..10 {
+        assert_eq!(call("w"), 200, "{}", sidekey.stderr());
+        assert_eq!(call("w2"), 200, "{}", sidekey.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        issuer.count() >= 2,
+        "the key set was fetched again after the reload"
+    );
+}
