@@ -636,7 +636,7 @@ impl Proxy {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            let identity = self.lasting(plan.presented);
+            let identity = self.lasting(plan.presented, &flow.event);
             upgrade::splice(agent_side, upstream_side, scrubber, slot, identity);
             return Ok(Response::from_parts(parts, body::empty()));
         }
@@ -679,11 +679,14 @@ impl Proxy {
 
     /// What an open tunnel or upgraded connection needs to check `presented`
     /// again while it lasts.
-    fn lasting(&self, presented: Presented) -> LastingIdentity {
+    fn lasting(&self, presented: Presented, opened: &AuditEvent) -> LastingIdentity {
         LastingIdentity {
             live: self.live.clone(),
             verifier: self.verifier.clone(),
             presented,
+            metrics: self.metrics.clone(),
+            opened: opened.clone(),
+            opened_at: Instant::now(),
         }
     }
 

@@ -105,7 +105,7 @@ impl Proxy {
             let upstream = connect_checked(&host, port, reach).await?;
             let tunnels = self.metrics.active_tunnels.clone();
             let slot = req.extensions().get::<Arc<ConnSlot>>().cloned();
-            let identity = self.lasting(presented);
+            let identity = self.lasting(presented, &flow.event);
             tokio::spawn(async move {
                 match hyper::upgrade::on(req).await {
                     Ok(upgraded) => {

@@ -11,9 +11,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::ProxyError;
+use super::{Mode, ProxyError};
+use crate::audit::{AuditEvent, timestamp};
 use crate::identity::{IdentityError, Presented};
 use crate::live::Live;
+use crate::metrics::Metrics;
 use crate::token::Verifier;
 
 /// How often an open connection's identity is checked again. With the
@@ -32,22 +34,31 @@ pub(super) struct LastingIdentity {
     pub(super) live: Arc<Live>,
     pub(super) verifier: Arc<Verifier>,
     pub(super) presented: Presented,
+    pub(super) metrics: Arc<Metrics>,
+    /// The record that opened the connection; a closing one repeats its
+    /// request id, agent and destination.
+    pub(super) opened: AuditEvent,
+    pub(super) opened_at: Instant,
 }
 
 impl LastingIdentity {
     /// Runs `work` until it ends or the identity stops verifying; `None`
-    /// when the identity ended it.
+    /// when the identity ended it, which is audited as a refusal.
     pub(super) async fn guard<T>(self, work: impl Future<Output = T>) -> Option<T> {
-        tokio::select! {
-            done = work => Some(done),
-            () = self.lost() => {
-                tracing::info!("open connection closed: its identity no longer verifies");
-                None
-            }
-        }
+        let refusal = tokio::select! {
+            done = work => return Some(done),
+            refusal = self.lost() => refusal,
+        };
+        tracing::info!(
+            request_id = self.opened.request_id,
+            reason = refusal.code(),
+            "open connection closed: its identity no longer verifies"
+        );
+        self.audit_close(&refusal).await;
+        None
     }
 
-    async fn lost(&self) {
+    async fn lost(&self) -> ProxyError {
         let mut tick = tokio::time::interval(RECHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -58,10 +69,10 @@ impl LastingIdentity {
                 Ok(()) => unsure_since = None,
                 Err(e) if cannot_tell(&e) => {
                     if unsure_since.get_or_insert_with(Instant::now).elapsed() >= UNSURE_GRACE {
-                        return;
+                        return e;
                     }
                 }
-                Err(_) => return,
+                Err(e) => return e,
             }
         }
     }
@@ -71,6 +82,32 @@ impl LastingIdentity {
         let revocations = self.live.revocations();
         let list = revocations.as_ref().as_ref().map_err(|_| ());
         super::verify_presented(&self.verifier, list, &snapshot, &self.presented).map(|_| ())
+    }
+
+    /// The closing decision, under the opening record's request id, with
+    /// the status a new request would get for the same reason. The
+    /// connection is already cut, so a failed write is only counted.
+    async fn audit_close(&self, refusal: &ProxyError) {
+        let mode = if self.opened.mode == Mode::Reverse.as_str() {
+            Mode::Reverse
+        } else {
+            Mode::Forward
+        };
+        let event = AuditEvent {
+            ts: timestamp(),
+            decision: "deny",
+            reason: refusal.code(),
+            status: refusal.status(mode).as_u16(),
+            duration_ms: self.opened_at.elapsed().as_millis() as u64,
+            bytes_in: 0,
+            bytes_out: 0,
+            redactions: 0,
+            ..self.opened.clone()
+        };
+        if let Err(e) = self.live.snapshot().audit.record(&event).await {
+            self.metrics.audit_errors.inc();
+            tracing::error!(error = %e, request_id = event.request_id, "audit write failed");
+        }
     }
 }
 

@@ -64,7 +64,10 @@ pub(super) fn splice(
         let outbound = async {
             let _ = tokio::io::copy(&mut agent_read, &mut up_write).await;
             let _ = up_write.shutdown().await;
+            Ok(())
         };
+        // Ends in `Err` when the upstream's frames cannot be scrubbed: both
+        // sides are then dropped, not only the agent's.
         let inbound = async {
             let mut frames = FrameScrubber::default();
             let mut buf = vec![0u8; 16 * 1024];
@@ -76,23 +79,21 @@ pub(super) fn splice(
                 match frames.push(&scrubber, &buf[..n]) {
                     Ok(out) => {
                         if agent_write.write_all(&out).await.is_err() {
-                            return;
+                            return Ok(());
                         }
                     }
                     Err(e) => {
-                        // Nothing more can be scrubbed; the agent's side
-                        // is closed rather than fed unread bytes.
                         tracing::info!(error = %e, "WebSocket closed");
-                        let _ = agent_write.shutdown().await;
-                        return;
+                        return Err(e);
                     }
                 }
             }
             let _ = agent_write.write_all(&frames.finish(&scrubber)).await;
             let _ = agent_write.shutdown().await;
+            Ok(())
         };
         let spliced = super::forward::until_idle(slot, async {
-            tokio::join!(outbound, inbound);
+            let _ = tokio::try_join!(outbound, inbound);
         });
         identity.guard(spliced).await;
     });

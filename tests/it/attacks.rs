@@ -881,5 +881,41 @@ fn a_revoked_or_expired_agent_loses_its_open_tunnels_and_websockets() {
         .unwrap();
     let head = read_head(&mut kept);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Each closing is audited as a refusal under the request id that opened
+    // the connection; the connection that still holds has no such record.
+    let records = a.env.audit();
+    let closing = |session: &str, reason: &str, status: u64| {
+        let opened = records
+            .iter()
+            .find(|r| r["session"] == session && r["decision"] == "allow")
+            .unwrap_or_else(|| panic!("no opening record for {session}"));
+        let closed = records
+            .iter()
+            .filter(|r| r["request_id"] == opened["request_id"] && r["decision"] == "deny")
+            .collect::<Vec<_>>();
+        assert_eq!(closed.len(), 1, "{session}: {closed:?}");
+        let closed = closed[0];
+        assert_eq!(closed["reason"], reason, "{closed}");
+        assert_eq!(closed["status"], status, "{closed}");
+        for field in ["agent", "token_id", "mode", "host", "port", "route", "rule"] {
+            assert_eq!(closed[field], opened[field], "{field} of {closed}");
+        }
+    };
+    closing("tunnel-s", "token_revoked", 407);
+    closing("ws-s", "token_revoked", 401);
+    let expired = records
+        .iter()
+        .filter(|r| r["mode"] == "connect" && r["reason"] == "token_expired")
+        .count();
+    assert_eq!(expired, 1, "{records:?}");
+    let denials = records
+        .iter()
+        .filter(|r| r["mode"] == "connect" && r["decision"] == "deny")
+        .count();
+    assert_eq!(
+        denials, 2,
+        "only the revoked and the expired tunnels closed"
+    );
     assert_no_leak(&a.env.audit_text(), SECRET, "audit");
 }

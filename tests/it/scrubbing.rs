@@ -206,6 +206,19 @@ fn websocket_upgrade_carries_the_credential_and_masks_it_in_frames() {
     let mut echo = [0u8; 11];
     reader.read_exact(&mut echo).unwrap();
     assert_eq!(&echo, text);
+
+    // A masked frame from the upstream (here the agent's own, echoed) cannot
+    // be scrubbed: sidekey closes both sides, though the agent keeps its
+    // socket open.
+    assert_eq!(upstream.open_websockets(), 1);
+    writer.write_all(b"\x81\x84\x01\x02\x03\x04abcd").unwrap();
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{rest:?}");
+    eventually(std::time::Duration::from_secs(3), || {
+        (upstream.open_websockets() == 0).then_some(())
+    });
+    drop(writer);
 }
 
 #[test]

@@ -96,6 +96,8 @@ struct Shared {
     seen: Mutex<Vec<Seen>>,
     /// Connections accepted and not yet closed.
     open: std::sync::atomic::AtomicUsize,
+    /// Upgraded (WebSocket) connections not yet closed.
+    websockets: std::sync::atomic::AtomicUsize,
     release: Semaphore,
     /// Static files a test put: path -> (content type, body).
     files: Mutex<std::collections::HashMap<String, (String, Vec<u8>)>>,
@@ -147,6 +149,7 @@ impl Upstream {
         let shared = Arc::new(Shared {
             seen: Mutex::new(Vec::new()),
             open: Default::default(),
+            websockets: Default::default(),
             release: Semaphore::new(0),
             files: Mutex::default(),
         });
@@ -224,6 +227,13 @@ impl Upstream {
         self.shared.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Upgraded (WebSocket) connections open to this upstream now.
+    pub fn open_websockets(&self) -> usize {
+        self.shared
+            .websockets
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn last(&self) -> Seen {
         self.seen().pop().expect("the upstream received a request")
     }
@@ -240,6 +250,26 @@ impl Upstream {
     /// Lets one waiting `/sse` response finish.
     pub fn release(&self) {
         self.shared.release.add_permits(1);
+    }
+}
+
+/// Counts one WebSocket as open until it is dropped.
+struct OpenWebSocket(Arc<Shared>);
+
+impl OpenWebSocket {
+    fn count(shared: &Arc<Shared>) -> Self {
+        shared
+            .websockets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for OpenWebSocket {
+    fn drop(&mut self) {
+        self.0
+            .websockets
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -322,9 +352,11 @@ async fn handle(
         // (a hostile upstream), then echo raw bytes.
         let greeting = format!("hello {auth}");
         let split = format!("frag:{auth}");
+        let shared = shared.clone();
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let Ok(upgraded) = upgrade.await else { return };
+            let _open = OpenWebSocket::count(&shared);
             let mut io = TokioIo::new(upgraded);
             let mut frame = vec![0x81, greeting.len() as u8];
             frame.extend_from_slice(greeting.as_bytes());
