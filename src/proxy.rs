@@ -50,7 +50,7 @@ use crate::token::{Verifier, random_id};
 
 use body::{AgentBody, Body, Scrubbed, full};
 pub use error::{Mode, ProxyError};
-use lasting::LastingIdentity;
+use lasting::{Granted, LastingIdentity};
 use pool::UpstreamBody;
 
 /// Responses up to this size with a declared length are read whole, so they
@@ -561,6 +561,14 @@ impl Proxy {
         let agent_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+        // What the policy decides again while an upgraded connection lasts.
+        let (upgrade_method, upgrade_overrides) = match agent_upgrade {
+            Some(_) => (
+                parts.method.clone(),
+                method_overrides(&parts.headers, parts.uri.query())?,
+            ),
+            None => Default::default(),
+        };
         let slot = parts
             .extensions
             .get::<Arc<crate::listen::ConnSlot>>()
@@ -636,7 +644,15 @@ impl Proxy {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            let identity = self.lasting(plan.presented, &flow.event);
+            let granted = Granted::Upgrade {
+                route: plan.route.as_ref().map(|r| r.name.clone()),
+                host: plan.host,
+                port: plan.port,
+                method: upgrade_method,
+                overrides: upgrade_overrides,
+                path: plan.path,
+            };
+            let identity = self.lasting(plan.presented, granted, &flow.event);
             upgrade::splice(agent_side, upstream_side, scrubber, slot, identity);
             return Ok(Response::from_parts(parts, body::empty()));
         }
@@ -679,11 +695,17 @@ impl Proxy {
 
     /// What an open tunnel or upgraded connection needs to check `presented`
     /// again while it lasts.
-    fn lasting(&self, presented: Presented, opened: &AuditEvent) -> LastingIdentity {
+    fn lasting(
+        &self,
+        presented: Presented,
+        granted: Granted,
+        opened: &AuditEvent,
+    ) -> LastingIdentity {
         LastingIdentity {
             live: self.live.clone(),
             verifier: self.verifier.clone(),
             presented,
+            granted,
             metrics: self.metrics.clone(),
             opened: opened.clone(),
             opened_at: Instant::now(),

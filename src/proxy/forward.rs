@@ -17,6 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 use super::body::{Body, empty};
+use super::lasting::Granted;
 use super::{Flow, Plan, Proxy, ProxyError, Response};
 use crate::config::Route;
 use crate::egress::{self, Reach};
@@ -105,7 +106,11 @@ impl Proxy {
             let upstream = connect_checked(&host, port, reach).await?;
             let tunnels = self.metrics.active_tunnels.clone();
             let slot = req.extensions().get::<Arc<ConnSlot>>().cloned();
-            let identity = self.lasting(presented, &flow.event);
+            let granted = Granted::Tunnel {
+                host: host.clone(),
+                port,
+            };
+            let identity = self.lasting(presented, granted, &flow.event);
             tokio::spawn(async move {
                 match hyper::upgrade::on(req).await {
                     Ok(upgraded) => {

@@ -4,18 +4,22 @@
 //! last. A revocation (SPEC: "also on open keep-alive and CONNECT
 //! connections"), an expired token or certificate, or a uid or workload no
 //! longer mapped to an agent closes them; otherwise a revoked agent would
-//! keep a session that the real credential opened. Policy is not decided
-//! again: a rule removed by a reload applies to the next connection.
+//! keep a session that the real credential opened. The policy decision
+//! that let the connection open is taken again too, so a reload that
+//! withdraws it (a rule removed, a deny added) closes the connection.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::Method;
+
 use super::{Mode, ProxyError};
 use crate::audit::{AuditEvent, timestamp};
-use crate::identity::{IdentityError, Presented};
+use crate::identity::{Agent, IdentityError, Presented};
 use crate::live::Live;
 use crate::metrics::Metrics;
+use crate::policy::{NormalPath, Policy};
 use crate::token::Verifier;
 
 /// How often an open connection's identity is checked again. With the
@@ -29,11 +33,73 @@ const RECHECK: Duration = Duration::from_millis(500);
 /// not cut every open connection.
 const UNSURE_GRACE: Duration = Duration::from_secs(30);
 
-/// The identity an open connection was authorized with.
+/// What the policy let open, to be decided again while it lasts.
+pub(super) enum Granted {
+    /// A CONNECT tunnelled blind: no route, no rule that needs to see
+    /// methods or paths.
+    Tunnel { host: String, port: u16 },
+    /// An upgraded request.
+    Upgrade {
+        route: Option<String>,
+        host: String,
+        port: u16,
+        method: Method,
+        overrides: Vec<Method>,
+        path: NormalPath,
+    },
+}
+
+impl Granted {
+    fn still(&self, policy: &Policy, agent: &Agent) -> Result<(), ProxyError> {
+        let (allowed, rule) = match self {
+            Self::Tunnel { host, port } => {
+                let decision = policy.check_connect(
+                    &agent.name,
+                    &agent.session,
+                    agent.claims.as_deref(),
+                    None,
+                    host,
+                    *port,
+                );
+                (decision.allowed && !decision.inspect, decision.rule)
+            }
+            Self::Upgrade {
+                route,
+                host,
+                port,
+                method,
+                overrides,
+                path,
+            } => {
+                let decision = policy.check(&crate::policy::Request {
+                    agent: &agent.name,
+                    session: &agent.session,
+                    claims: agent.claims.as_deref(),
+                    route: route.as_deref(),
+                    host,
+                    port: *port,
+                    method,
+                    overrides,
+                    path,
+                });
+                (decision.allowed, decision.rule)
+            }
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(ProxyError::Denied { rule })
+        }
+    }
+}
+
+/// The identity an open connection was authorized with, and what it was
+/// allowed.
 pub(super) struct LastingIdentity {
     pub(super) live: Arc<Live>,
     pub(super) verifier: Arc<Verifier>,
     pub(super) presented: Presented,
+    pub(super) granted: Granted,
     pub(super) metrics: Arc<Metrics>,
     /// The record that opened the connection; a closing one repeats its
     /// request id, agent and destination.
@@ -42,8 +108,9 @@ pub(super) struct LastingIdentity {
 }
 
 impl LastingIdentity {
-    /// Runs `work` until it ends or the identity stops verifying; `None`
-    /// when the identity ended it, which is audited as a refusal.
+    /// Runs `work` until it ends, the identity stops verifying or the
+    /// policy withdraws what it granted; `None` when one of those ended it,
+    /// which is audited as a refusal.
     pub(super) async fn guard<T>(self, work: impl Future<Output = T>) -> Option<T> {
         let refusal = tokio::select! {
             done = work => return Some(done),
@@ -52,7 +119,7 @@ impl LastingIdentity {
         tracing::info!(
             request_id = self.opened.request_id,
             reason = refusal.code(),
-            "open connection closed: its identity no longer verifies"
+            "open connection closed: its identity no longer verifies or the policy withdrew it"
         );
         self.audit_close(&refusal).await;
         None
@@ -81,7 +148,8 @@ impl LastingIdentity {
         let snapshot = self.live.snapshot();
         let revocations = self.live.revocations();
         let list = revocations.as_ref().as_ref().map_err(|_| ());
-        super::verify_presented(&self.verifier, list, &snapshot, &self.presented).map(|_| ())
+        let agent = super::verify_presented(&self.verifier, list, &snapshot, &self.presented)?;
+        self.granted.still(&snapshot.policy, &agent)
     }
 
     /// The closing decision, under the opening record's request id, with
@@ -97,6 +165,11 @@ impl LastingIdentity {
             ts: timestamp(),
             decision: "deny",
             reason: refusal.code(),
+            // The rule that withdrew the permission; none for an identity.
+            rule: match refusal {
+                ProxyError::Denied { rule } => rule.clone(),
+                _ => None,
+            },
             status: refusal.status(mode).as_u16(),
             duration_ms: self.opened_at.elapsed().as_millis() as u64,
             bytes_in: 0,

@@ -763,6 +763,62 @@ fn another_process_of_the_same_user_cannot_read_sidekeys_memory_and_no_core_is_w
     assert_eq!(core.split_whitespace().nth(5), Some("0"), "{core}");
 }
 
+/// A blind tunnel to the `other` upstream, with one request through it.
+fn blind_tunnel(a: &Arena, token: &str) -> TcpStream {
+    let other = a.other.addr;
+    let mut conn = TcpStream::connect(a.sidekey.addr).unwrap();
+    conn.write_all(
+        format!(
+            "CONNECT {other} HTTP/1.1\r\nHost: {other}\r\nProxy-Authorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let head = read_head(&mut conn);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    conn.write_all(format!("GET /through HTTP/1.1\r\nHost: {other}\r\n\r\n").as_bytes())
+        .unwrap();
+    let head = read_head(&mut conn);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    conn
+}
+
+/// A WebSocket through the reverse gateway at `path` (ending in `/ws`),
+/// with the real credential on its upgrade and one frame echoed.
+fn websocket(a: &Arena, path: &str, token: &str) -> TcpStream {
+    let mut ws = TcpStream::connect(a.sidekey.addr).unwrap();
+    ws.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: s\r\nAuthorization: Bearer {token}\r\n\
+             Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let head = read_head(&mut ws);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ws
+}
+
+/// The record that opened `session`'s one connection and the one deny
+/// that closed it.
+fn closing_record<'r>(
+    records: &'r [serde_json::Value],
+    session: &str,
+) -> (&'r serde_json::Value, &'r serde_json::Value) {
+    let opened = records
+        .iter()
+        .find(|r| r["session"] == session && r["decision"] == "allow")
+        .unwrap_or_else(|| panic!("no opening record for {session}"));
+    let closed = records
+        .iter()
+        .filter(|r| r["request_id"] == opened["request_id"] && r["decision"] == "deny")
+        .collect::<Vec<_>>();
+    assert_eq!(closed.len(), 1, "{session}: {closed:?}");
+    (opened, closed[0])
+}
+
 /// Whether the peer closes `conn` within `within` (bytes that still arrive
 /// are read and dropped).
 fn closed_within(conn: &mut TcpStream, within: Duration) -> bool {
@@ -816,21 +872,7 @@ fn a_revoked_or_expired_agent_loses_its_open_tunnels_and_websockets() {
     let a = arena();
     let other = a.other.addr;
     // A blind tunnel, opened by an agent that is then revoked.
-    let connect = |token: &str| {
-        let mut conn = TcpStream::connect(a.sidekey.addr).unwrap();
-        conn.write_all(
-            format!("CONNECT {other} HTTP/1.1\r\nHost: {other}\r\nProxy-Authorization: Bearer {token}\r\n\r\n")
-                .as_bytes(),
-        )
-        .unwrap();
-        let head = read_head(&mut conn);
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        conn.write_all(format!("GET /through HTTP/1.1\r\nHost: {other}\r\n\r\n").as_bytes())
-            .unwrap();
-        let head = read_head(&mut conn);
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        conn
-    };
+    let connect = |token: &str| blind_tunnel(&a, token);
     let revoked_tunnel = a.env.token_with(&["reviewer", "--session", "tunnel-s"]);
     let mut tunnel = connect(&revoked_tunnel);
     let expiring_tunnel = a.env.token_with(&["reviewer", "--ttl", "2s"]);
@@ -840,20 +882,7 @@ fn a_revoked_or_expired_agent_loses_its_open_tunnels_and_websockets() {
 
     // A WebSocket whose upgrade carried the real credential.
     let ws_token = a.env.token_with(&["coder", "--session", "ws-s"]);
-    let mut ws = TcpStream::connect(a.sidekey.addr).unwrap();
-    ws.write_all(
-        format!(
-            "GET /echo/v1/allowed/ws HTTP/1.1\r\nHost: s\r\nAuthorization: Bearer {ws_token}\r\n\
-             Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    let head = read_head(&mut ws);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    // A text frame, which the upstream echoes as it is.
-    ws.write_all(b"\x81\x04ping").unwrap();
+    let mut ws = websocket(&a, "/echo/v1/allowed/ws", &ws_token);
     assert!(!closed_within(&mut ws, Duration::from_millis(600)));
 
     a.env
@@ -885,25 +914,17 @@ fn a_revoked_or_expired_agent_loses_its_open_tunnels_and_websockets() {
     // Each closing is audited as a refusal under the request id that opened
     // the connection; the connection that still holds has no such record.
     let records = a.env.audit();
-    let closing = |session: &str, reason: &str, status: u64| {
-        let opened = records
-            .iter()
-            .find(|r| r["session"] == session && r["decision"] == "allow")
-            .unwrap_or_else(|| panic!("no opening record for {session}"));
-        let closed = records
-            .iter()
-            .filter(|r| r["request_id"] == opened["request_id"] && r["decision"] == "deny")
-            .collect::<Vec<_>>();
-        assert_eq!(closed.len(), 1, "{session}: {closed:?}");
-        let closed = closed[0];
-        assert_eq!(closed["reason"], reason, "{closed}");
+    let closing = |session: &str| closing_record(&records, session);
+    let same = ["agent", "token_id", "mode", "host", "port", "route"];
+    for (session, status) in [("tunnel-s", 407), ("ws-s", 401)] {
+        let (opened, closed) = closing(session);
+        assert_eq!(closed["reason"], "token_revoked", "{closed}");
         assert_eq!(closed["status"], status, "{closed}");
-        for field in ["agent", "token_id", "mode", "host", "port", "route", "rule"] {
+        assert_eq!(closed["rule"], serde_json::Value::Null, "{closed}");
+        for field in same {
             assert_eq!(closed[field], opened[field], "{field} of {closed}");
         }
-    };
-    closing("tunnel-s", "token_revoked", 407);
-    closing("ws-s", "token_revoked", 401);
+    }
     let expired = records
         .iter()
         .filter(|r| r["mode"] == "connect" && r["reason"] == "token_expired")
@@ -918,4 +939,61 @@ fn a_revoked_or_expired_agent_loses_its_open_tunnels_and_websockets() {
         "only the revoked and the expired tunnels closed"
     );
     assert_no_leak(&a.env.audit_text(), SECRET, "audit");
+}
+
+/// A reload that withdraws what the policy granted an open blind tunnel or
+/// WebSocket closes it, and audits the closing; what is still allowed stays.
+#[test]
+fn a_reload_that_withdraws_a_permission_closes_what_it_let_open() {
+    let a = arena();
+    let reviewer = a.env.token_with(&["reviewer", "--session", "tunnel-s"]);
+    let mut tunnel = blind_tunnel(&a, &reviewer);
+    let coder = |session: &str| a.env.token_with(&["coder", "--session", session]);
+    let mut chat = websocket(&a, "/echo/v1/allowed/chat/ws", &coder("chat-s"));
+    let mut kept = websocket(&a, "/echo/v1/allowed/kept/ws", &coder("kept-s"));
+
+    // The reviewer's host rule now needs to see paths (so a tunnel would be
+    // intercepted), and a deny covers the chat WebSocket's path.
+    let config = std::fs::read_to_string(&a.env.config).unwrap();
+    let port = a.other.addr.port();
+    let narrowed = config.replace(
+        &format!("port = {port}\naction"),
+        &format!("port = {port}\npaths = [\"/through\"]\naction"),
+    ) + "\n[[rules]]\nname = \"no-chat\"\nagents = [\"coder\"]\nroute = \"echo\"\npaths = [\"/v1/allowed/chat/**\"]\naction = \"deny\"\n";
+    assert_ne!(narrowed, config);
+    std::fs::write(&a.env.config, narrowed).unwrap();
+    a.env.ok(&["reload"], None);
+
+    assert!(
+        closed_within(&mut tunnel, Duration::from_secs(3)),
+        "tunnel kept after its rule changed"
+    );
+    assert!(
+        closed_within(&mut chat, Duration::from_secs(3)),
+        "WebSocket kept after a deny covered it"
+    );
+    // Past the upstream's greeting frames, the kept one still echoes.
+    assert!(!closed_within(&mut kept, Duration::from_millis(300)));
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    kept.write_all(b"\x81\x04ping").unwrap();
+    let mut echo = [0u8; 6];
+    kept.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"\x81\x04ping");
+
+    let records = a.env.audit();
+    let (_, closed) = closing_record(&records, "tunnel-s");
+    assert_eq!(
+        (&closed["reason"], &closed["status"]),
+        (&"policy_denied".into(), &403.into()),
+        "{closed}"
+    );
+    let (_, closed) = closing_record(&records, "chat-s");
+    assert_eq!(closed["reason"], "policy_denied", "{closed}");
+    assert_eq!(closed["rule"], "no-chat", "{closed}");
+    assert!(
+        !records
+            .iter()
+            .any(|r| r["session"] == "kept-s" && r["decision"] == "deny"),
+        "{records:?}"
+    );
 }
