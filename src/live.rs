@@ -6,7 +6,6 @@
 //! revocation list) every [`POLL`]; a change is live within one period, well
 //! inside SPEC's one second, on every open connection.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -14,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use zeroize::Zeroizing;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError, Problem, Slot};
@@ -21,6 +21,7 @@ use crate::identity::oidc::{JwksSource, OidcVerifier, parse_jwks, read_jwks};
 use crate::policy::Policy;
 use crate::proxy::upstream::Clients;
 use crate::scrub::{Scrubber, variants};
+use crate::secret::Secret;
 use crate::secret::source::{SecretSource, SecretTable};
 use crate::secret::store::MasterKey;
 use crate::state::StateDir;
@@ -42,12 +43,38 @@ pub struct Snapshot {
 #[derive(Debug)]
 pub struct SecretView {
     pub table: SecretTable,
+    /// Scrubs the values in `table` and the `retired` ones.
     pub scrubber: Arc<Scrubber>,
     /// The config version whose sources were read; a request uses a view
     /// only with that same version, so a secret name reused by a reload can
     /// never lend the old source's value to the new route.
     config: Arc<Config>,
+    retired: Vec<Retired>,
 }
+
+/// A value that was injected and is no longer in use: rotated, removed, or
+/// its source failing. It may still be valid at the provider, and an
+/// upstream may have stored it (a key listing, a request log), so it is
+/// scrubbed for [`RETIRED_FOR`] after it left.
+struct Retired {
+    value: Arc<Secret>,
+    patterns: Vec<Zeroizing<Vec<u8>>>,
+    since: std::time::Instant,
+}
+
+impl std::fmt::Debug for Retired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retired")
+            .field("since", &self.since)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a retired value is still scrubbed.
+const RETIRED_FOR: Duration = Duration::from_secs(24 * 3600);
+/// At most this many retired values, the latest, so that a source that
+/// rotates often does not grow the scrubber without bound.
+const MAX_RETIRED: usize = 16;
 
 #[derive(Debug)]
 pub struct Live {
@@ -91,7 +118,7 @@ impl Live {
             jwks: None,
             secrets_loaded: Some(std::time::Instant::now()),
         };
-        let secrets = load_secrets(&snapshot.config, &state, master_key.as_ref());
+        let secrets = load_secrets(&snapshot.config, &state, master_key.as_ref(), None);
         let revocations = Revocations::read(&state.revocations()).map_err(|e| e.to_string());
         Ok(Self {
             state,
@@ -161,7 +188,12 @@ impl Live {
         }
         let snapshot = build_snapshot(config, &self.state, self.listen_override, Some(&current))?;
         seen.secrets = secret_stamps(&snapshot.config, &self.state);
-        let secrets = load_secrets(&snapshot.config, &self.state, self.master_key.as_ref());
+        let secrets = load_secrets(
+            &snapshot.config,
+            &self.state,
+            self.master_key.as_ref(),
+            Some(&self.secrets.load()),
+        );
         self.snapshot.store(Arc::new(snapshot));
         self.secrets.store(Arc::new(secrets));
         tracing::info!(config = %self.config_path.display(), "config reloaded");
@@ -223,14 +255,24 @@ impl Live {
         }
         let config = snapshot.config.clone();
         let now = secret_stamps(&config, &self.state);
-        let expiring = self.secrets.load().table.expiring(EXPIRY_MARGIN)
+        let previous = self.secrets.load_full();
+        let expiring = previous.table.expiring(EXPIRY_MARGIN)
             && seen
                 .secrets_loaded
                 .is_none_or(|at| at.elapsed() >= EXPIRY_RETRY);
-        if now != seen.secrets || expiring {
+        let retired_ended = previous
+            .retired
+            .iter()
+            .any(|r| r.since.elapsed() >= RETIRED_FOR);
+        if now != seen.secrets || expiring || retired_ended {
             seen.secrets = now;
             seen.secrets_loaded = Some(std::time::Instant::now());
-            let view = load_secrets(&config, &self.state, self.master_key.as_ref());
+            let view = load_secrets(
+                &config,
+                &self.state,
+                self.master_key.as_ref(),
+                Some(&previous),
+            );
             self.secrets.store(Arc::new(view));
             tracing::info!("secrets reloaded");
         }
@@ -335,36 +377,57 @@ fn build_snapshot(
     })
 }
 
+/// Reads `config`'s secrets and builds their scrubber, which also covers
+/// the values `previous` held that are no longer in use.
 fn load_secrets(
     config: &Arc<Config>,
     state: &StateDir,
     master_key: Option<&MasterKey>,
+    previous: Option<&SecretView>,
 ) -> SecretView {
     let table = SecretTable::load(config, state, master_key);
     for (name, reason) in table.failures() {
         tracing::warn!(secret = name, reason, "secret unavailable");
     }
-    // Basic credentials come back base64-encoded with their user name.
-    let mut usernames: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for route in config.routes.values() {
-        if let Some(inject) = &route.inject
-            && let Slot::Basic { username } = &inject.slot
-        {
-            usernames.entry(&inject.secret).or_default().push(username);
+    let in_use = |value: &Secret| table.values().any(|(_, current)| **current == *value);
+    let mut retired: Vec<Retired> = Vec::new();
+    if let Some(previous) = previous {
+        for (name, value) in previous.table.values() {
+            if !in_use(value) && !retired.iter().any(|r| r.value == *value) {
+                retired.push(Retired {
+                    value: value.clone(),
+                    patterns: scrub_patterns(&previous.config, name, value),
+                    since: std::time::Instant::now(),
+                });
+            }
+        }
+        for old in &previous.retired {
+            if old.since.elapsed() < RETIRED_FOR
+                && !in_use(&old.value)
+                && !retired.iter().any(|r| r.value == old.value)
+            {
+                retired.push(Retired {
+                    value: old.value.clone(),
+                    patterns: old.patterns.clone(),
+                    since: old.since,
+                });
+            }
         }
     }
+    // Newest first, so the cap drops the oldest.
+    retired.sort_by_key(|r| std::cmp::Reverse(r.since));
+    retired.truncate(MAX_RETIRED);
     let mut patterns = Vec::new();
     for (name, secret) in table.values() {
-        patterns.extend(variants(secret, None));
-        for user in usernames.get(name).into_iter().flatten() {
-            patterns.extend(variants(secret, Some(user)));
-        }
+        patterns.extend(scrub_patterns(config, name, secret));
     }
+    patterns.extend(retired.iter().flat_map(|r| r.patterns.iter().cloned()));
     match Scrubber::new(patterns) {
         Ok(scrubber) => SecretView {
             table,
             scrubber: Arc::new(scrubber),
             config: config.clone(),
+            retired,
         },
         Err(e) => {
             // Fail closed: without a scrubber no credential may be used.
@@ -373,7 +436,23 @@ fn load_secrets(
                 table: SecretTable::default(),
                 scrubber: Arc::new(Scrubber::default()),
                 config: config.clone(),
+                retired,
             }
         }
     }
+}
+
+/// The forms in which secret `name` may come back; Basic credentials come
+/// back base64-encoded with the user names `config` pairs them with.
+fn scrub_patterns(config: &Config, name: &str, secret: &Secret) -> Vec<Zeroizing<Vec<u8>>> {
+    let mut patterns = variants(secret, None);
+    for route in config.routes.values() {
+        if let Some(inject) = &route.inject
+            && inject.secret == name
+            && let Slot::Basic { username } = &inject.slot
+        {
+            patterns.extend(variants(secret, Some(username)));
+        }
+    }
+    patterns
 }

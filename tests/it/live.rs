@@ -31,9 +31,70 @@ fn a_rotated_store_secret_is_used_without_restart() {
         assert_eq!(get().status(), 200);
         (bearer(&upstream).as_deref() == Some("Bearer sk-new-value-2")).then_some(())
     });
-    // The old value is scrubbed no more, the new one is.
     let body = get().text().unwrap();
     assert_no_leak(&body, "sk-new-value-2", "response");
+}
+
+/// An upstream may have stored a value sidekey injected (a key listing, a
+/// request log). Rotating or removing that secret does not make its old
+/// value safe to show: it may still be valid at the provider.
+#[test]
+fn a_rotated_or_removed_value_is_still_scrubbed() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        r#"{}
+[secrets.other]
+source = "store"
+
+[routes.other]
+upstream = "{}"
+allow_private = true
+inject = {{ header = "x-api-key", secret = "other" }}
+
+[[rules]]
+agents = ["coder"]
+route = "other"
+action = "allow"
+"#,
+        echo_route(&upstream, "store"),
+        upstream.base()
+    ));
+    let (old, new) = ("sk-old-value-7f3a9c", "sk-new-value-2d8e41");
+    env.set_secret("api", old);
+    env.set_secret("other", "sk-other-value-5b1c");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = |path: &str| {
+        // The agent token goes where the route's credential goes.
+        let res = client()
+            .get(sidekey.url(path))
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-api-key", &token)
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        res.text().unwrap()
+    };
+    get("/echo/x");
+    upstream.put(
+        "/keys",
+        "application/json",
+        format!(r#"{{"keys":["{old}","{new}"]}}"#).into_bytes(),
+    );
+    let redacted = r#"{"keys":["[REDACTED]","[REDACTED]"]}"#;
+
+    env.set_secret("api", new);
+    eventually(WITHIN, || {
+        get("/echo/x");
+        (bearer(&upstream).as_deref() == Some(&format!("Bearer {new}"))).then_some(())
+    });
+    assert_eq!(get("/echo/keys"), redacted);
+    assert_eq!(get("/other/keys"), redacted);
+
+    // Removed: both values are still scrubbed on every route.
+    env.ok(&["secret", "rm", "api"], None);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(get("/other/keys"), redacted);
 }
 
 #[test]
