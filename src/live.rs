@@ -55,11 +55,22 @@ pub struct SecretView {
 /// A value that was injected and is no longer in use: rotated, removed, or
 /// its source failing. It may still be valid at the provider, and an
 /// upstream may have stored it (a key listing, a request log), so it is
-/// scrubbed for [`RETIRED_FOR`] after it left.
+/// scrubbed for [`RETIRED_FOR`] after it left, or until it expires.
 struct Retired {
     value: Arc<Secret>,
     patterns: Vec<Zeroizing<Vec<u8>>>,
     since: std::time::Instant,
+    /// When its source said it expires (a credential process's value).
+    expires: Option<std::time::SystemTime>,
+}
+
+impl Retired {
+    fn ended(&self) -> bool {
+        self.since.elapsed() >= RETIRED_FOR
+            || self
+                .expires
+                .is_some_and(|at| at <= std::time::SystemTime::now())
+    }
 }
 
 impl std::fmt::Debug for Retired {
@@ -260,10 +271,7 @@ impl Live {
             && seen
                 .secrets_loaded
                 .is_none_or(|at| at.elapsed() >= EXPIRY_RETRY);
-        let retired_ended = previous
-            .retired
-            .iter()
-            .any(|r| r.since.elapsed() >= RETIRED_FOR);
+        let retired_ended = previous.retired.iter().any(Retired::ended);
         if now != seen.secrets || expiring || retired_ended {
             seen.secrets = now;
             seen.secrets_loaded = Some(std::time::Instant::now());
@@ -398,18 +406,18 @@ fn load_secrets(
                     value: value.clone(),
                     patterns: scrub_patterns(&previous.config, name, value),
                     since: std::time::Instant::now(),
+                    expires: previous.table.expires_at(name),
                 });
             }
         }
         for old in &previous.retired {
-            if old.since.elapsed() < RETIRED_FOR
-                && !in_use(&old.value)
-                && !retired.iter().any(|r| r.value == old.value)
+            if !old.ended() && !in_use(&old.value) && !retired.iter().any(|r| r.value == old.value)
             {
                 retired.push(Retired {
                     value: old.value.clone(),
                     patterns: old.patterns.clone(),
                     since: old.since,
+                    expires: old.expires,
                 });
             }
         }

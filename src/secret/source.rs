@@ -183,6 +183,11 @@ impl SecretTable {
             .is_some_and(|at| at <= std::time::SystemTime::now() + margin)
     }
 
+    /// When `name`'s value expires, if its source said.
+    pub fn expires_at(&self, name: &str) -> Option<std::time::SystemTime> {
+        self.expiry.get(name).copied()
+    }
+
     pub fn get(&self, name: &str) -> Result<&Arc<Secret>, Unavailable> {
         // A value past its expires_at is never used, even if renewing stalls.
         if self
