@@ -6,7 +6,9 @@
 //! - `scrub/*`: response scrubbing (one secret, all its variants), streamed in
 //!   one 64 B chunk and as 1 MiB in 16 KiB chunks (text, and binary as in a
 //!   download or a git pack), plus `scrub_all` on 64 B;
-//! - `request`: all of the above for one call with a 64 B response.
+//! - `request`: all of the above for one call with a 64 B response;
+//! - `oidc_verify/*`: a workload JWT (ES256) checked for the first time, and
+//!   again, as on every later request and open-tunnel recheck.
 #![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
@@ -16,6 +18,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
 use sidekey::config::{Config, Slot};
+use sidekey::identity::oidc::{JwksSource, OidcConfig, OidcVerifier};
 use sidekey::policy::{NormalPath, Policy, Request, path::normalize};
 use sidekey::scrub::{ScrubStream, Scrubber, variants};
 use sidekey::secret::Secret;
@@ -186,5 +189,58 @@ fn hot_path(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hot_path);
+/// A verifier for one ES256 key, and a workload token it accepts.
+fn oidc() -> (OidcVerifier, String) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let point = pair.public_key_raw();
+    let keys = serde_json::json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256",
+        "x": b64.encode(&point[1..33]), "y": b64.encode(&point[33..65]),
+    }]});
+    let verifier = OidcVerifier::new(
+        OidcConfig {
+            issuer: "https://issuer.test".into(),
+            audience: "sidekey".into(),
+            jwks: JwksSource::Url("https://issuer.test/keys".into()),
+            claim: "sub".into(),
+            map: [("w".to_string(), "coder".to_string())].into(),
+        },
+        None,
+    );
+    verifier.set_keys(Ok(serde_json::from_value(keys).unwrap()));
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("k1".into());
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let claims =
+        serde_json::json!({"iss": "https://issuer.test", "aud": "sidekey", "sub": "w", "exp": exp});
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+    (
+        verifier,
+        jsonwebtoken::encode(&header, &claims, &key).unwrap(),
+    )
+}
+
+fn identity(c: &mut Criterion) {
+    let mut g = c.benchmark_group("oidc_verify");
+    g.bench_function("first", |b| {
+        b.iter_batched(
+            oidc,
+            |(verifier, token)| verifier.verify(black_box(&token)).unwrap(),
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    let (verifier, token) = oidc();
+    g.bench_function("again", |b| {
+        b.iter(|| verifier.verify(black_box(&token)).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, hot_path, identity);
 criterion_main!(benches);

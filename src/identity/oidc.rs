@@ -7,9 +7,11 @@
 //! confusion fail), symmetric (`oct`) keys are never used, and the key set
 //! failing to load fails closed.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -41,12 +43,39 @@ pub enum JwksSource {
 }
 
 /// Verifies workload JWTs against the issuer's current key set.
-#[derive(Debug)]
 pub struct OidcVerifier {
     config: OidcConfig,
     keys: ArcSwap<Result<JwkSet, String>>,
     /// When the key set was last loaded successfully.
     loaded: ArcSwap<Instant>,
+    /// Tokens whose signature checked out against the current key set, so a
+    /// workload's keep-alive traffic (and the recheck of its open tunnels)
+    /// pays for one signature check, not one per request. Keyed by a keyed
+    /// hash of the token's last bytes (its signature's); an entry counts
+    /// only when its whole text equals the token presented. Expiry is still
+    /// checked on every use, revocation by the caller; a changed key set
+    /// empties it.
+    verified: Mutex<HashMap<u64, Verified>>,
+    cache_hasher: RandomState,
+}
+
+struct Verified {
+    token: Box<str>,
+    agent: Agent,
+    claims: Claims,
+}
+
+/// Bounds the cache; when full it starts over, which only costs re-checks.
+const VERIFIED_CACHE: usize = 4096;
+/// How many of a token's last bytes key the cache.
+const CACHE_KEY_BYTES: usize = 32;
+
+impl std::fmt::Debug for OidcVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OidcVerifier")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A key set that could not be refreshed for this long is no longer
@@ -73,6 +102,8 @@ impl OidcVerifier {
             config,
             keys: ArcSwap::new(keys),
             loaded: ArcSwap::new(loaded),
+            verified: Mutex::default(),
+            cache_hasher: RandomState::new(),
         }
     }
 
@@ -84,7 +115,11 @@ impl OidcVerifier {
     pub fn set_keys(&self, keys: Result<JwkSet, String>) {
         match keys {
             Ok(keys) => {
-                self.keys.store(Arc::new(Ok(keys)));
+                if self.keys.load().as_ref().as_ref().ok() != Some(&keys) {
+                    // A key removed from the set vouches for no token any more.
+                    self.keys.store(Arc::new(Ok(keys)));
+                    self.lock_verified().clear();
+                }
                 self.loaded.store(Arc::new(Instant::now()));
             }
             Err(e) => {
@@ -99,6 +134,9 @@ impl OidcVerifier {
     /// Whether `token` claims to come from this issuer (not yet verified:
     /// it only picks the verifier that will check it).
     pub fn is_for(&self, token: &str) -> bool {
+        if self.cached(token).is_some() {
+            return true;
+        }
         #[derive(serde::Deserialize)]
         struct Iss {
             iss: Option<String>,
@@ -112,13 +150,6 @@ impl OidcVerifier {
     /// Verifies the JWT and maps it to an agent; also returns claims in the
     /// shape the revocation list checks.
     pub fn verify(&self, token: &str) -> Result<(Agent, Claims), IdentityError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
-        if !matches!(
-            header.alg,
-            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA
-        ) {
-            return Err(TokenError::Invalid.into());
-        }
         // A file is the operator's to keep current; a URL's keys go stale.
         if matches!(self.config.jwks, JwksSource::Url(_))
             && self.loaded.load().elapsed() > MAX_KEY_AGE
@@ -130,6 +161,19 @@ impl OidcVerifier {
             .as_ref()
             .as_ref()
             .map_err(|_| IdentityError::KeysUnavailable)?;
+        if let Some((agent, claims)) = self.cached(token) {
+            if claims.exp.saturating_add(LEEWAY_SECS) < unix_now() {
+                return Err(TokenError::Expired.into());
+            }
+            return Ok((agent, claims));
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
+        if !matches!(
+            header.alg,
+            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA
+        ) {
+            return Err(TokenError::Invalid.into());
+        }
         let jwk = pick_key(keys, header.kid.as_deref(), header.alg).ok_or(TokenError::Invalid)?;
         let key = DecodingKey::from_jwk(jwk).map_err(|_| TokenError::Invalid)?;
         let mut validation = Validation::new(header.alg);
@@ -180,16 +224,50 @@ impl OidcVerifier {
             exp,
             iat_ms: iat.saturating_mul(1000),
         };
-        Ok((
-            Agent {
-                name: agent,
-                session,
-                token_id: jti,
-                claims: Some(Arc::new(strings)),
+        let agent = Agent {
+            name: agent,
+            session,
+            token_id: jti,
+            claims: Some(Arc::new(strings)),
+        };
+        let mut verified = self.lock_verified();
+        if verified.len() >= VERIFIED_CACHE {
+            verified.clear();
+        }
+        verified.insert(
+            self.cache_key(token),
+            Verified {
+                token: token.into(),
+                agent: agent.clone(),
+                claims: revocable.clone(),
             },
-            revocable,
-        ))
+        );
+        Ok((agent, revocable))
     }
+
+    /// What `token` verified as, if it did against the current key set.
+    fn cached(&self, token: &str) -> Option<(Agent, Claims)> {
+        self.lock_verified()
+            .get(&self.cache_key(token))
+            .filter(|v| *v.token == *token)
+            .map(|v| (v.agent.clone(), v.claims.clone()))
+    }
+
+    fn cache_key(&self, token: &str) -> u64 {
+        let tail = &token.as_bytes()[token.len().saturating_sub(CACHE_KEY_BYTES)..];
+        self.cache_hasher.hash_one(tail)
+    }
+
+    fn lock_verified(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Verified>> {
+        // The map holds no invariant a panicking holder could break.
+        self.verified.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The key for `kid` (or the only key, when the token names none), of the
@@ -237,4 +315,100 @@ pub fn read_jwks(path: &std::path::Path) -> Result<JwkSet, String> {
 
 pub fn parse_jwks(bytes: &[u8]) -> Result<JwkSet, String> {
     serde_json::from_slice(bytes).map_err(|e| format!("not a JWK set: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use jsonwebtoken::{EncodingKey, Header};
+
+    use super::*;
+
+    const ISSUER: &str = "https://issuer.test";
+
+    /// A P-256 signing key and the key set that publishes it as `kid`.
+    fn key(kid: &str) -> (EncodingKey, JwkSet) {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let point = pair.public_key_raw();
+        let set = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
+            "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..65]),
+        }]});
+        (
+            EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+            serde_json::from_value(set).unwrap(),
+        )
+    }
+
+    fn verifier(keys: JwkSet) -> OidcVerifier {
+        let verifier = OidcVerifier::new(
+            OidcConfig {
+                issuer: ISSUER.into(),
+                audience: "sidekey".into(),
+                jwks: JwksSource::Url("https://issuer.test/keys".into()),
+                claim: "sub".into(),
+                map: [("w".to_string(), "coder".to_string())].into(),
+            },
+            None,
+        );
+        verifier.set_keys(Ok(keys));
+        verifier
+    }
+
+    fn sign(key: &EncodingKey, kid: &str, sub: &str) -> String {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(kid.into());
+        let claims = serde_json::json!({
+            "iss": ISSUER, "aud": "sidekey", "sub": sub, "exp": unix_now() + 300,
+        });
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+
+    #[test]
+    fn a_key_removed_from_the_set_vouches_for_no_cached_token() {
+        let (signing, keys) = key("k1");
+        let verifier = verifier(keys);
+        let token = sign(&signing, "k1", "w");
+        assert_eq!(verifier.verify(&token).unwrap().0.name, "coder");
+        assert!(verifier.cached(&token).is_some());
+
+        let (_, rotated) = key("k2");
+        verifier.set_keys(Ok(rotated));
+        assert!(matches!(
+            verifier.verify(&token),
+            Err(IdentityError::Token(TokenError::Invalid))
+        ));
+    }
+
+    #[test]
+    fn a_cached_token_still_expires_and_its_signature_vouches_for_no_other_payload() {
+        let (signing, keys) = key("k1");
+        let verifier = verifier(keys.clone());
+        let token = sign(&signing, "k1", "w");
+        verifier.verify(&token).unwrap();
+        // The same key set fetched again keeps what it verified.
+        verifier.set_keys(Ok(keys));
+        assert!(verifier.cached(&token).is_some());
+
+        // Same signature, so the same cache key; the payload names another workload.
+        let (head, rest) = token.split_once('.').unwrap();
+        let signature = rest.split_once('.').unwrap().1;
+        let other = B64.encode(
+            serde_json::json!({"iss": ISSUER, "aud": "sidekey", "sub": "w2", "exp": unix_now() + 300})
+                .to_string(),
+        );
+        let forged = format!("{head}.{other}.{signature}");
+        assert_eq!(verifier.cache_key(&forged), verifier.cache_key(&token));
+        assert!(verifier.verify(&forged).is_err());
+
+        // Past its expiry and the clock-skew allowance, a cached token is refused.
+        for entry in verifier.lock_verified().values_mut() {
+            entry.claims.exp = unix_now() - LEEWAY_SECS - 1;
+        }
+        assert!(matches!(
+            verifier.verify(&token),
+            Err(IdentityError::Token(TokenError::Expired))
+        ));
+    }
 }
