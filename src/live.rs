@@ -6,6 +6,7 @@
 //! revocation list) every [`POLL`]; a change is live within one period, well
 //! inside SPEC's one second, on every open connection.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -56,7 +57,10 @@ pub struct SecretView {
 /// its source failing. It may still be valid at the provider, and an
 /// upstream may have stored it (a key listing, a request log), so it is
 /// scrubbed for [`RETIRED_FOR`] after it left, or until it expires.
+#[derive(Clone)]
 struct Retired {
+    /// The secret it was the value of.
+    name: String,
     value: Arc<Secret>,
     patterns: Vec<Zeroizing<Vec<u8>>>,
     since: std::time::Instant,
@@ -83,9 +87,10 @@ impl std::fmt::Debug for Retired {
 
 /// How long a retired value is still scrubbed.
 const RETIRED_FOR: Duration = Duration::from_secs(24 * 3600);
-/// At most this many retired values, the latest, so that a source that
-/// rotates often does not grow the scrubber without bound.
-const MAX_RETIRED: usize = 16;
+/// At most this many retired values of each secret, the latest, so that a
+/// source that rotates often does not grow the scrubber without bound, nor
+/// push out another secret's.
+const MAX_RETIRED_PER_SECRET: usize = 4;
 
 #[derive(Debug)]
 pub struct Live {
@@ -271,8 +276,7 @@ impl Live {
             && seen
                 .secrets_loaded
                 .is_none_or(|at| at.elapsed() >= EXPIRY_RETRY);
-        let retired_ended = previous.retired.iter().any(Retired::ended);
-        if now != seen.secrets || expiring || retired_ended {
+        if now != seen.secrets || expiring {
             seen.secrets = now;
             seen.secrets_loaded = Some(std::time::Instant::now());
             let view = load_secrets(
@@ -283,6 +287,12 @@ impl Live {
             );
             self.secrets.store(Arc::new(view));
             tracing::info!("secrets reloaded");
+        } else if previous.retired.iter().any(Retired::ended)
+            && Arc::ptr_eq(&previous.config, &config)
+        {
+            // Only the scrubber changes; the sources are not read again.
+            let view = view_of(&config, previous.table.clone(), Some(&previous));
+            self.secrets.store(Arc::new(view));
         }
     }
 
@@ -385,8 +395,7 @@ fn build_snapshot(
     })
 }
 
-/// Reads `config`'s secrets and builds their scrubber, which also covers
-/// the values `previous` held that are no longer in use.
+/// Reads `config`'s secrets and builds their view.
 fn load_secrets(
     config: &Arc<Config>,
     state: &StateDir,
@@ -397,12 +406,19 @@ fn load_secrets(
     for (name, reason) in table.failures() {
         tracing::warn!(secret = name, reason, "secret unavailable");
     }
+    view_of(config, table, previous)
+}
+
+/// `table` with a scrubber that also covers the values `previous` held
+/// that are no longer in use.
+fn view_of(config: &Arc<Config>, table: SecretTable, previous: Option<&SecretView>) -> SecretView {
     let in_use = |value: &Secret| table.values().any(|(_, current)| **current == *value);
     let mut retired: Vec<Retired> = Vec::new();
     if let Some(previous) = previous {
         for (name, value) in previous.table.values() {
             if !in_use(value) && !retired.iter().any(|r| r.value == *value) {
                 retired.push(Retired {
+                    name: name.to_string(),
                     value: value.clone(),
                     patterns: scrub_patterns(&previous.config, name, value),
                     since: std::time::Instant::now(),
@@ -413,18 +429,18 @@ fn load_secrets(
         for old in &previous.retired {
             if !old.ended() && !in_use(&old.value) && !retired.iter().any(|r| r.value == old.value)
             {
-                retired.push(Retired {
-                    value: old.value.clone(),
-                    patterns: old.patterns.clone(),
-                    since: old.since,
-                    expires: old.expires,
-                });
+                retired.push(old.clone());
             }
         }
     }
-    // Newest first, so the cap drops the oldest.
+    // Newest first, so the cap drops each name's oldest.
     retired.sort_by_key(|r| std::cmp::Reverse(r.since));
-    retired.truncate(MAX_RETIRED);
+    let mut kept: HashMap<String, usize> = HashMap::new();
+    retired.retain(|r| {
+        let count = kept.entry(r.name.clone()).or_default();
+        *count += 1;
+        *count <= MAX_RETIRED_PER_SECRET
+    });
     let mut patterns = Vec::new();
     for (name, secret) in table.values() {
         patterns.extend(scrub_patterns(config, name, secret));

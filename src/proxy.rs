@@ -102,8 +102,9 @@ impl Flow<'_> {
         self.event.token_id = agent.token_id.clone();
     }
 
-    /// Step 4: the policy decision, recorded; a refusal is an error.
-    /// `path` is relative to the destination's `base_path`.
+    /// Step 4: the policy decision, recorded; a refusal is an error. Also
+    /// the methods the request asks the upstream to act as, which were
+    /// decided too. `path` is relative to the destination's `base_path`.
     fn authorize(
         &mut self,
         agent: &Agent,
@@ -113,7 +114,7 @@ impl Flow<'_> {
         parts: &http::request::Parts,
         base_path: &str,
         path: &policy::NormalPath,
-    ) -> Result<policy::Decision, ProxyError> {
+    ) -> Result<(policy::Decision, Vec<Method>), ProxyError> {
         let overrides = method_overrides(&parts.headers, parts.uri.query())?;
         let check = |method: &Method, overrides: &[Method], path: &policy::NormalPath| {
             self.snapshot.policy.check(&policy::Request {
@@ -134,7 +135,7 @@ impl Flow<'_> {
         // must be allowed too, or a write to one bucket would read any other.
         if decision.allowed
             && parts.method.as_str().eq_ignore_ascii_case("PUT")
-            && let Some(source) = copy_source(&parts.headers, base_path)?
+            && let Some(source) = copy_source(&parts.headers, host, base_path)?
         {
             let read = check(&Method::GET, &[], &source);
             if !read.allowed {
@@ -147,15 +148,18 @@ impl Flow<'_> {
                 rule: decision.rule,
             });
         }
-        Ok(decision)
+        Ok((decision, overrides))
     }
 }
 
 /// The path an `x-amz-copy-source` header names (`bucket/key` or
 /// `/bucket/key`, percent-encoded, perhaps with `?versionId=`), relative to
-/// `base_path`; one outside `base_path` is refused.
+/// `base_path`; one outside `base_path` is refused. On a virtual-hosted
+/// bucket (`BUCKET.s3.REGION.amazonaws.com`), where rule paths are keys,
+/// the source must be in the same bucket, and its key is the path.
 fn copy_source(
     headers: &HeaderMap,
+    host: &str,
     base_path: &str,
 ) -> Result<Option<policy::NormalPath>, ProxyError> {
     const COPY_SOURCE: HeaderName = HeaderName::from_static("x-amz-copy-source");
@@ -173,16 +177,40 @@ fn copy_source(
         return Err(invalid());
     }
     let value = value.split('?').next().unwrap_or_default();
-    let absolute = if value.starts_with('/') {
-        value.to_string()
-    } else {
-        format!("/{value}")
+    let value = value.strip_prefix('/').unwrap_or(value);
+    let value = match virtual_hosted_bucket(host) {
+        Some(bucket) => match value.split_once('/') {
+            Some((named, key)) if named == bucket => key,
+            _ => {
+                return Err(ProxyError::Forbidden(
+                    "x-amz-copy-source names another bucket than the route's".into(),
+                ));
+            }
+        },
+        None => value,
     };
+    let absolute = format!("/{value}");
     let relative = absolute
         .strip_prefix(base_path)
         .filter(|rest| base_path.is_empty() || rest.starts_with('/'))
         .ok_or_else(invalid)?;
     Ok(Some(policy::path::normalize(relative)?))
+}
+
+/// The bucket a virtual-hosted S3 endpoint names in its host
+/// (`BUCKET.s3.amazonaws.com`, `BUCKET.s3.REGION.amazonaws.com`,
+/// `BUCKET.s3-REGION…`, S3 Express's `BUCKET.s3express-…`).
+fn virtual_hosted_bucket(host: &str) -> Option<&str> {
+    let host = host.strip_suffix(".cn").unwrap_or(host);
+    if !host.ends_with(".amazonaws.com") {
+        return None;
+    }
+    [".s3.", ".s3-", ".s3express-"]
+        .iter()
+        .filter_map(|marker| host.find(marker))
+        .min()
+        .map(|end| &host[..end])
+        .filter(|bucket| !bucket.is_empty())
 }
 
 /// Where an authorized request goes and what it carries.
@@ -199,6 +227,8 @@ struct Plan {
     /// How the agent proved who it is; its token, if it has one, is
     /// removed from wherever it appears.
     presented: Presented,
+    /// The methods the request asks to act as, allowed with it.
+    overrides: Vec<Method>,
 }
 
 impl Plan {
@@ -562,13 +592,7 @@ impl Proxy {
             .as_ref()
             .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         // What the policy decides again while an upgraded connection lasts.
-        let (upgrade_method, upgrade_overrides) = match agent_upgrade {
-            Some(_) => (
-                parts.method.clone(),
-                method_overrides(&parts.headers, parts.uri.query())?,
-            ),
-            None => Default::default(),
-        };
+        let upgrade_method = parts.method.clone();
         let slot = parts
             .extensions
             .get::<Arc<crate::listen::ConnSlot>>()
@@ -649,7 +673,7 @@ impl Proxy {
                 host: plan.host,
                 port: plan.port,
                 method: upgrade_method,
-                overrides: upgrade_overrides,
+                overrides: plan.overrides,
                 path: plan.path,
             };
             let identity = self.lasting(plan.presented, granted, &flow.event);
@@ -806,26 +830,22 @@ fn verify_presented(
     presented: &Presented,
 ) -> Result<Agent, ProxyError> {
     Ok(match presented {
-        Presented::Token { token, user }
-            if snapshot.oidc.as_ref().is_some_and(|o| o.is_for(token)) =>
-        {
-            let oidc = snapshot
-                .oidc
-                .as_ref()
-                .ok_or(identity::IdentityError::Missing)?;
-            let (agent, claims) = oidc.verify(token)?;
-            // As for agent tokens: a Basic user name must be the agent.
-            if user
-                .as_deref()
-                .is_some_and(|u| !u.is_empty() && u != agent.name)
-            {
-                return Err(identity::IdentityError::AgentMismatch.into());
-            }
-            identity::check_revoked(&claims, list)?;
-            agent
-        }
         Presented::Token { token, user } => {
-            identity::verify(verifier, list, token, user.as_deref())?
+            match snapshot.oidc.as_ref().and_then(|o| o.verify_if_ours(token)) {
+                Some(workload) => {
+                    let (agent, claims) = workload?;
+                    // As for agent tokens: a Basic user name must be the agent.
+                    if user
+                        .as_deref()
+                        .is_some_and(|u| !u.is_empty() && u != agent.name)
+                    {
+                        return Err(identity::IdentityError::AgentMismatch.into());
+                    }
+                    identity::check_revoked(&claims, list)?;
+                    agent
+                }
+                None => identity::verify(verifier, list, token, user.as_deref())?,
+            }
         }
         Presented::PeerUid(uid) => identity::verify_uid(*uid, &snapshot.config.agents, list)?,
         Presented::PeerCert(cert) => identity::verify_cert(cert, list)?,
@@ -985,6 +1005,47 @@ fn log_refusal(error: &ProxyError, request_id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_on_a_virtual_hosted_bucket_stays_in_that_bucket() {
+        let headers = |source: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-amz-copy-source", HeaderValue::from_str(source).unwrap());
+            headers
+        };
+        let key = |source: &str, host: &str| {
+            copy_source(&headers(source), host, "").map(|p| p.map(|p| p.decoded()))
+        };
+        for host in [
+            "reports.s3.amazonaws.com",
+            "reports.s3.eu-west-1.amazonaws.com",
+            "reports.s3-eu-west-1.amazonaws.com",
+            "reports.s3.cn-north-1.amazonaws.com.cn",
+        ] {
+            assert_eq!(
+                key("reports/2026/q1.csv", host).unwrap().as_deref(),
+                Some("/2026/q1.csv"),
+                "{host}"
+            );
+            assert_eq!(
+                key("/reports/a?versionId=3", host).unwrap().as_deref(),
+                Some("/a")
+            );
+            assert!(matches!(
+                key("payroll/2026/q1.csv", host),
+                Err(ProxyError::Forbidden(_))
+            ));
+            assert!(key("reports", host).is_err());
+        }
+        // Path-style endpoints name the bucket in the path, as rules do.
+        for host in ["s3.eu-west-1.amazonaws.com", "minio.internal", "127.0.0.1"] {
+            assert_eq!(
+                key("payroll/q1.csv", host).unwrap().as_deref(),
+                Some("/payroll/q1.csv"),
+                "{host}"
+            );
+        }
+    }
 
     #[test]
     fn every_method_override_spelling_is_found_and_checked() {

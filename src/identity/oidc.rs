@@ -61,6 +61,10 @@ pub struct OidcVerifier {
 
 struct Verified {
     token: Box<str>,
+    /// The key set it was verified against: only that very set vouches for
+    /// it, so a check that finished after a key was withdrawn counts for
+    /// nothing.
+    keys: Arc<Result<JwkSet, String>>,
     agent: Agent,
     claims: Claims,
 }
@@ -115,8 +119,9 @@ impl OidcVerifier {
     pub fn set_keys(&self, keys: Result<JwkSet, String>) {
         match keys {
             Ok(keys) => {
+                // The same set again keeps what it verified; a new one
+                // vouches for nothing verified before (see `Verified::keys`).
                 if self.keys.load().as_ref().as_ref().ok() != Some(&keys) {
-                    // A key removed from the set vouches for no token any more.
                     self.keys.store(Arc::new(Ok(keys)));
                     self.lock_verified().clear();
                 }
@@ -131,42 +136,43 @@ impl OidcVerifier {
         }
     }
 
-    /// Whether `token` claims to come from this issuer (not yet verified:
-    /// it only picks the verifier that will check it).
-    pub fn is_for(&self, token: &str) -> bool {
-        if self.cached(token).is_some() {
-            return true;
+    /// Verifies `token` if it claims to come from this issuer (`None` if it
+    /// does not: another verifier is to check it), and maps it to an agent;
+    /// also returns claims in the shape the revocation list checks.
+    pub fn verify_if_ours(&self, token: &str) -> Option<Result<(Agent, Claims), IdentityError>> {
+        let keys = self.keys.load_full();
+        if let Some((agent, claims)) = self.cached(token, &keys) {
+            if claims.exp.saturating_add(LEEWAY_SECS) < unix_now() {
+                return Some(Err(TokenError::Expired.into()));
+            }
+            return Some(Ok((agent, claims)));
         }
         #[derive(serde::Deserialize)]
         struct Iss {
             iss: Option<String>,
         }
-        jsonwebtoken::dangerous::insecure_decode::<Iss>(token)
+        let ours = jsonwebtoken::dangerous::insecure_decode::<Iss>(token)
             .ok()
             .and_then(|data| data.claims.iss)
-            .is_some_and(|iss| iss == self.config.issuer)
+            .is_some_and(|iss| iss == self.config.issuer);
+        ours.then(|| self.verify(token, keys))
     }
 
-    /// Verifies the JWT and maps it to an agent; also returns claims in the
-    /// shape the revocation list checks.
-    pub fn verify(&self, token: &str) -> Result<(Agent, Claims), IdentityError> {
+    fn verify(
+        &self,
+        token: &str,
+        key_set: Arc<Result<JwkSet, String>>,
+    ) -> Result<(Agent, Claims), IdentityError> {
         // A file is the operator's to keep current; a URL's keys go stale.
         if matches!(self.config.jwks, JwksSource::Url(_))
             && self.loaded.load().elapsed() > MAX_KEY_AGE
         {
             return Err(IdentityError::KeysUnavailable);
         }
-        let keys = self.keys.load();
-        let keys = keys
+        let keys = key_set
             .as_ref()
             .as_ref()
             .map_err(|_| IdentityError::KeysUnavailable)?;
-        if let Some((agent, claims)) = self.cached(token) {
-            if claims.exp.saturating_add(LEEWAY_SECS) < unix_now() {
-                return Err(TokenError::Expired.into());
-            }
-            return Ok((agent, claims));
-        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
         if !matches!(
             header.alg,
@@ -238,6 +244,7 @@ impl OidcVerifier {
             self.cache_key(token),
             Verified {
                 token: token.into(),
+                keys: key_set.clone(),
                 agent: agent.clone(),
                 claims: revocable.clone(),
             },
@@ -245,11 +252,17 @@ impl OidcVerifier {
         Ok((agent, revocable))
     }
 
-    /// What `token` verified as, if it did against the current key set.
-    fn cached(&self, token: &str) -> Option<(Agent, Claims)> {
+    /// What `token` verified as, if it did against the key set `keys`, as
+    /// long as those keys are not stale.
+    fn cached(&self, token: &str, keys: &Arc<Result<JwkSet, String>>) -> Option<(Agent, Claims)> {
+        if matches!(self.config.jwks, JwksSource::Url(_))
+            && self.loaded.load().elapsed() > MAX_KEY_AGE
+        {
+            return None;
+        }
         self.lock_verified()
             .get(&self.cache_key(token))
-            .filter(|v| *v.token == *token)
+            .filter(|v| *v.token == *token && Arc::ptr_eq(&v.keys, keys))
             .map(|v| (v.agent.clone(), v.claims.clone()))
     }
 
@@ -356,6 +369,12 @@ mod tests {
         verifier
     }
 
+    fn verify(verifier: &OidcVerifier, token: &str) -> Result<(Agent, Claims), IdentityError> {
+        verifier
+            .verify_if_ours(token)
+            .expect("a token of this issuer")
+    }
+
     fn sign(key: &EncodingKey, kid: &str, sub: &str) -> String {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(kid.into());
@@ -370,13 +389,21 @@ mod tests {
         let (signing, keys) = key("k1");
         let verifier = verifier(keys);
         let token = sign(&signing, "k1", "w");
-        assert_eq!(verifier.verify(&token).unwrap().0.name, "coder");
-        assert!(verifier.cached(&token).is_some());
+        assert_eq!(verify(&verifier, &token).unwrap().0.name, "coder");
+        assert!(
+            verifier
+                .cached(&token, &verifier.keys.load_full())
+                .is_some()
+        );
 
+        // A check that was under way when the set changed caches its result
+        // under the old set, which no longer counts.
         let (_, rotated) = key("k2");
+        let before = verifier.keys.load_full();
         verifier.set_keys(Ok(rotated));
+        verifier.verify(&token, before).unwrap();
         assert!(matches!(
-            verifier.verify(&token),
+            verify(&verifier, &token),
             Err(IdentityError::Token(TokenError::Invalid))
         ));
     }
@@ -386,10 +413,14 @@ mod tests {
         let (signing, keys) = key("k1");
         let verifier = verifier(keys.clone());
         let token = sign(&signing, "k1", "w");
-        verifier.verify(&token).unwrap();
+        verify(&verifier, &token).unwrap();
         // The same key set fetched again keeps what it verified.
         verifier.set_keys(Ok(keys));
-        assert!(verifier.cached(&token).is_some());
+        assert!(
+            verifier
+                .cached(&token, &verifier.keys.load_full())
+                .is_some()
+        );
 
         // Same signature, so the same cache key; the payload names another workload.
         let (head, rest) = token.split_once('.').unwrap();
@@ -400,14 +431,14 @@ mod tests {
         );
         let forged = format!("{head}.{other}.{signature}");
         assert_eq!(verifier.cache_key(&forged), verifier.cache_key(&token));
-        assert!(verifier.verify(&forged).is_err());
+        assert!(verify(&verifier, &forged).is_err());
 
         // Past its expiry and the clock-skew allowance, a cached token is refused.
         for entry in verifier.lock_verified().values_mut() {
             entry.claims.exp = unix_now() - LEEWAY_SECS - 1;
         }
         assert!(matches!(
-            verifier.verify(&token),
+            verify(&verifier, &token),
             Err(IdentityError::Token(TokenError::Expired))
         ));
     }

@@ -109,6 +109,9 @@ impl Proxy {
             let granted = Granted::Tunnel {
                 host: host.clone(),
                 port,
+                private: upstream
+                    .peer_addr()
+                    .map_or(true, |peer| egress::forbidden_reason(peer.ip()).is_some()),
             };
             let identity = self.lasting(presented, granted, &flow.event);
             tokio::spawn(async move {
@@ -322,7 +325,7 @@ impl Proxy {
             .unwrap_or_default();
         let path = normalize(&parts.uri.path()[base_path.len()..])?;
         flow.event.path = format!("{base_path}{}", path.decoded());
-        let decision = flow.authorize(
+        let (decision, overrides) = flow.authorize(
             &agent,
             route.as_ref().map(|r| r.name.as_str()),
             &host,
@@ -351,6 +354,7 @@ impl Proxy {
             path,
             reach,
             presented,
+            overrides,
         };
         self.deliver(flow, parts, body, plan).await
     }
@@ -409,7 +413,7 @@ fn destination(uri: &http::Uri, default_port: u16) -> Result<(String, u16), Prox
 
 /// The route whose upstream is this origin (and, when `path` is given,
 /// whose base path the request is under).
-fn route_for_origin(
+pub(super) fn route_for_origin(
     snapshot: &Snapshot,
     https: bool,
     host: &str,

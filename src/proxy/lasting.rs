@@ -17,9 +17,9 @@ use http::Method;
 use super::{Mode, ProxyError};
 use crate::audit::{AuditEvent, timestamp};
 use crate::identity::{Agent, IdentityError, Presented};
-use crate::live::Live;
+use crate::live::{Live, Snapshot};
 use crate::metrics::Metrics;
-use crate::policy::{NormalPath, Policy};
+use crate::policy::NormalPath;
 use crate::token::Verifier;
 
 /// How often an open connection's identity is checked again. With the
@@ -37,7 +37,13 @@ const UNSURE_GRACE: Duration = Duration::from_secs(30);
 pub(super) enum Granted {
     /// A CONNECT tunnelled blind: no route, no rule that needs to see
     /// methods or paths.
-    Tunnel { host: String, port: u16 },
+    Tunnel {
+        host: String,
+        port: u16,
+        /// The address connected to is not public, so a rule had to let
+        /// private addresses be reached.
+        private: bool,
+    },
     /// An upgraded request.
     Upgrade {
         route: Option<String>,
@@ -50,9 +56,19 @@ pub(super) enum Granted {
 }
 
 impl Granted {
-    fn still(&self, policy: &Policy, agent: &Agent) -> Result<(), ProxyError> {
+    /// Whether the current config would still let it open as it did.
+    fn still(&self, snapshot: &Snapshot, agent: &Agent) -> Result<(), ProxyError> {
+        let policy = &snapshot.policy;
         let (allowed, rule) = match self {
-            Self::Tunnel { host, port } => {
+            Self::Tunnel {
+                host,
+                port,
+                private,
+            } => {
+                // A route for this origin now: the tunnel would be intercepted.
+                if super::forward::route_for_origin(snapshot, true, host, *port, None).is_some() {
+                    return Err(ProxyError::Denied { rule: None });
+                }
                 let decision = policy.check_connect(
                     &agent.name,
                     &agent.session,
@@ -61,7 +77,8 @@ impl Granted {
                     host,
                     *port,
                 );
-                (decision.allowed && !decision.inspect, decision.rule)
+                let blind = decision.allowed && !decision.inspect;
+                (blind && (decision.private_ok || !private), decision.rule)
             }
             Self::Upgrade {
                 route,
@@ -121,7 +138,7 @@ impl LastingIdentity {
             reason = refusal.code(),
             "open connection closed: its identity no longer verifies or the policy withdrew it"
         );
-        self.audit_close(&refusal).await;
+        self.audit_close(&refusal);
         None
     }
 
@@ -149,13 +166,14 @@ impl LastingIdentity {
         let revocations = self.live.revocations();
         let list = revocations.as_ref().as_ref().map_err(|_| ());
         let agent = super::verify_presented(&self.verifier, list, &snapshot, &self.presented)?;
-        self.granted.still(&snapshot.policy, &agent)
+        self.granted.still(&snapshot, &agent)
     }
 
     /// The closing decision, under the opening record's request id, with
-    /// the status a new request would get for the same reason. The
-    /// connection is already cut, so a failed write is only counted.
-    async fn audit_close(&self, refusal: &ProxyError) {
+    /// the status a new request would get for the same reason. Written from
+    /// a task of its own, so a slow sink does not hold the connection open;
+    /// it is cut anyway, so a failed write is only counted.
+    fn audit_close(&self, refusal: &ProxyError) {
         let mode = if self.opened.mode == Mode::Reverse.as_str() {
             Mode::Reverse
         } else {
@@ -177,10 +195,14 @@ impl LastingIdentity {
             redactions: 0,
             ..self.opened.clone()
         };
-        if let Err(e) = self.live.snapshot().audit.record(&event).await {
-            self.metrics.audit_errors.inc();
-            tracing::error!(error = %e, request_id = event.request_id, "audit write failed");
-        }
+        let audit = self.live.snapshot().audit.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = audit.record(&event).await {
+                metrics.audit_errors.inc();
+                tracing::error!(error = %e, request_id = event.request_id, "audit write failed");
+            }
+        });
     }
 }
 

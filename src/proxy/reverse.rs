@@ -41,7 +41,7 @@ impl Proxy {
         flow.event.path = format!("{}{}", route.upstream.base_path, path.decoded());
 
         // 4. policy
-        flow.authorize(
+        let (_, overrides) = flow.authorize(
             &agent,
             Some(&route.name),
             &route.upstream.host,
@@ -64,6 +64,7 @@ impl Proxy {
             path,
             reach,
             presented,
+            overrides,
         };
         self.deliver(flow, parts, body, plan).await
     }

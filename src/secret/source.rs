@@ -71,7 +71,7 @@ pub struct Unavailable {
 }
 
 /// The values of every configured secret, loaded together.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct SecretTable {
     values: HashMap<String, Result<Arc<Secret>, String>>,
     /// When values from credential processes expire.

@@ -784,7 +784,7 @@ fn blind_tunnel(a: &Arena, token: &str) -> TcpStream {
 }
 
 /// A WebSocket through the reverse gateway at `path` (ending in `/ws`),
-/// with the real credential on its upgrade and one frame echoed.
+/// with the real credential on its upgrade.
 fn websocket(a: &Arena, path: &str, token: &str) -> TcpStream {
     let mut ws = TcpStream::connect(a.sidekey.addr).unwrap();
     ws.write_all(

@@ -398,6 +398,7 @@ jwks_url = "{}/jwks.json"
         "text/html",
         b"<h1>502 Bad Gateway</h1>".to_vec(),
     );
+    let fetched = issuer.count();
     env.write_config(&config("\"w\" = \"coder\"\n\"w2\" = \"coder\""));
     env.ok(&["reload"], None);
     for _ in 0..10 {
@@ -406,7 +407,7 @@ jwks_url = "{}/jwks.json"
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(
-        issuer.count() >= 2,
-        "the key set was fetched again after the reload"
+        issuer.count() > fetched,
+        "the key set was fetched (and failed) again after the reload"
     );
 }

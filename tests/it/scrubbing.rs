@@ -213,7 +213,9 @@ fn websocket_upgrade_carries_the_credential_and_masks_it_in_frames() {
     assert_eq!(upstream.open_websockets(), 1);
     writer.write_all(b"\x81\x84\x01\x02\x03\x04abcd").unwrap();
     let mut rest = Vec::new();
-    let _ = reader.read_to_end(&mut rest);
+    reader
+        .read_to_end(&mut rest)
+        .expect("sidekey closes the agent's side");
     assert!(rest.is_empty(), "{rest:?}");
     eventually(std::time::Duration::from_secs(3), || {
         (upstream.open_websockets() == 0).then_some(())
