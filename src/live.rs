@@ -480,3 +480,72 @@ fn scrub_patterns(config: &Config, name: &str, secret: &Secret) -> Vec<Zeroizing
     }
     patterns
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    fn config() -> Arc<Config> {
+        let text = "[secrets.api]\nsource = \"store\"\n[secrets.other]\nsource = \"store\"\n";
+        Arc::new(Config::parse(text, Path::new("/etc/sidekey/sidekey.toml")).unwrap())
+    }
+
+    fn redacts(view: &SecretView, value: &str) -> bool {
+        view.scrubber.scrub_all(value.as_bytes()).is_some()
+    }
+
+    #[test]
+    fn retired_values_are_scrubbed_until_they_end_and_at_most_four_per_secret() {
+        let config = config();
+        let mut view = view_of(
+            &config,
+            SecretTable::of(&[
+                ("api", "sk-value-0-aaaaaaaa", None),
+                ("other", "sk-other-bbbbbbbb", None),
+            ]),
+            None,
+        );
+        for n in 1..=5 {
+            let value = format!("sk-value-{n}-aaaaaaaa");
+            view = view_of(
+                &config,
+                SecretTable::of(&[("api", &value, None), ("other", "sk-other-bbbbbbbb", None)]),
+                Some(&view),
+            );
+        }
+        // Values 1-4 are retired, 0 was pushed out by the cap, and the other
+        // secret is untouched by the first one's rotations.
+        assert!(!redacts(&view, "sk-value-0-aaaaaaaa"));
+        for n in 1..=5 {
+            assert!(redacts(&view, &format!("sk-value-{n}-aaaaaaaa")), "{n}");
+        }
+        assert!(redacts(&view, "sk-other-bbbbbbbb"));
+
+        // Removed, it is retired too.
+        let removed = view_of(
+            &config,
+            SecretTable::of(&[("api", "sk-value-5-aaaaaaaa", None)]),
+            Some(&view),
+        );
+        assert!(redacts(&removed, "sk-other-bbbbbbbb"));
+        assert!(removed.retired.iter().any(|r| r.name == "other"));
+
+        // Ended: past 24 hours, or past the expiry its source gave.
+        let mut aged = removed;
+        for retired in &mut aged.retired {
+            if retired.value.expose() == "sk-value-4-aaaaaaaa" {
+                retired.since -= RETIRED_FOR;
+            }
+            if retired.value.expose() == "sk-value-3-aaaaaaaa" {
+                retired.expires = Some(SystemTime::now() - Duration::from_secs(1));
+            }
+        }
+        let rebuilt = view_of(&config, aged.table.clone(), Some(&aged));
+        assert!(!redacts(&rebuilt, "sk-value-4-aaaaaaaa"));
+        assert!(!redacts(&rebuilt, "sk-value-3-aaaaaaaa"));
+        assert!(redacts(&rebuilt, "sk-value-2-aaaaaaaa"));
+        assert!(redacts(&rebuilt, "sk-other-bbbbbbbb"));
+    }
+}

@@ -183,6 +183,23 @@ impl SecretTable {
             .is_some_and(|at| at <= std::time::SystemTime::now() + margin)
     }
 
+    /// A table of these values, as if read from their sources.
+    #[cfg(test)]
+    pub fn of(values: &[(&str, &str, Option<std::time::SystemTime>)]) -> Self {
+        let mut table = Self::default();
+        for (name, value, expires) in values {
+            table.values.insert(
+                name.to_string(),
+                Ok(Arc::new(Secret::new(value.to_string()))),
+            );
+            if let Some(at) = expires {
+                table.expiry.insert(name.to_string(), *at);
+                table.expires = Some(table.expires.map_or(*at, |e| e.min(*at)));
+            }
+        }
+        table
+    }
+
     /// When `name`'s value expires, if its source said.
     pub fn expires_at(&self, name: &str) -> Option<std::time::SystemTime> {
         self.expiry.get(name).copied()
