@@ -33,6 +33,10 @@ const RECHECK: Duration = Duration::from_millis(500);
 /// not cut every open connection.
 const UNSURE_GRACE: Duration = Duration::from_secs(30);
 
+/// How long a connection being closed waits for its closing record, so a
+/// stuck audit sink cannot keep a withdrawn connection open.
+const CLOSE_AUDIT_WAIT: Duration = Duration::from_secs(2);
+
 /// What the policy let open, to be decided again while it lasts.
 pub(super) enum Granted {
     /// A CONNECT tunnelled blind: no route, no rule that needs to see
@@ -129,8 +133,11 @@ impl LastingIdentity {
     /// policy withdraws what it granted; `None` when one of those ended it,
     /// which is audited as a refusal.
     pub(super) async fn guard<T>(self, work: impl Future<Output = T>) -> Option<T> {
+        // Pinned here rather than moved into `select!`, so what `work` owns
+        // (the connection) is dropped only once the closing is on record.
+        let mut work = std::pin::pin!(work);
         let refusal = tokio::select! {
-            done = work => return Some(done),
+            done = &mut work => return Some(done),
             refusal = self.lost() => refusal,
         };
         tracing::info!(
@@ -138,7 +145,7 @@ impl LastingIdentity {
             reason = refusal.code(),
             "open connection closed: its identity no longer verifies or the policy withdrew it"
         );
-        self.audit_close(&refusal);
+        self.audit_close(&refusal).await;
         None
     }
 
@@ -170,10 +177,11 @@ impl LastingIdentity {
     }
 
     /// The closing decision, under the opening record's request id, with
-    /// the status a new request would get for the same reason. Written from
-    /// a task of its own, so a slow sink does not hold the connection open;
-    /// it is cut anyway, so a failed write is only counted.
-    fn audit_close(&self, refusal: &ProxyError) {
+    /// the status a new request would get for the same reason. The
+    /// connection is cut once it is written, or after `CLOSE_AUDIT_WAIT`
+    /// whatever the sink does (the write goes on in its own task); a failed
+    /// write is only counted, since the connection is cut either way.
+    async fn audit_close(&self, refusal: &ProxyError) {
         let mode = if self.opened.mode == Mode::Reverse.as_str() {
             Mode::Reverse
         } else {
@@ -197,12 +205,13 @@ impl LastingIdentity {
         };
         let audit = self.live.snapshot().audit.clone();
         let metrics = self.metrics.clone();
-        tokio::spawn(async move {
+        let written = tokio::spawn(async move {
             if let Err(e) = audit.record(&event).await {
                 metrics.audit_errors.inc();
                 tracing::error!(error = %e, request_id = event.request_id, "audit write failed");
             }
         });
+        let _ = tokio::time::timeout(CLOSE_AUDIT_WAIT, written).await;
     }
 }
 

@@ -997,3 +997,29 @@ fn a_reload_that_withdraws_a_permission_closes_what_it_let_open() {
         "{records:?}"
     );
 }
+
+/// A blind tunnel carries requests sidekey never sees; once a reload makes
+/// its origin a route's, a new CONNECT there would be intercepted, so the
+/// open one is closed too.
+#[test]
+fn a_route_added_for_a_blind_tunnels_origin_closes_the_tunnel() {
+    let a = arena();
+    let reviewer = a.env.token_with(&["reviewer", "--session", "tunnel-s"]);
+    let mut tunnel = blind_tunnel(&a, &reviewer);
+    assert!(!closed_within(&mut tunnel, Duration::from_millis(700)));
+
+    let config = std::fs::read_to_string(&a.env.config).unwrap();
+    let routed = format!(
+        "{config}\n[routes.other]\nupstream = \"https://127.0.0.1:{}\"\nallow_private = true\n",
+        a.other.addr.port()
+    );
+    std::fs::write(&a.env.config, routed).unwrap();
+    a.env.ok(&["reload"], None);
+    assert!(
+        closed_within(&mut tunnel, Duration::from_secs(3)),
+        "blind tunnel kept to what is now a route's origin"
+    );
+    let records = a.env.audit();
+    let (_, closed) = closing_record(&records, "tunnel-s");
+    assert_eq!(closed["reason"], "policy_denied", "{closed}");
+}
