@@ -219,9 +219,8 @@ trait BatchSink {
 
 struct LogFile {
     target: Target,
-    /// The open log and its length, kept here rather than asked of the file
-    /// system on every batch.
-    file: Option<(File, u64)>,
+    /// The open log, kept for the next batch while its path still names it.
+    file: Option<File>,
 }
 
 impl BatchSink for LogFile {
@@ -236,13 +235,10 @@ impl BatchSink for LogFile {
     }
 }
 
-/// Writes and syncs one batch, opening the log if `file` is not open yet;
-/// the log to keep open for the next batch, and the outcome. Blocks.
-fn append(
-    target: &Target,
-    file: Option<(File, u64)>,
-    bytes: &[u8],
-) -> (Option<(File, u64)>, Result<(), String>) {
+/// Writes and syncs one batch, opening the log if `file` is not open yet
+/// or its path now names another file; the log to keep open for the next
+/// batch, and the outcome. Blocks.
+fn append(target: &Target, file: Option<File>, bytes: &[u8]) -> (Option<File>, Result<(), String>) {
     let describe = |e: std::io::Error| crate::config::describe_io(&e);
     let path = match target {
         Target::Stdout => {
@@ -252,7 +248,7 @@ fn append(
         }
         Target::File(path) => path,
     };
-    let (open, start) = match file {
+    let (open, start) = match file.and_then(|file| still_named(path, file)) {
         Some(open) => open,
         None => match open_log(path) {
             Ok(open) => open,
@@ -265,7 +261,21 @@ fn append(
         let _ = open.set_len(start);
         return (None, Err(describe(e)));
     }
-    (Some((open, start + bytes.len() as u64)), Ok(()))
+    (Some(open), Ok(()))
+}
+
+/// The open log with its length now, if `path` still names it. A log
+/// rotated away (renamed or removed, as logrotate does) is let go, so the
+/// next record starts a new file at `path` rather than go on into one
+/// that may be compressed or deleted; one truncated in place (logrotate's
+/// `copytruncate`) is measured again, so a failed write is cut back to
+/// where it started, not past the end. Two `stat`s per batch, beside the
+/// batch's `fdatasync`.
+fn still_named(path: &std::path::Path, file: File) -> Option<(File, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let named = std::fs::metadata(path).ok()?;
+    let open = file.metadata().ok()?;
+    (named.dev() == open.dev() && named.ino() == open.ino()).then_some((file, open.len()))
 }
 
 /// The writer task's ends of what it shares with its [`AuditLog`].
@@ -338,6 +348,16 @@ fn open_log(path: &std::path::Path) -> std::io::Result<(File, u64)> {
         .mode(0o600)
         .open(path)?;
     let len = open.metadata()?.len();
+    if len == 0 {
+        // Likely just created: its name must survive a crash as its records
+        // do. Best effort: a directory sidekey may write in but not list
+        // cannot be opened to sync, and that alone does not stop the log.
+        let dir = path
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let _ = File::open(dir).and_then(|dir| dir.sync_all());
+    }
     let mut last = [b'\n'];
     if len > 0 {
         open.read_exact_at(&mut last, len - 1)?;

@@ -22,56 +22,111 @@ pub(super) fn tail(paths: &Paths, follow: bool, lines: usize) -> anyhow::Result<
     let mut reader = BufReader::new(
         std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,
     );
-    let mut all = Vec::new();
-    let mut line = String::new();
-    while reader
-        .read_line(&mut line)
-        .context("cannot read the audit log")?
-        > 0
-    {
-        all.push(std::mem::take(&mut line));
+    // Only the last `lines` are kept: a log may hold millions.
+    let mut last = std::collections::VecDeque::with_capacity(lines.min(4096));
+    // Where the last whole line ends: a line cut short by a crash is shown,
+    // but following starts before it.
+    let mut pos = 0;
+    loop {
+        let mut line = String::new();
+        let n = reader
+            .read_line(&mut line)
+            .context("cannot read the audit log")?;
+        if n == 0 {
+            break;
+        }
+        if line.ends_with('\n') {
+            pos += n as u64;
+        }
+        if lines > 0 {
+            if last.len() == lines {
+                last.pop_front();
+            }
+            last.push_back(line);
+        }
     }
-    for record in &all[all.len().saturating_sub(lines)..] {
+    for record in &last {
         println!("{}", render(record));
     }
     if !follow {
         return Ok(());
     }
-    let mut pos = reader
-        .stream_position()
-        .context("cannot read the audit log")?;
+    let mut file = reader.into_inner();
+    // As `tail -F`: a log rotated away (renamed or removed) is read to its
+    // end, then the new file at the path from its start; one truncated in
+    // place is read again from its start.
     loop {
         std::thread::sleep(Duration::from_millis(250));
-        let mut file = std::fs::File::open(&path).context("audit log disappeared")?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            pos = 0; // rotated or truncated
+        if truncated(&file, pos) {
+            pos = 0;
         }
-        file.seek(SeekFrom::Start(pos))
-            .context("cannot read the audit log")?;
-        let mut reader = BufReader::new(file);
-        loop {
-            let n = reader
-                .read_line(&mut line)
-                .context("cannot read the audit log")?;
-            if n == 0 || !line.ends_with('\n') {
-                break;
+        pos = print_new(&mut file, pos)?;
+        match std::fs::File::open(&path) {
+            Ok(named) if !same_file(&named, &file) => {
+                print_new(&mut file, pos)?;
+                file = named;
+                pos = print_new(&mut file, 0)?;
             }
-            pos += n as u64;
-            println!("{}", render(&line));
-            line.clear();
+            Ok(_) => {}
+            // Moved away, and no record has made the new one yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open {}", path.display()));
+            }
         }
+    }
+}
+
+/// Prints the whole records after `pos`; where the next one starts.
+fn print_new(file: &mut std::fs::File, mut pos: u64) -> anyhow::Result<u64> {
+    file.seek(SeekFrom::Start(pos))
+        .context("cannot read the audit log")?;
+    let mut reader = BufReader::new(&*file);
+    let mut line = String::new();
+    loop {
+        let n = reader
+            .read_line(&mut line)
+            .context("cannot read the audit log")?;
+        // A line still being written is read whole next time.
+        if n == 0 || !line.ends_with('\n') {
+            return Ok(pos);
+        }
+        pos += n as u64;
+        println!("{}", render(&line));
         line.clear();
+    }
+}
+
+/// Whether `file` was cut short since a line ended at `pos`: it is now
+/// shorter, or what ends there is no longer a line (records written after
+/// the cut have already grown it past `pos`).
+fn truncated(file: &std::fs::File, pos: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    if pos == 0 {
+        return false;
+    }
+    let mut before = [0u8];
+    match file.read_exact_at(&mut before, pos - 1) {
+        Ok(()) => before[0] != b'\n',
+        Err(_) => true,
+    }
+}
+
+fn same_file(a: &std::fs::File, b: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
 /// `ts decision status agent method host path -> reason (rule)`.
 fn render(line: &str) -> String {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-        return format!("(unreadable record) {}", line.trim_end());
+        return format!("(unreadable record) {}", printable(line.trim_end()));
     };
     let s = |k: &str| match &v[k] {
-        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::String(s) => printable(s),
         serde_json::Value::Null => "-".to_string(),
         other => other.to_string(),
     };
@@ -93,4 +148,41 @@ fn render(line: &str) -> String {
         s("route"),
         s("duration_ms"),
     )
+}
+
+/// `text` with its control characters written as escapes: a record's
+/// fields come from requests, and a terminal must not take one for a
+/// command.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_in_a_record_are_shown_escaped() {
+        let line =
+            r#"{"ts":"t","decision":"deny","status":403,"agent":"a\u001b[2J","path":"/x\ny"}"#;
+        let shown = render(line);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(
+            shown.contains(r"a\u{1b}[2J") && shown.contains(r"/x\ny"),
+            "{shown}"
+        );
+        let torn = render("{\"ts\":\"t\u{7}");
+        assert!(
+            torn.starts_with("(unreadable record)") && !torn.contains('\u{7}'),
+            "{torn:?}"
+        );
+    }
 }

@@ -267,6 +267,94 @@ fn an_unwritable_audit_log_refuses_requests_or_is_skipped_as_configured() {
     }
 }
 
+/// logrotate renames the log (then compresses or deletes it), or copies
+/// it and truncates it in place. Either way the records that follow land
+/// whole in the file at the configured path, where `audit tail` reads
+/// them, and `audit tail -f` follows them across.
+#[test]
+fn a_rotated_audit_log_goes_on_at_its_path_and_tail_follows_it() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "store"));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = |path: &str| {
+        let (status, text) = curl(&[
+            &sidekey.url(path),
+            "-H",
+            &format!("authorization: Bearer {token}"),
+        ]);
+        assert_eq!(status, 200, "{text}");
+    };
+    let log = env.state.join("audit.jsonl");
+    let text_of = |file: &std::path::Path| std::fs::read_to_string(file).unwrap_or_default();
+    get("/echo/before-rotation");
+    let mut follower = env
+        .cmd(&["audit", "tail", "-f", "-n", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (shown, followed) = std::sync::mpsc::channel();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = shown.send(line);
+        }
+    });
+    let expect_shown = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match followed.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("audit tail -f never showed {what}: {seen:#?}"),
+            }
+        }
+    };
+    expect_shown("/before-rotation");
+
+    // Renamed, and again with the file missing for a while.
+    let rotated = env.state.join("audit.jsonl.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    get("/echo/after-rename");
+    assert!(text_of(&log).contains("/after-rename"), "{}", text_of(&log));
+    assert!(!text_of(&rotated).contains("/after-rename"));
+    assert!(!text_of(&log).contains("/before-rotation"));
+    expect_shown("/after-rename");
+
+    // Removed outright.
+    std::fs::remove_file(&log).unwrap();
+    get("/echo/after-removal");
+    assert!(
+        text_of(&log).contains("/after-removal"),
+        "{}",
+        text_of(&log)
+    );
+    expect_shown("/after-removal");
+
+    // Copied and truncated in place.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    get("/echo/after-truncation");
+    let records = env.audit();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["path"], "/after-truncation");
+    expect_shown("/after-truncation");
+
+    let shown_once = env.ok(&["audit", "tail", "-n", "1"], None);
+    assert!(shown_once.contains("/after-truncation"), "{shown_once}");
+    let _ = follower.kill();
+    let _ = follower.wait();
+}
+
 #[test]
 fn a_config_deleted_or_garbled_under_reload_leaves_the_old_one_serving() {
     let upstream = Upstream::http();
