@@ -248,34 +248,59 @@ fn append(target: &Target, file: Option<File>, bytes: &[u8]) -> (Option<File>, R
         }
         Target::File(path) => path,
     };
-    let (open, start) = match file.and_then(|file| still_named(path, file)) {
+    let open = match file.filter(|file| still_named(path, file)) {
         Some(open) => open,
         None => match open_log(path) {
             Ok(open) => open,
             Err(e) => return (None, Err(describe(e))),
         },
     };
-    if let Err(e) = (&open).write_all(bytes).and_then(|()| open.sync_data()) {
-        // Cut off a partly written batch so every line stays whole, and
-        // reopen next time: the file may have been rotated or repaired.
-        let _ = open.set_len(start);
-        return (None, Err(describe(e)));
+    match append_locked(&open, bytes) {
+        Ok(()) => (Some(open), Ok(())),
+        // Reopened next time: the file may have been rotated or repaired.
+        Err(e) => (None, Err(describe(e))),
     }
-    (Some(open), Ok(()))
 }
 
-/// The open log with its length now, if `path` still names it. A log
-/// rotated away (renamed or removed, as logrotate does) is let go, so the
-/// next record starts a new file at `path` rather than go on into one
-/// that may be compressed or deleted; one truncated in place (logrotate's
-/// `copytruncate`) is measured again, so a failed write is cut back to
-/// where it started, not past the end. Two `stat`s per batch, beside the
-/// batch's `fdatasync`.
-fn still_named(path: &std::path::Path, file: File) -> Option<(File, u64)> {
+/// Whether `path` still names the open log. A log rotated away (renamed or
+/// removed, as logrotate does) is let go, so the next record starts a new
+/// file at `path` rather than go on into one that may be compressed or
+/// deleted. Two `stat`s per batch, beside the batch's `fdatasync`.
+fn still_named(path: &std::path::Path, file: &File) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let named = std::fs::metadata(path).ok()?;
-    let open = file.metadata().ok()?;
-    (named.dev() == open.dev() && named.ino() == open.ino()).then_some((file, open.len()))
+    match (std::fs::metadata(path), file.metadata()) {
+        (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
+        _ => false,
+    }
+}
+
+/// Appends and syncs `bytes` under an exclusive lock on the log, which every
+/// sidekey process writing it takes (`run` and `exec` may share one). The
+/// length measured under it is this batch's start, whatever was appended
+/// or truncated (`copytruncate`) before, so a batch that fails halfway is
+/// cut back to it, and only it: never another process's synced records. A
+/// line left unfinished by a crash is ended first, so the next record
+/// starts a line of its own.
+fn append_locked(open: &File, bytes: &[u8]) -> std::io::Result<()> {
+    open.lock()?;
+    let written = (|| {
+        let mut start = open.metadata()?.len();
+        let mut last = [b'\n'];
+        if start > 0 {
+            open.read_exact_at(&mut last, start - 1)?;
+        }
+        if last[0] != b'\n' {
+            (&*open).write_all(b"\n")?;
+            start += 1;
+        }
+        let result = (&*open).write_all(bytes).and_then(|()| open.sync_data());
+        if result.is_err() {
+            let _ = open.set_len(start);
+        }
+        result
+    })();
+    let _ = open.unlock();
+    written
 }
 
 /// The writer task's ends of what it shares with its [`AuditLog`].
@@ -337,10 +362,8 @@ impl Writer {
     }
 }
 
-/// Opens the log for appending, with its length. A crash can cut the last
-/// line short (its request was never released); the next record then
-/// starts a line of its own rather than be joined to the fragment.
-fn open_log(path: &std::path::Path) -> std::io::Result<(File, u64)> {
+/// Opens the log for appending, creating it if need be.
+fn open_log(path: &std::path::Path) -> std::io::Result<File> {
     let open = OpenOptions::new()
         .create(true)
         .read(true)
@@ -358,15 +381,7 @@ fn open_log(path: &std::path::Path) -> std::io::Result<(File, u64)> {
             .unwrap_or(std::path::Path::new("."));
         let _ = File::open(dir).and_then(|dir| dir.sync_all());
     }
-    let mut last = [b'\n'];
-    if len > 0 {
-        open.read_exact_at(&mut last, len - 1)?;
-    }
-    if last[0] == b'\n' {
-        return Ok((open, len));
-    }
-    (&open).write_all(b"\n")?;
-    Ok((open, len + 1))
+    Ok(open)
 }
 
 /// The current time in RFC 3339 with milliseconds.
@@ -517,5 +532,28 @@ mod tests {
             send_line(&sender).await.unwrap().unwrap();
         });
         assert_eq!(batches, vec![1, 1]);
+    }
+
+    /// `run` and `exec` may append to one log: a batch waits for the other
+    /// process's lock, so the start it measures (and cuts back to if it
+    /// fails) is past everything the other has written.
+    #[test]
+    fn a_batch_is_written_under_the_logs_lock_and_ends_a_torn_line_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, b"{\"whole\":1}\n{\"torn").unwrap();
+        let other = File::open(&path).unwrap();
+        other.lock().unwrap();
+        let open = open_log(&path).unwrap();
+        let writer = std::thread::spawn(move || append_locked(&open, b"{\"next\":2}\n"));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!writer.is_finished(), "wrote without the lock");
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"whole\":1}\n{\"torn");
+        other.unlock().unwrap();
+        writer.join().unwrap().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"whole\":1}\n{\"torn\n{\"next\":2}\n"
+        );
     }
 }
