@@ -71,7 +71,17 @@ impl StateDir {
                     .recursive(true)
                     .mode(0o700)
                     .create(&self.root)?;
-                fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
+                fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))?;
+                // The new directory's name must survive a crash as the keys
+                // in it do. Best effort: a parent sidekey may write in but
+                // not list cannot be opened to sync.
+                let parent = self
+                    .root
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let _ = File::open(parent).and_then(|p| p.sync_all());
+                Ok(())
             }
             Err(e) => Err(e),
         }
@@ -93,16 +103,41 @@ impl StateDir {
 /// Replaces `path` with `bytes` so that a crash at any point leaves either the
 /// old or the new content. The file gets `mode`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    put_in_place(path, bytes, mode, |tmp, path| fs::rename(tmp, path))
+}
+
+/// Writes `bytes` to a new file with `mode`, failing if it already exists,
+/// so that `init` can never overwrite a key. Linked into place only once
+/// whole and synced: a full disk or a crash leaves no file, rather than an
+/// empty or partial key that a later `init` would take for a good one.
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    put_in_place(path, bytes, mode, |tmp, path| {
+        fs::hard_link(tmp, path)?;
+        fs::remove_file(tmp)
+    })
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, gives it
+/// `path`'s name with `place`, and syncs the directory. The temporary file
+/// goes on any error, and so do any a crash left before (they may hold an
+/// old copy of the file, such as a secret since removed).
+fn put_in_place(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    place: impl FnOnce(&Path, &Path) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let name = path
         .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?
+        .to_string_lossy();
+    let prefix = format!(".{name}.");
     let tmp = dir.join(format!(
-        ".{}.{:016x}.tmp",
-        name.to_string_lossy(),
+        "{prefix}{:016x}.tmp",
         rand::thread_rng().next_u64()
     ));
     let result = (|| {
@@ -114,29 +149,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
-        fs::rename(&tmp, path)?;
+        place(&tmp, path)?;
         File::open(dir)?.sync_all()
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
+    remove_leftovers(dir, &prefix);
     result
 }
 
-/// Writes `bytes` to a new file with `mode`, failing if it already exists,
-/// so that `init` can never overwrite a key.
-pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir)?.sync_all()?;
+/// Removes temporary files named `PREFIX` + 16 hex digits + `.tmp` that a
+/// crash left behind.
+fn remove_leftovers(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(random) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|n| n.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        if random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let _ = fs::remove_file(entry.path());
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -162,5 +203,31 @@ mod tests {
         write_new(&path, b"a", 0o600).unwrap();
         assert!(write_new(&path, b"b", 0o600).is_err());
         assert_eq!(fs::read(&path).unwrap(), b"a");
+    }
+
+    #[test]
+    fn a_crashs_leftover_temporary_files_go_at_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secrets.enc");
+        let leftover = dir.path().join(".secrets.enc.0123456789abcdef.tmp");
+        let unrelated = dir.path().join(".secrets.enc.notours.tmp");
+        fs::write(&leftover, b"old copy").unwrap();
+        fs::write(&unrelated, b"keep").unwrap();
+        write_atomic(&path, b"new", 0o600).unwrap();
+        assert!(!leftover.exists() && unrelated.exists());
+
+        let key = dir.path().join("ca.key");
+        let leftover = dir.path().join(".ca.key.fedcba9876543210.tmp");
+        fs::write(&leftover, b"").unwrap();
+        write_new(&key, b"key", 0o600).unwrap();
+        assert!(!leftover.exists());
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".secrets.enc.notours.tmp", "ca.key", "secrets.enc"]);
+        let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 }

@@ -11,6 +11,7 @@ use crate::state::{StateDir, write_new};
 pub(super) fn run(paths: &Paths) -> anyhow::Result<()> {
     let state = paths.state_dir()?;
     let created = init_state(&state)?;
+    warn_if_open_to_others(&state);
     if created.is_empty() {
         eprintln!(
             "state dir {} is already initialised; nothing was overwritten",
@@ -57,6 +58,23 @@ pub(crate) fn init_state(state: &StateDir) -> anyhow::Result<Vec<&'static str>> 
         created.push("agent certificate CA");
     }
     Ok(created)
+}
+
+/// An existing state dir is kept as it is, but one that others may enter
+/// holds keys they should not reach.
+fn warn_if_open_to_others(state: &StateDir) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(state.root()) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        eprintln!(
+            "warning: state dir {} has mode {mode:o}; make it private: chmod 700 {}",
+            state.root().display(),
+            state.root().display()
+        );
+    }
 }
 
 fn example_config(state: &StateDir, paths: &Paths) -> String {

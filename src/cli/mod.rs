@@ -233,8 +233,24 @@ pub fn main() -> ExitCode {
         eprintln!("{config}");
         return ExitCode::from(2);
     }
-    eprintln!("sidekey: {error:#}");
+    eprintln!("sidekey: {}", one_line(&error));
     ExitCode::FAILURE
+}
+
+/// The error and its causes on one line, each cause once: many messages
+/// already end with their cause's text, which `{:#}` would print again.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -445,3 +461,26 @@ fn init_logging(default: &str) -> tracing_appender::non_blocking::WorkerGuard {
 
 /// Log lines held for a stderr that is not draining, about a megabyte.
 const LOG_LINES_BUFFERED: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_its_message_is_printed_once() {
+        let disk_full = || std::io::Error::from_raw_os_error(28);
+        let repeated = anyhow::Error::new(crate::token::revocation::RevocationError::Write {
+            path: "st/revocations.json".into(),
+            source: disk_full(),
+        });
+        let line = one_line(&repeated);
+        assert_eq!(line.matches(&disk_full().to_string()).count(), 1, "{line}");
+        assert!(line.starts_with("cannot write revocation list st/revocations.json"));
+
+        let added = anyhow::Error::new(disk_full()).context("cannot write sidekey.toml");
+        assert_eq!(
+            one_line(&added),
+            format!("cannot write sidekey.toml: {}", disk_full())
+        );
+    }
+}
