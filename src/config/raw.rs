@@ -126,7 +126,11 @@ impl Checker {
     fn duration(&mut self, at: &str, text: Option<&str>, default: Duration) -> Duration {
         let Some(text) = text else { return default };
         match humantime::parse_duration(text) {
-            Ok(d) if !d.is_zero() => d,
+            Ok(d) if !d.is_zero() && d <= MAX_DURATION => d,
+            Ok(d) if !d.is_zero() => {
+                self.fail(at, format!("duration {text:?} is longer than a year"));
+                default
+            }
             _ => {
                 self.fail(
                     at,
@@ -137,6 +141,10 @@ impl Checker {
         }
     }
 }
+
+/// No timeout or TTL is longer: beyond it a deadline can overflow the
+/// clock's range, and no operator means one.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     let table: toml::Table = toml::from_str(text).map_err(|e| vec![syntax_problem(text, &e)])?;
