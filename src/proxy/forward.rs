@@ -401,14 +401,24 @@ fn destination(uri: &http::Uri, default_port: u16) -> Result<(String, u16), Prox
             "user info in the destination".into(),
         ));
     }
-    if authority.port().is_some() && authority.port_u16().is_none() {
-        return Err(ProxyError::BadRequest("invalid destination port".into()));
-    }
+    // `port_u16` is `None` for a port that is not a u16 as for no port at
+    // all, so the text is read here: `host:99999` must not become the
+    // default port.
+    let text = authority.as_str();
+    let after_host = text.rfind(']').map_or(text, |end| &text[end..]);
+    let port = match after_host.rsplit_once(':') {
+        Some((_, "")) | None => default_port,
+        Some((_, port)) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|&port| port != 0)
+            .ok_or_else(|| ProxyError::BadRequest("invalid destination port".into()))?,
+    };
     let host = normalize_host(authority.host());
     if host.is_empty() {
         return Err(ProxyError::BadRequest("no destination host".into()));
     }
-    Ok((host, authority.port_u16().unwrap_or(default_port)))
+    Ok((host, port))
 }
 
 /// The route whose upstream is this origin (and, when `path` is given,

@@ -616,6 +616,30 @@ fn forward_requests_go_where_sidekey_resolves_not_where_host_points() {
             .iter()
             .any(|r| r["mode"] == "connect" && r["decision"] == "deny")
     );
+    assert!(
+        records.iter().all(|r| r["port"] == other.port()),
+        "{records:?}"
+    );
+
+    // A port past 65535 is refused, not read as the scheme's default.
+    for (name, head) in [
+        (
+            "absolute-form",
+            "GET http://127.0.0.1:99999/v1/allowed/port",
+        ),
+        ("CONNECT", "CONNECT 127.0.0.1:99999"),
+    ] {
+        let before = a.records();
+        let got = exchange(
+            a.sidekey.addr,
+            format!(
+                "{head} HTTP/1.1\r\nHost: 127.0.0.1:99999\r\n\
+                 Proxy-Authorization: Basic {basic}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        a.assert_case(&format!("{name} to port 99999"), before, &got, 400);
+    }
     assert!(a.other.seen().is_empty());
 }
 
