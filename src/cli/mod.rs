@@ -426,13 +426,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Checks a name given on the command line (agent, secret, session).
 fn check_name(kind: &str, name: &str) -> anyhow::Result<()> {
-    let valid = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if !valid {
-        bail!("invalid {kind} name {name:?} (use letters, digits, `-`, `_` and `.`)");
+    if !crate::config::valid_name(name) {
+        bail!("{}", crate::config::invalid_name(kind, name));
     }
     Ok(())
 }

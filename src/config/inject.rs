@@ -88,7 +88,10 @@ pub(super) fn check(
             return None;
         };
         if !secrets.contains_key(&name) {
-            c.fail(format!("{at}.{key}"), format!("no secret named {name:?}"));
+            c.fail(
+                format!("{at}.{key}"),
+                format!("no secret named {}", super::raw::shown(&name)),
+            );
             return None;
         }
         Some(name)

@@ -411,7 +411,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         if let Some(auth) = &auth {
             let name = auth.secret();
             if !secret_sources.contains_key(name) {
-                c.fail("vault", format!("no secret named {name:?}"));
+                c.fail("vault", format!("no secret named {}", shown(name)));
             } else if matches!(secret_sources.get(name), Some(SecretSource::Vault { .. })) {
                 c.fail("vault", "Vault's own credential cannot come from Vault");
             }
@@ -453,7 +453,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         if !secret_sources.contains_key(&raw.token) {
             c.fail(
                 "admin_tcp.token",
-                format!("no secret named {:?}", raw.token),
+                format!("no secret named {}", shown(&raw.token)),
             );
             return None;
         }
@@ -506,12 +506,35 @@ fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
     Problem::new(at, e.message().trim().replace('\n', " "))
 }
 
-pub(super) fn valid_name(name: &str) -> bool {
+/// Names of agents, sessions, secrets, routes and rules: what a config,
+/// the command line and the admin API all accept.
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Why `name` was refused.
+pub(crate) fn invalid_name(kind: &str, name: &str) -> String {
+    format!(
+        "invalid {kind} name {} (1 to 128 letters, digits, `-`, `_` and `.`)",
+        shown(name)
+    )
+}
+
+/// `text` quoted for an error, only its start when it is long: what gets
+/// pasted where a name goes is often a whole agent token or a key.
+pub(crate) fn shown(text: &str) -> String {
+    const START: usize = 12;
+    let length = text.chars().count();
+    if length > 2 * START {
+        let start: String = text.chars().take(START).collect();
+        format!("{start:?}… ({length} characters)")
+    } else {
+        format!("{text:?}")
+    }
 }
 
 fn check_oidc(

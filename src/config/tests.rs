@@ -331,3 +331,28 @@ fn durations_past_a_year_are_refused_not_left_to_overflow_a_deadline() {
         ["limits.header_timeout: duration \"300000000000y\" is longer than a year"]
     );
 }
+
+#[test]
+fn a_key_pasted_where_a_secret_name_goes_is_not_printed_whole() {
+    let key = "sk-proj-LIVEKEY0123456789abcdefghijklmnop";
+    let text = GOOD.replacen(
+        "secret = \"openai\" }\nplaceholder_env",
+        &format!("secret = \"{key}\" }}\nplaceholder_env"),
+        1,
+    );
+    let found = problems(&text);
+    assert_eq!(
+        found,
+        ["routes.openai.inject.secret: no secret named \"sk-proj-LIVE\"… (41 characters)"]
+    );
+    let text = GOOD.replacen(
+        "source = \"env:GITHUB_TOKEN\"",
+        &format!("source = \"{key}\""),
+        1,
+    );
+    let found = problems(&text).join("\n");
+    assert!(
+        found.contains("unknown secret source") && !found.contains(key),
+        "{found}"
+    );
+}

@@ -57,7 +57,8 @@ impl SecretSource {
             return crate::secret::process::parse_command(command).map(Self::Exec);
         }
         Err(format!(
-            "unknown secret source {text:?} (expected \"store\", \"env:VAR\", \"file:PATH\", \"exec:COMMAND\" or \"vault:MOUNT/PATH#FIELD\")"
+            "unknown secret source {} (expected \"store\", \"env:VAR\", \"file:PATH\", \"exec:COMMAND\" or \"vault:MOUNT/PATH#FIELD\")",
+            crate::config::shown(text)
         ))
     }
 }

@@ -182,3 +182,61 @@ fn the_tcp_admin_address_requires_its_own_token() {
     assert_eq!(res.status(), 200);
     assert!(res.text().unwrap().contains("sidekey_open_connections"));
 }
+
+/// The admin API takes the names the command line takes. A whole token
+/// pasted as an id, an empty name or one with control characters is
+/// refused with 400, where it used to be listed as revoked while the token
+/// went on working; neither the API nor the CLI prints the whole token
+/// back. The token's real id revokes it.
+#[test]
+fn revoking_refuses_what_names_no_token_and_never_echoes_a_whole_token() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&echo_route(&upstream, "store"));
+    env.set_secret("api", SECRET);
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = || {
+        client()
+            .get(sidekey.url("/echo/ok"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+            .status()
+    };
+    let revoke = |body: serde_json::Value| {
+        let out = Command::new("curl")
+            .args(["-sS", "-w", "\n%{http_code}", "-X", "POST", "--unix-socket"])
+            .arg(env.state.join("admin.sock"))
+            .args(["-d", &body.to_string(), "http://sidekey/v1/revoke"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (answer, status) = text.rsplit_once('\n').unwrap();
+        (status.to_string(), answer.to_string())
+    };
+    assert_eq!(get(), 200);
+    for body in [
+        serde_json::json!({ "id": token }),
+        serde_json::json!({ "id": "" }),
+        serde_json::json!({ "agent": "a\nb\u{0}" }),
+    ] {
+        let (status, answer) = revoke(body.clone());
+        assert_eq!(status, "400", "{body}: {answer}");
+        assert!(!answer.contains(&token), "{answer}");
+    }
+    let cli = env.run(&["token", "revoke", "--id", &token], None);
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(!cli.status.success());
+    assert!(
+        stderr.contains("invalid token name") && !stderr.contains(&token),
+        "{stderr}"
+    );
+    assert_eq!(get(), 200);
+
+    let id = env.audit()[0]["token_id"].as_str().unwrap().to_string();
+    let (status, answer) = revoke(serde_json::json!({ "id": id }));
+    assert_eq!(status, "200", "{answer}");
+    eventually(std::time::Duration::from_secs(5), || {
+        (get() == 401).then_some(())
+    });
+}
