@@ -96,10 +96,19 @@ struct Flow<'a> {
 }
 
 impl Flow<'_> {
-    fn set_agent(&mut self, agent: &Agent) {
+    /// Records who the request is from. The audit record names the token
+    /// by its id and never holds it whole, even where the agent put it in
+    /// the path (see [`Flow::set_path`]).
+    fn set_agent(&mut self, agent: &Agent, presented: &Presented) {
         self.event.agent = Some(agent.name.clone());
         self.event.session = Some(agent.session.clone());
         self.event.token_id = agent.token_id.clone();
+        self.event.path = without_token(std::mem::take(&mut self.event.path), presented);
+    }
+
+    /// Records the decoded path the policy decides on.
+    fn set_path(&mut self, path: String, presented: &Presented) {
+        self.event.path = without_token(path, presented);
     }
 
     /// Step 4: the policy decision, recorded; a refusal is an error. Also
@@ -820,6 +829,16 @@ fn codings_other_than(headers: &HeaderMap, name: HeaderName, plain: &str) -> boo
         .flat_map(|v| v.to_str().unwrap_or("unknown").split(','))
         .map(str::trim)
         .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(plain))
+}
+
+/// `path` with the agent's token, wherever it appears, as `[REDACTED]`.
+fn without_token(path: String, presented: &Presented) -> String {
+    let token = presented.token();
+    // Most paths are shorter than a token: no search for them.
+    if token.is_empty() || path.len() < token.len() {
+        return path;
+    }
+    path.replace(token, "[REDACTED]")
 }
 
 /// [`Proxy::verify`] against a given config version and revocation list.

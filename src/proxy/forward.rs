@@ -49,7 +49,7 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let (parts, body) = req.into_parts();
         let (agent, presented) = self.identify(flow, &parts, None, None)?;
-        flow.set_agent(&agent);
+        flow.set_agent(&agent, &presented);
         if parts.uri.scheme_str() != Some("http") {
             return Err(ProxyError::BadRequest(
                 "only http:// URLs are forwarded; https goes through CONNECT".into(),
@@ -73,7 +73,7 @@ impl Proxy {
         let identified = self.identify(flow, &req_parts, None, None);
         let req = Request::from_parts(req_parts, req_body);
         let (agent, presented) = identified?;
-        flow.set_agent(&agent);
+        flow.set_agent(&agent, &presented);
         let (host, port) = destination(req.uri(), 443)?;
         flow.event.host = Some(host.clone());
         flow.event.port = Some(port);
@@ -272,7 +272,7 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let agent = self.verify(flow, &tunnel.presented)?;
         let presented = tunnel.presented.clone();
-        flow.set_agent(&agent);
+        flow.set_agent(&agent, &presented);
         // SECURITY: the request must be for the host the tunnel was opened
         // (and decided) for; anything else would steer the credential.
         let named = parts
@@ -324,7 +324,7 @@ impl Proxy {
             .map(|r| r.upstream.base_path.clone())
             .unwrap_or_default();
         let path = normalize(&parts.uri.path()[base_path.len()..])?;
-        flow.event.path = format!("{base_path}{}", path.decoded());
+        flow.set_path(format!("{base_path}{}", path.decoded()), &presented);
         let (decision, overrides) = flow.authorize(
             &agent,
             route.as_ref().map(|r| r.name.as_str()),

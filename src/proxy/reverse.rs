@@ -28,7 +28,7 @@ impl Proxy {
             }
             None => self.identify_unrouted(flow, &parts)?,
         };
-        flow.set_agent(&agent);
+        flow.set_agent(&agent, &presented);
 
         // 2. route
         let route = route.ok_or_else(|| ProxyError::RouteNotFound(route_name.to_string()))?;
@@ -38,7 +38,10 @@ impl Proxy {
 
         // 3. path
         let path = normalize(rest)?;
-        flow.event.path = format!("{}{}", route.upstream.base_path, path.decoded());
+        flow.set_path(
+            format!("{}{}", route.upstream.base_path, path.decoded()),
+            &presented,
+        );
 
         // 4. policy
         let (_, overrides) = flow.authorize(

@@ -734,6 +734,22 @@ action = "deny"
             .map(|m| m.split(',').next().unwrap().to_string())
     };
     assert_eq!(message(&known_text), message(&unknown_text));
+
+    // The agent's own token put in the path, even partly percent-encoded,
+    // stays out of the audit log.
+    let encoded = token.replacen('.', "%2E", 1);
+    let (status, text) = curl(&[
+        "-H",
+        &proxy_auth,
+        &sidekey.url(&format!("/keyed/v1/{encoded}/x")),
+    ]);
+    assert_eq!(status, 200, "{text}");
+    let audited = env.audit();
+    assert_eq!(
+        audited.last().unwrap()["path"],
+        "/v1/[REDACTED]/x",
+        "{audited:?}"
+    );
     assert_no_leak(&sidekey.stderr(), SECRET, "stderr");
     assert_no_leak(&env.audit_text(), &token, "audit");
 }
