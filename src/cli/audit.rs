@@ -19,24 +19,27 @@ pub(super) fn tail(paths: &Paths, follow: bool, lines: usize) -> anyhow::Result<
         bail!("the audit log goes to stdout (audit.file = \"-\"); there is no file to read");
     };
     let path = state.root().join(file);
-    let mut reader = BufReader::new(
-        std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,
-    );
+    let file =
+        std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        bail!("{} is not a regular file", path.display());
+    }
+    let mut reader = BufReader::new(file);
     // Only the last `lines` are kept: a log may hold millions.
     let mut last = std::collections::VecDeque::with_capacity(lines.min(4096));
     // Where the last whole line ends: a line cut short by a crash is shown,
     // but following starts before it.
     let mut pos = 0;
+    let mut offset = 0;
     loop {
         let mut line = String::new();
-        let n = reader
-            .read_line(&mut line)
-            .context("cannot read the audit log")?;
+        let n = read_record(&mut reader, &mut line)?;
         if n == 0 {
             break;
         }
+        offset += n as u64;
         if line.ends_with('\n') {
-            pos += n as u64;
+            pos = offset;
         }
         if lines > 0 {
             if last.len() == lines {
@@ -84,9 +87,7 @@ fn print_new(file: &mut std::fs::File, mut pos: u64) -> anyhow::Result<u64> {
     let mut reader = BufReader::new(&*file);
     let mut line = String::new();
     loop {
-        let n = reader
-            .read_line(&mut line)
-            .context("cannot read the audit log")?;
+        let n = read_record(&mut reader, &mut line)?;
         // A line still being written is read whole next time.
         if n == 0 || !line.ends_with('\n') {
             return Ok(pos);
@@ -95,6 +96,21 @@ fn print_new(file: &mut std::fs::File, mut pos: u64) -> anyhow::Result<u64> {
         println!("{}", render(&line));
         line.clear();
     }
+}
+
+/// Far longer than any record (a request head is at most
+/// `limits.max_header_bytes`); bounds what a garbled log costs in memory.
+const MAX_RECORD: u64 = 16 << 20;
+
+/// Reads one line into `line`, with its `\n`, its bytes that are not UTF-8
+/// shown as U+FFFD: one damaged byte must not stop the rest being read.
+fn read_record(reader: &mut impl BufRead, line: &mut String) -> anyhow::Result<usize> {
+    let mut bytes = Vec::new();
+    let n = std::io::Read::take(&mut *reader, MAX_RECORD)
+        .read_until(b'\n', &mut bytes)
+        .context("cannot read the audit log")?;
+    *line = String::from_utf8_lossy(&bytes).into_owned();
+    Ok(n)
 }
 
 /// Whether `file` was cut short since a line ended at `pos`: it is now

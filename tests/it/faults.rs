@@ -353,6 +353,27 @@ fn a_rotated_audit_log_goes_on_at_its_path_and_tail_follows_it() {
     assert!(shown_once.contains("/after-truncation"), "{shown_once}");
     let _ = follower.kill();
     let _ = follower.wait();
+
+    // A damaged line (bytes that are not UTF-8) is shown as unreadable;
+    // the records around it still are.
+    let mut damaged = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    damaged.write_all(b"\xff\xfe\x1b[2J\n").unwrap();
+    get("/echo/after-damage");
+    let shown = env.ok(&["audit", "tail", "-n", "3"], None);
+    assert!(
+        shown.contains("/after-truncation")
+            && shown.contains("(unreadable record)")
+            && shown.contains("/after-damage")
+            && !shown.contains('\x1b'),
+        "{shown}"
+    );
+    // What is not a file is refused rather than read without end.
+    std::fs::remove_file(&log).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &log).unwrap();
+    let refused = env.run(&["audit", "tail"], None);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("not a regular file"), "{stderr}");
 }
 
 #[test]
