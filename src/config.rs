@@ -378,13 +378,13 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let unreadable = |why: String| ConfigError {
             file: path.display().to_string(),
-            problems: vec![Problem::new(
-                "file",
-                format!("cannot read: {}", describe_io(&e)),
-            )],
-        })?;
+            problems: vec![Problem::new("file", format!("cannot read: {why}"))],
+        };
+        let bytes = crate::state::read_limited(path, crate::state::MAX_OPERATOR_FILE)
+            .map_err(|e| unreadable(describe_io(&e)))?;
+        let text = String::from_utf8(bytes).map_err(|_| unreadable("not UTF-8 text".into()))?;
         Self::parse(&text, path)
     }
 

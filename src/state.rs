@@ -100,6 +100,47 @@ impl StateDir {
     }
 }
 
+/// The most [`read_limited`] reads of a config, a `file:` secret or a key
+/// set: far more than any of them holds.
+pub const MAX_OPERATOR_FILE: u64 = 1 << 20;
+
+/// Reads a file an operator names (a config, a `file:` secret, a key set)
+/// whole, refusing what is not a regular file or is larger than `limit`:
+/// `/dev/zero` would fill memory and a FIFO nobody writes would hang the
+/// read (it is opened without blocking, so the check comes first). Sized
+/// from the file once, so a secret's bytes are not left behind in a buffer
+/// outgrown while reading.
+pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > limit {
+        return Err(too_large(limit));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize + 1);
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(limit));
+    }
+    Ok(bytes)
+}
+
+fn too_large(limit: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("larger than {limit} bytes"),
+    )
+}
+
 /// Replaces `path` with `bytes` so that a crash at any point leaves either the
 /// old or the new content. The file gets `mode`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {

@@ -368,8 +368,10 @@ impl Paths {
         if !self.config.exists() && !self.config_named {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&self.config)
+        let bytes = crate::state::read_limited(&self.config, crate::state::MAX_OPERATOR_FILE)
             .with_context(|| format!("cannot read config {}", self.config.display()))?;
+        let text = String::from_utf8(bytes)
+            .with_context(|| format!("config {} is not UTF-8 text", self.config.display()))?;
         let table: toml::Table = toml::from_str(&text).map_err(|e| {
             anyhow::anyhow!(
                 "{}: {}",

@@ -316,7 +316,7 @@ fn pick_key<'a>(keys: &'a JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<&
 }
 
 pub fn read_jwks(path: &std::path::Path) -> Result<JwkSet, String> {
-    let text = std::fs::read(path).map_err(|e| {
+    let text = crate::state::read_limited(path, crate::state::MAX_OPERATOR_FILE).map_err(|e| {
         format!(
             "cannot read {}: {}",
             path.display(),

@@ -2,7 +2,6 @@
 //! a running proxy currently holds.
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -250,7 +249,13 @@ impl SecretTable {
 /// `echo value > file` or a Kubernetes secret volume.
 fn read_file(path: &Path) -> Result<Secret, String> {
     let bytes = Zeroizing::new(
-        fs::read(path).map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?,
+        crate::state::read_limited(path, crate::state::MAX_OPERATOR_FILE).map_err(|e| {
+            format!(
+                "cannot read {}: {}",
+                path.display(),
+                crate::config::describe_io(&e)
+            )
+        })?,
     );
     let text =
         std::str::from_utf8(&bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
@@ -290,7 +295,7 @@ mod tests {
     fn file_source_strips_one_newline() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tok");
-        fs::write(&path, "abc\n\n").unwrap();
+        std::fs::write(&path, "abc\n\n").unwrap();
         assert_eq!(read_file(&path).unwrap().expose(), "abc\n");
     }
 }

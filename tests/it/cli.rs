@@ -597,6 +597,46 @@ fn check_fails_on_a_missing_config_file() {
     );
 }
 
+/// A config or `file:` secret that is not a regular file (`/dev/zero`,
+/// a FIFO nobody writes) is refused at once, rather than read until memory
+/// runs out or waited on forever.
+#[test]
+fn a_config_or_secret_file_that_never_ends_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("config.fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for config in ["/dev/zero", fifo.to_str().unwrap()] {
+        let out = output_within(
+            bare(dir.path(), &["-c", config, "check"]),
+            Duration::from_secs(10),
+        );
+        let err = stderr_of(&out);
+        assert_clean_failure(&out, config);
+        assert!(err.contains("not a regular file"), "{config}: {err}");
+    }
+
+    let env = TestEnv::new(
+        "[secrets.api]\nsource = \"file:/dev/zero\"\n[secrets.big]\nsource = \"file:big.txt\"\n",
+    );
+    std::fs::write(env.path("big.txt"), vec![b'k'; 2 << 20]).unwrap();
+    let out = output_within(env.cmd(&["check"]), Duration::from_secs(10));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("secrets.api") && err.contains("not a regular file"),
+        "{err}"
+    );
+    assert!(
+        err.contains("secrets.big") && err.contains("larger than 1048576 bytes"),
+        "{err}"
+    );
+}
+
 #[test]
 fn run_with_a_broken_config_exits_2_before_binding() {
     let env = TestEnv::new("");
