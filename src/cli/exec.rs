@@ -33,6 +33,11 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
     let config = paths.config()?;
     let state = paths.state_dir_of(&config)?;
     crate::listen::raise_fd_limit();
+    // The session is revoked when the command ends; a list that cannot be
+    // read now could not take that revocation then, and the token would
+    // outlive its command.
+    Revocations::read(&state.revocations())
+        .context("cannot start: the session could not be revoked when the command ends")?;
     let issuer = Issuer::load(&state)?;
     // A token is valid through the whole second of its expiry; a second
     // more covers the one in which it is issued.

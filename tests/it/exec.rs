@@ -406,6 +406,14 @@ fn the_exit_status_passes_through_and_the_token_dies_with_the_command() {
         None,
     );
     assert_eq!(missing.status.code(), Some(127), "{}", describe(&missing));
+
+    // A revocation list that cannot take the session's revocation at the
+    // end: the command does not start.
+    std::fs::write(env.state.join("revocations.json"), "{ damaged").unwrap();
+    let out = exec(&env, &[], "touch ran.txt");
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot start"));
+    assert!(!work_dir(&env).join("ran.txt").exists(), "the command ran");
 }
 
 /// Every command revokes its session: the list keeps it only until the
