@@ -161,13 +161,27 @@ fn load_issuer(
     rcgen::Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CaError::Generate(e.to_string()))
 }
 
-/// The CA certificate in PEM.
+/// The CA certificate in PEM, checked to be one whole certificate: agents
+/// are handed it to trust, and a damaged one would fail them later and
+/// less clearly.
 pub fn cert_pem(state: &StateDir) -> Result<String, CaError> {
     let path = state.ca_cert();
-    fs::read_to_string(&path).map_err(|e| CaError::Read {
+    let unreadable = |cause: String| CaError::Read {
         path: path.display().to_string(),
-        cause: crate::config::describe_io(&e),
-    })
+        cause,
+    };
+    let pem = fs::read_to_string(&path).map_err(|e| unreadable(crate::config::describe_io(&e)))?;
+    let mut bytes = pem.as_bytes();
+    let mut certs = rustls_pemfile::certs(&mut bytes);
+    let whole = match (certs.next(), certs.next()) {
+        (Some(Ok(cert)), None) => x509_parser::parse_x509_certificate(&cert).is_ok(),
+        _ => false,
+    };
+    drop(certs);
+    if !whole {
+        return Err(unreadable("not one PEM certificate".into()));
+    }
+    Ok(pem)
 }
 
 /// The system roots followed by the CA, for `SSL_CERT_FILE` and friends.

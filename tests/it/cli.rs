@@ -772,6 +772,18 @@ fn ca_cert_is_one_pem_and_the_bundle_ends_with_it() {
         "the bundle does not end with the CA"
     );
     assert!(!bundle.contains("PRIVATE KEY"));
+
+    // A damaged CA certificate is reported, not handed out.
+    std::fs::write(env.state.join("ca.crt"), &cert[..10]).unwrap();
+    for command in ["cert", "bundle"] {
+        let out = env.run(&["ca", command], None);
+        let err = assert_one_line_failure(&out, command);
+        assert!(
+            err.contains("ca.crt") && err.contains("not one PEM certificate"),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "ca {command} printed a damaged CA");
+    }
 }
 
 // ---------------------------------------------------------------- demo
