@@ -262,6 +262,22 @@ fn append(target: &Target, file: Option<File>, bytes: &[u8]) -> (Option<File>, R
     }
 }
 
+/// Whether stdout is `/dev/null`, as it is when sidekey was started with
+/// stdout closed (the Rust runtime puts `/dev/null` there).
+pub fn stdout_is_null() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let stdout = rustix::fs::fstat(std::io::stdout());
+    let null = std::fs::metadata("/dev/null");
+    match (stdout, null) {
+        (Ok(stdout), Ok(null)) => {
+            rustix::fs::FileType::from_raw_mode(stdout.st_mode)
+                == rustix::fs::FileType::CharacterDevice
+                && stdout.st_rdev == null.rdev()
+        }
+        _ => false,
+    }
+}
+
 /// Whether `path` still names the open log. A log rotated away (renamed or
 /// removed, as logrotate does) is let go, so the next record starts a new
 /// file at `path` rather than go on into one that may be compressed or

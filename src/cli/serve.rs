@@ -170,6 +170,11 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
     let _logging = init_logging("info");
     let config = paths.config()?;
     let state = paths.state_dir_of(&config)?;
+    if config.audit.sink == crate::config::AuditSink::Stdout && crate::audit::stdout_is_null() {
+        tracing::warn!(
+            "audit.file = \"-\" but stdout is /dev/null (or was closed): every audit record is discarded"
+        );
+    }
     if let Some(limit) = crate::listen::raise_fd_limit()
         && limit < config.limits.max_connections as u64 * 2
     {

@@ -376,6 +376,24 @@ fn a_rotated_audit_log_goes_on_at_its_path_and_tail_follows_it() {
     assert!(stderr.contains("not a regular file"), "{stderr}");
 }
 
+/// Records sent to a stdout that was closed (so `/dev/null`) are lost:
+/// sidekey says so when it starts, rather than discard them silently.
+#[test]
+fn audit_records_to_a_closed_stdout_are_warned_about() {
+    let upstream = Upstream::http();
+    let env = TestEnv::new(&format!(
+        "[audit]\nfile = \"-\"\n{}",
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let sidekey = env.spawn_wrapped(&["sh", "-c", "exec \"$0\" \"$@\" >&-"], "127.0.0.1:0", &[]);
+    let stderr = sidekey.stderr();
+    assert!(
+        stderr.contains("stdout is /dev/null (or was closed)"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_config_deleted_or_garbled_under_reload_leaves_the_old_one_serving() {
     let upstream = Upstream::http();
