@@ -289,14 +289,23 @@ fn a_rotated_audit_log_goes_on_at_its_path_and_tail_follows_it() {
     let log = env.state.join("audit.jsonl");
     let text_of = |file: &std::path::Path| std::fs::read_to_string(file).unwrap_or_default();
     get("/echo/before-rotation");
-    let mut follower = env
-        .cmd(&["audit", "tail", "-f", "-n", "5"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    /// Stopped however the test ends.
+    struct Follower(std::process::Child);
+    impl Drop for Follower {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut follower = Follower(
+        env.cmd(&["audit", "tail", "-f", "-n", "5"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (shown, followed) = std::sync::mpsc::channel();
-    let stdout = follower.stdout.take().unwrap();
+    let stdout = follower.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = shown.send(line);
@@ -351,8 +360,7 @@ fn a_rotated_audit_log_goes_on_at_its_path_and_tail_follows_it() {
 
     let shown_once = env.ok(&["audit", "tail", "-n", "1"], None);
     assert!(shown_once.contains("/after-truncation"), "{shown_once}");
-    let _ = follower.kill();
-    let _ = follower.wait();
+    drop(follower);
 
     // A damaged line (bytes that are not UTF-8) is shown as unreadable;
     // the records around it still are.
