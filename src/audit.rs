@@ -283,9 +283,8 @@ pub fn stdout_is_null() -> bool {
 /// file at `path` rather than go on into one that may be compressed or
 /// deleted. Two `stat`s per batch, beside the batch's `fdatasync`.
 fn still_named(path: &std::path::Path, file: &File) -> bool {
-    use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(path), file.metadata()) {
-        (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
+        (Ok(named), Ok(open)) => crate::state::same_file(&named, &open),
         _ => false,
     }
 }
@@ -386,16 +385,10 @@ fn open_log(path: &std::path::Path) -> std::io::Result<File> {
         .append(true)
         .mode(0o600)
         .open(path)?;
-    let len = open.metadata()?.len();
-    if len == 0 {
-        // Likely just created: its name must survive a crash as its records
-        // do. Best effort: a directory sidekey may write in but not list
-        // cannot be opened to sync, and that alone does not stop the log.
-        let dir = path
-            .parent()
-            .filter(|dir| !dir.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        let _ = File::open(dir).and_then(|dir| dir.sync_all());
+    if open.metadata()?.len() == 0 {
+        // Likely just created: its name must survive a crash as its
+        // records do.
+        crate::state::sync_parent(path);
     }
     Ok(open)
 }

@@ -72,15 +72,8 @@ impl StateDir {
                     .mode(0o700)
                     .create(&self.root)?;
                 fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))?;
-                // The new directory's name must survive a crash as the keys
-                // in it do. Best effort: a parent sidekey may write in but
-                // not list cannot be opened to sync.
-                let parent = self
-                    .root
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                let _ = File::open(parent).and_then(|p| p.sync_all());
+                // Its name must survive a crash as the keys in it do.
+                sync_parent(&self.root);
                 Ok(())
             }
             Err(e) => Err(e),
@@ -98,6 +91,26 @@ impl StateDir {
         file.lock()?;
         Ok(file)
     }
+}
+
+/// The directory `path` is in; `.` for a bare file name.
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Syncs the directory `path` is in, so a name just made there survives a
+/// crash. Best effort: a directory sidekey may write in but not list
+/// cannot be opened to sync, and that alone must not stop the caller.
+pub fn sync_parent(path: &Path) {
+    let _ = File::open(parent_of(path)).and_then(|dir| dir.sync_all());
+}
+
+/// Whether two files' metadata are of one file (the same device and inode).
+pub fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
 }
 
 /// The most [`read_limited`] reads of a config, a `file:` secret or a key
@@ -168,10 +181,7 @@ fn put_in_place(
     mode: u32,
     place: impl FnOnce(&Path, &Path) -> io::Result<()>,
 ) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = parent_of(path);
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?

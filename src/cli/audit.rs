@@ -129,9 +129,8 @@ fn truncated(file: &std::fs::File, pos: u64) -> bool {
 }
 
 fn same_file(a: &std::fs::File, b: &std::fs::File) -> bool {
-    use std::os::unix::fs::MetadataExt;
     match (a.metadata(), b.metadata()) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        (Ok(a), Ok(b)) => crate::state::same_file(&a, &b),
         _ => false,
     }
 }
