@@ -50,6 +50,7 @@ use crate::token::{Verifier, random_id};
 
 use body::{AgentBody, Body, Scrubbed, full};
 pub use error::{Mode, ProxyError};
+pub use forward::destination;
 use lasting::{Granted, LastingIdentity};
 use pool::UpstreamBody;
 

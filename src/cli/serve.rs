@@ -14,7 +14,7 @@ use crate::admin;
 use crate::config::{Config, Target};
 use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::policy::{self, normalize_host, path::normalize};
+use crate::policy::{self, path::normalize};
 use crate::proxy::Proxy;
 use crate::secret::source::SecretTable;
 use crate::secret::store::MasterKey;
@@ -273,22 +273,23 @@ pub(super) fn explain(
     let uri: http::Uri = url
         .parse()
         .with_context(|| format!("invalid URL {url:?}"))?;
-    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+    let (Some(scheme), Some(_)) = (uri.scheme_str(), uri.authority()) else {
         bail!("give an absolute URL, e.g. http://127.0.0.1:8080/openai/v1/chat/completions");
     };
     super::check_name("agent", agent)?;
     let https = scheme.eq_ignore_ascii_case("https");
-    let host = normalize_host(authority.host());
-    if authority.port().is_some() && authority.port_u16().is_none() {
-        bail!("invalid port in {url:?}");
-    }
-    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-    // Only a URL on sidekey's own address is a gateway URL; any other host
-    // is a destination in its own right, whatever its path looks like.
-    let gateway = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback() || ip == config.listen.ip() || ip.is_unspecified());
+    let (host, port) = crate::proxy::destination(&uri, if https { 443 } else { 80 })
+        .map_err(|e| anyhow::anyhow!("{url:?}: {e}"))?;
+    // Only a URL on sidekey's own address is a gateway URL; any other
+    // origin, a local one on another port too, is a destination in its own
+    // right, whatever its path looks like. A config listening on port 0
+    // leaves the port to `run`, so any local port may be the gateway.
+    let listen_port = config.listen.port();
+    let gateway = (port == listen_port || listen_port == 0)
+        && (host == "localhost"
+            || host.parse::<std::net::IpAddr>().is_ok_and(|ip| {
+                ip.is_loopback() || ip == config.listen.ip() || ip.is_unspecified()
+            }));
 
     // An upstream URL names its route by origin; a gateway URL by its first segment.
     let by_origin = config.routes.values().find(|r| {

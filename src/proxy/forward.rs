@@ -392,7 +392,9 @@ fn host_is_literal(host: &str) -> bool {
 }
 
 /// The host and port a forward request or CONNECT names.
-fn destination(uri: &http::Uri, default_port: u16) -> Result<(String, u16), ProxyError> {
+/// The host and port a request names; `explain` reads URLs with it too, so
+/// that it shows the destination the proxy would use.
+pub fn destination(uri: &http::Uri, default_port: u16) -> Result<(String, u16), ProxyError> {
     let authority = uri
         .authority()
         .ok_or_else(|| ProxyError::BadRequest("no destination host".into()))?;

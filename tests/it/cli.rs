@@ -748,6 +748,51 @@ fn explain_does_not_route_a_foreign_host_by_its_first_path_segment() {
         "{out}"
     );
     assert!(!out.contains("secret \"api\""), "{out}");
+
+    // Nor a local origin on another port: only sidekey's own port is the
+    // gateway, and the proxy would send this to 127.0.0.1:1.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, config.replace("127.0.0.1:0", "127.0.0.1:8080")).unwrap();
+    let out = env.ok(
+        &[
+            "explain",
+            "--agent",
+            "coder",
+            "GET",
+            "http://127.0.0.1:8080/echo/x",
+        ],
+        None,
+    );
+    let f = explain_fields(&out);
+    assert_eq!(f.get("mode").map(String::as_str), Some("reverse"), "{out}");
+    assert!(f["route"].starts_with("echo"), "{out}");
+    let out = env.ok(
+        &[
+            "explain",
+            "--agent",
+            "coder",
+            "GET",
+            "http://127.0.0.1:1/echo/x",
+        ],
+        None,
+    );
+    let f = explain_fields(&out);
+    assert_eq!(f.get("mode").map(String::as_str), Some("forward"), "{out}");
+    assert_eq!(
+        f.get("route").map(String::as_str),
+        Some("none (destination 127.0.0.1:1)"),
+        "{out}"
+    );
+
+    // A port the proxy refuses is refused here too, never shown as the
+    // default port.
+    for url in ["http://127.0.0.1:99999/echo/x", "https://pypi.org:0/"] {
+        let out = env.run(&["explain", "--agent", "coder", "GET", url], None);
+        let err = stderr_of(&out);
+        assert!(!out.status.success(), "explain {url}: {}", stdout_of(&out));
+        assert!(err.contains("invalid destination port"), "{url}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{url}: {err}");
+    }
 }
 
 // ---------------------------------------------------------------- ca
