@@ -7,7 +7,7 @@
 mod inject;
 mod preset;
 mod raw;
-pub(crate) use raw::{invalid_name, shown, valid_name};
+pub(crate) use raw::{MAX_DURATION, invalid_name, shown, valid_name};
 mod route;
 mod rule;
 

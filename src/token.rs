@@ -267,8 +267,8 @@ pub fn parse_ttl(text: &str) -> Result<Duration, String> {
     if ttl < Duration::from_secs(1) {
         return Err(format!("duration {text:?} is shorter than one second"));
     }
-    if ttl > Duration::from_secs(366 * 24 * 3600) {
-        return Err(format!("duration {text:?} is longer than a year"));
+    if ttl > crate::config::MAX_DURATION {
+        return Err(format!("duration {text:?} is longer than 366 days"));
     }
     Ok(ttl)
 }
@@ -339,5 +339,11 @@ mod tests {
         assert!(parse_ttl("0s").is_err());
         assert!(parse_ttl("soon").is_err());
         assert!(parse_ttl("400d").is_err());
+        // The bound the message names, as in the config: "1y" is 365.25 days.
+        assert!(parse_ttl("1y").is_ok() && parse_ttl("366d").is_ok());
+        assert_eq!(
+            parse_ttl("367d").unwrap_err(),
+            "duration \"367d\" is longer than 366 days"
+        );
     }
 }

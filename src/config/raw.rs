@@ -128,7 +128,7 @@ impl Checker {
         match humantime::parse_duration(text) {
             Ok(d) if !d.is_zero() && d <= MAX_DURATION => d,
             Ok(d) if !d.is_zero() => {
-                self.fail(at, format!("duration {text:?} is longer than a year"));
+                self.fail(at, format!("duration {text:?} is longer than 366 days"));
                 default
             }
             _ => {
@@ -143,8 +143,9 @@ impl Checker {
 }
 
 /// No timeout or TTL is longer: beyond it a deadline can overflow the
-/// clock's range, and no operator means one.
-const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+/// clock's range, and no operator means one. A leap year, so that "1y"
+/// (365.25 days to humantime) is within it.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 
 pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     let table: toml::Table = toml::from_str(text).map_err(|e| vec![syntax_problem(text, &e)])?;
