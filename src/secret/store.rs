@@ -90,8 +90,14 @@ impl MasterKey {
 
     /// `SIDEKEY_MASTER_KEY` if set, else the state dir's `master.key`.
     pub fn load(state: &StateDir) -> Result<Self, StoreError> {
-        if let Ok(text) = std::env::var(MASTER_KEY_ENV) {
-            return Self::from_hex(&text, MASTER_KEY_ENV);
+        match std::env::var(MASTER_KEY_ENV) {
+            Ok(text) => return Self::from_hex(&Zeroizing::new(text), MASTER_KEY_ENV),
+            // Set but not text is a malformed key, never an unset one: the
+            // state dir's key would then open the store in its place.
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(StoreError::BadMasterKey(MASTER_KEY_ENV.to_string()));
+            }
+            Err(std::env::VarError::NotPresent) => {}
         }
         let path = state.master_key();
         match fs::read_to_string(&path) {

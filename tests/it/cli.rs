@@ -357,6 +357,15 @@ fn a_wrong_master_key_fails_clearly_and_leaves_the_store_alone() {
     let out = output_within(cmd, Duration::from_secs(30));
     let err = assert_one_line_failure(&out, "secret list with a malformed master key");
     assert!(err.contains("SIDEKEY_MASTER_KEY"), "{err}");
+    // So is one that is not even text, rather than falling back to master.key.
+    let mut cmd = env.cmd(&["secret", "list"]);
+    cmd.env(
+        "SIDEKEY_MASTER_KEY",
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"\xff\xfe"),
+    );
+    let out = output_within(cmd, Duration::from_secs(30));
+    let err = assert_one_line_failure(&out, "secret list with a non-UTF-8 master key");
+    assert!(err.contains("SIDEKEY_MASTER_KEY"), "{err}");
 
     // The right key (from master.key) still reads it.
     assert!(env.ok(&["secret", "list"], None).contains("api"));
