@@ -80,6 +80,27 @@ impl StateDir {
         }
     }
 
+    /// The state dir and the keys in it that others may enter or read, each
+    /// with its mode. sidekey makes them private, but a copy, a restore or
+    /// a hand-made dir may not have kept that.
+    pub fn open_to_others(&self) -> Vec<(PathBuf, u32)> {
+        let private = [
+            self.root.clone(),
+            self.signing_key(),
+            self.master_key(),
+            self.store(),
+            self.ca_key(),
+            self.agent_ca_key(),
+        ];
+        private
+            .into_iter()
+            .filter_map(|path| {
+                let mode = fs::metadata(&path).ok()?.permissions().mode() & 0o777;
+                (mode & 0o077 != 0).then_some((path, mode))
+            })
+            .collect()
+    }
+
     /// Takes the cross-process writer lock; released when the file is dropped.
     pub fn lock(&self) -> io::Result<File> {
         let file = OpenOptions::new()

@@ -63,16 +63,11 @@ pub(crate) fn init_state(state: &StateDir) -> anyhow::Result<Vec<&'static str>> 
 /// An existing state dir is kept as it is, but one that others may enter
 /// holds keys they should not reach.
 fn warn_if_open_to_others(state: &StateDir) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::metadata(state.root()) else {
-        return;
-    };
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    for (path, mode) in state.open_to_others() {
         eprintln!(
-            "warning: state dir {} has mode {mode:o}; make it private: chmod 700 {}",
-            state.root().display(),
-            state.root().display()
+            "warning: {} has mode {mode:o}; make it private: chmod go-rwx {}",
+            path.display(),
+            path.display()
         );
     }
 }

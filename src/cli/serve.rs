@@ -175,6 +175,12 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
             "audit.file = \"-\" but stdout is /dev/null (or was closed): every audit record is discarded"
         );
     }
+    for (path, mode) in state.open_to_others() {
+        tracing::warn!(
+            "{} has mode {mode:o}: others on this host may read sidekey's keys; chmod go-rwx it",
+            path.display()
+        );
+    }
     if let Some(limit) = crate::listen::raise_fd_limit()
         && limit < config.limits.max_connections as u64 * 2
     {

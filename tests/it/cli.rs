@@ -218,6 +218,48 @@ fn init_creates_private_keys_and_a_valid_example_config_and_is_idempotent() {
     assert_eq!(mode_of(&state), 0o700);
 }
 
+#[test]
+fn a_state_dir_or_key_open_to_others_is_warned_about_by_init_and_run() {
+    let env = TestEnv::new("");
+    assert!(
+        !stderr_of(&env.run(&["init"], None)).contains("warning"),
+        "a private state dir is not warned about"
+    );
+    let master = env.state.join("master.key");
+    let set_mode = |path: &Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    set_mode(&env.state, 0o755);
+    set_mode(&master, 0o644);
+
+    let out = env.run(&["init"], None);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    for (path, mode) in [(&env.state, "755"), (&master, "644")] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&path.display().to_string()) && l.contains(mode)),
+            "init does not warn about {}: {err}",
+            path.display()
+        );
+    }
+    // Still as they were: sidekey warns, it does not change them behind the
+    // operator's back.
+    assert_eq!(mode_of(&master), 0o644);
+
+    // A restored or copied state dir reaches `run` without `init`.
+    let sidekey = env.spawn();
+    let log = sidekey.stderr();
+    for path in [&env.state, &master] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains(&path.display().to_string())),
+            "run does not warn about {}: {log}",
+            path.display()
+        );
+    }
+}
+
 // ---------------------------------------------------------------- secret
 
 #[test]
