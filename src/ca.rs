@@ -25,6 +25,8 @@ pub enum CaError {
     },
     #[error("cannot read {path}: {cause} (run `sidekey init`)")]
     Read { path: String, cause: String },
+    #[error("{0} is damaged")]
+    Damaged(String),
 }
 
 /// Creates the interception CA if the state dir has none. Returns whether it did.
@@ -157,8 +159,16 @@ fn load_issuer(
     };
     let key_pem = Zeroizing::new(read(key_path)?);
     let cert_pem = read(cert_path)?;
-    let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Generate(e.to_string()))?;
-    rcgen::Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CaError::Generate(e.to_string()))
+    let damaged = |path: &std::path::Path| CaError::Damaged(path.display().to_string());
+    let key = KeyPair::from_pem(&key_pem).map_err(|_| damaged(key_path))?;
+    rcgen::Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|_| damaged(cert_path))
+}
+
+/// Both CAs load: their keys and certificates are whole.
+pub fn check(state: &StateDir) -> Result<(), CaError> {
+    load_issuer(&state.ca_cert(), &state.ca_key())?;
+    load_issuer(&state.agent_ca_cert(), &state.agent_ca_key())?;
+    Ok(())
 }
 
 /// The CA certificate in PEM, checked to be one whole certificate: agents

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 
 use super::Paths;
 use crate::secret::store::{MASTER_KEY_ENV, MasterKey};
@@ -57,7 +57,29 @@ pub(crate) fn init_state(state: &StateDir) -> anyhow::Result<Vec<&'static str>> 
     if crate::ca::create_agent_ca(state)? {
         created.push("agent certificate CA");
     }
+    check_keys(state)?;
     Ok(created)
+}
+
+/// A key that a crash or a full disk left empty or cut short counts as
+/// present above, and is never replaced; without this it would fail only
+/// at its first use, in `token issue` or `run`.
+fn check_keys(state: &StateDir) -> anyhow::Result<()> {
+    let keep_out = "init never replaces a key or certificate: restore it from a backup, or move it aside and run init again";
+    crate::token::Issuer::load(state).map_err(|e| anyhow::anyhow!("{e}; {keep_out}"))?;
+    crate::ca::check(state).map_err(|e| anyhow::anyhow!("{e}; {keep_out}"))?;
+    if std::env::var_os(MASTER_KEY_ENV).is_none()
+        && let Err(e) = MasterKey::load(state)
+    {
+        if state.store().exists() {
+            bail!(
+                "{e}; restore it from a backup: the secrets in {} cannot be opened without it",
+                state.store().display()
+            );
+        }
+        bail!("{e}; {keep_out}");
+    }
+    Ok(())
 }
 
 /// An existing state dir is kept as it is, but one that others may enter

@@ -219,6 +219,29 @@ fn init_creates_private_keys_and_a_valid_example_config_and_is_idempotent() {
 }
 
 #[test]
+fn init_names_a_key_left_empty_by_a_crash_and_replaces_nothing() {
+    let env = TestEnv::new("");
+    for file in ["token-signing.key", "ca.key", "agent-ca.crt", "master.key"] {
+        let path = env.state.join(file);
+        let kept = std::fs::read(&path).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        let out = env.run(&["init"], None);
+        let err = assert_one_line_failure(&out, &format!("init with an empty {file}"));
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("damaged")
+                || err.contains("invalid master key"),
+            "{file}: {err}"
+        );
+        assert!(err.contains("restore it from a backup"), "{file}: {err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"", "init replaced {file}");
+        std::fs::write(&path, kept).unwrap();
+    }
+    // Whole again: init is quiet and content.
+    let out = env.run(&["init"], None);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+}
+
+#[test]
 fn a_state_dir_or_key_open_to_others_is_warned_about_by_init_and_run() {
     let env = TestEnv::new("");
     assert!(
