@@ -420,8 +420,11 @@ impl Proxy {
     /// bytes, a head too large): it never reached [`Self::handle`], and hyper
     /// has already answered 400 or 431 and closed the connection.
     pub async fn audit_unparsed(&self, error: &hyper::Error) {
+        // hyper answers a URI past its cap with 414 and any other head too
+        // large with 431, and tells the two apart only in its message.
         let (status, reason) = if error.is_parse_too_large() {
-            (431, "request_too_large")
+            let uri = error.to_string().starts_with("URI too long");
+            (if uri { 414 } else { 431 }, "request_too_large")
         } else if error.is_parse() {
             (400, "bad_request")
         } else {

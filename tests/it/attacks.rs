@@ -320,13 +320,35 @@ fn header_injection_and_oversized_headers_are_refused() {
             ),
             431,
         ),
+        (
+            // Past the parser's cap on a URI, answered 414 and audited as
+            // such, not as the 431 of a header.
+            "a 70 KB URI",
+            format!(
+                "GET /echo/v1/allowed/longuri{} HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n",
+                "a".repeat(70_000)
+            ),
+            414,
+        ),
+        (
+            "200 headers",
+            format!(
+                "GET /echo/v1/allowed/many HTTP/1.1\r\nHost: x\r\n{AUTH}{}\r\n",
+                (0..200)
+                    .map(|i| format!("X-{i}: a\r\n"))
+                    .collect::<String>()
+            ),
+            431,
+        ),
     ];
     for (name, raw, status) in cases {
         let before = a.records();
         let got = a.raw(&raw);
         a.assert_case(name, before, &got, status);
     }
-    for path in ["/cr", "/nul", "/colon", "/big", "/huge"] {
+    for path in [
+        "/cr", "/nul", "/colon", "/big", "/huge", "/longuri", "/many",
+    ] {
         assert!(!a.upstream_saw(path), "{path} reached the upstream");
     }
 }
