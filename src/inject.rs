@@ -134,17 +134,29 @@ pub fn strip_token(headers: &mut HeaderMap, token: &str) {
     }
 }
 
-/// Headers with which IIS URL Rewrite and older Symfony and Zend apps let a
-/// request name another path than its own: the policy decided the path in
-/// the request line, so these never cross.
-const PATH_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+/// Headers with which an upstream, or the proxy in front of it, may be
+/// told to act for another host or path than the request's own: IIS URL
+/// Rewrite and older Symfony and Zend apps take `X-Original-URL` as the
+/// path, and ingresses and frameworks that trust the hop before them take
+/// the host from `Forwarded` and its `X-` forms. The policy decided the
+/// host and path sidekey sends to, so an agent's version never crosses.
+const STEERING_HEADERS: [&str; 8] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-server",
+    "x-forwarded-prefix",
+    "x-original-host",
+    "x-host",
+];
 
-/// Removes the [`PATH_OVERRIDES`] an agent sent, in any spelling a CGI or
-/// PHP app reads as the same variable.
-pub fn strip_path_overrides(headers: &mut HeaderMap) {
+/// Removes the [`STEERING_HEADERS`] an agent sent, in any spelling a CGI
+/// or PHP app reads as the same variable.
+pub fn strip_steering_headers(headers: &mut HeaderMap) {
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| PATH_OVERRIDES.iter().any(|o| spelled_as(k.as_str(), o)))
+        .filter(|k| STEERING_HEADERS.iter().any(|o| spelled_as(k.as_str(), o)))
         .cloned()
         .collect();
     for name in doomed {

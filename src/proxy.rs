@@ -611,7 +611,7 @@ impl Proxy {
             .get::<Arc<crate::listen::ConnSlot>>()
             .cloned();
         inject::strip_hop_by_hop(&mut parts.headers);
-        inject::strip_path_overrides(&mut parts.headers);
+        inject::strip_steering_headers(&mut parts.headers);
         inject::strip_token(&mut parts.headers, plan.presented.token());
         parts.headers.remove(header::HOST);
         if let Some(protocol) = upgrade.clone() {

@@ -676,7 +676,8 @@ action = "deny"
         ]);
         assert_eq!(status, 403, "{header} {query}: {text}");
     }
-    // A header naming another path than the one decided never crosses.
+    // A header naming another path or host than the one decided never
+    // crosses.
     let (status, text) = curl(&[
         "-H",
         &proxy_auth,
@@ -684,12 +685,29 @@ action = "deny"
         "X-Original-URL: /admin/users",
         "-H",
         "x_rewrite_url: /admin/users",
+        "-H",
+        "X-Forwarded-Host: admin.internal",
+        "-H",
+        "Forwarded: host=admin.internal;proto=https",
+        "-H",
+        "x_forwarded_host: admin.internal",
+        "-H",
+        "X-Original-Host: admin.internal",
+        "-H",
+        "X-Host: admin.internal",
+        "-H",
+        "X-Forwarded-Server: admin.internal",
+        "-H",
+        "X-Forwarded-Prefix: /admin",
         &sidekey.url("/keyed/v1/x"),
     ]);
     assert_eq!(status, 200, "{text}");
     let seen = upstream.last();
     assert!(
-        !seen.headers.iter().any(|(_, v)| v.contains("/admin")),
+        !seen
+            .headers
+            .iter()
+            .any(|(_, v)| v.contains("/admin") || v.contains("admin.internal")),
         "{:?}",
         seen.headers
     );
