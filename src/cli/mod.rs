@@ -221,7 +221,10 @@ pub fn main() -> ExitCode {
         eprintln!("sidekey: cannot protect this process's memory: {e}");
         return ExitCode::FAILURE;
     }
-    let args = Args::parse();
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     let Err(error) = run(args) else {
         return ExitCode::SUCCESS;
     };
@@ -235,6 +238,38 @@ pub fn main() -> ExitCode {
     }
     eprintln!("sidekey: {}", one_line(&error));
     ExitCode::FAILURE
+}
+
+/// The command line, or exit 2 with clap's usage error on one line, as
+/// every other error is: clap spreads one over several, and its first
+/// ("the following required arguments were not provided:") says nothing
+/// alone. Help and version, and help for a bare `sidekey`, print as clap
+/// writes them.
+fn parse_args() -> Result<Args, ExitCode> {
+    use clap::error::ErrorKind;
+    let error = match Args::try_parse() {
+        Ok(args) => return Ok(args),
+        Err(error) => error,
+    };
+    if !error.use_stderr() || error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        error.exit();
+    }
+    let text = error.render().to_string();
+    let mut message = String::new();
+    let mut usage = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("Usage:") {
+            usage = Some(rest.trim().to_string());
+        } else if !line.is_empty() && !line.starts_with("For more information") {
+            if !message.is_empty() {
+                message.push_str(if line.starts_with("tip:") { "; " } else { " " });
+            }
+            message.push_str(line.strip_prefix("error: ").unwrap_or(line));
+        }
+    }
+    let usage = usage.map_or_else(String::new, |u| format!("usage: {u}; "));
+    eprintln!("sidekey: {message} ({usage}try --help)");
+    Err(ExitCode::from(2))
 }
 
 /// The error and its causes on one line, each cause once: many messages

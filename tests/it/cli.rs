@@ -506,7 +506,8 @@ fn token_revoke_needs_exactly_one_selector() {
             "{args:?}: want a usage error: {}",
             stderr_of(&out)
         );
-        assert_clean_failure(&out, &format!("{args:?}"));
+        let err = assert_one_line_failure(&out, &format!("{args:?}"));
+        assert!(err.contains("usage: sidekey token revoke"), "{err}");
     }
     assert!(
         !env.state.join("revocations.json").exists(),
@@ -1081,12 +1082,25 @@ fn bad_command_line_input_never_panics() {
             bare(dir, &["--state-dir", "/dev/null/state", "init"]),
         ),
         ("an unknown command", env.cmd(&["frobnicate"])),
+        (
+            "an unknown flag",
+            env.cmd(&["token", "issue", "a", "--bogus"]),
+        ),
+        ("a missing argument", env.cmd(&["token", "issue"])),
+        (
+            "a flag without its value",
+            env.cmd(&["token", "issue", "a", "--ttl"]),
+        ),
+        (
+            "a bad listen address",
+            env.cmd(&["run", "--listen", "nowhere"]),
+        ),
     ];
     for (what, cmd) in cases {
         let mut cmd = cmd;
         cmd.env_remove("RUST_BACKTRACE");
         let out = output_within(cmd, Duration::from_secs(20));
-        assert_clean_failure(&out, what);
+        assert_one_line_failure(&out, what);
     }
 
     // Values on stdin that are not a secret.
