@@ -48,7 +48,7 @@ use crate::scrub::Scrubber;
 use crate::secret::oauth2::TokenCache;
 use crate::token::{Verifier, random_id};
 
-use body::{AgentBody, Body, Scrubbed, full};
+use body::{AgentBody, AgentInput, Body, Scrubbed, full};
 pub use error::{Mode, ProxyError};
 pub use forward::destination;
 use lasting::{Granted, LastingIdentity};
@@ -124,7 +124,7 @@ impl Flow<'_> {
         parts: &http::request::Parts,
         base_path: &str,
         path: &policy::NormalPath,
-    ) -> Result<(policy::Decision, Vec<Method>), ProxyError> {
+    ) -> Result<Authorized, ProxyError> {
         let overrides = method_overrides(&parts.headers, parts.uri.query())?;
         let check = |method: &Method, overrides: &[Method], path: &policy::NormalPath| {
             self.snapshot.policy.check(&policy::Request {
@@ -158,8 +158,36 @@ impl Flow<'_> {
                 rule: decision.rule,
             });
         }
-        Ok((decision, overrides))
+        // Which methods a `_method` field in the body could not act as;
+        // the body is read for it only when there are some.
+        let form_denied = if is_form_post(parts) {
+            FORM_OVERRIDE_METHODS
+                .iter()
+                .filter_map(|name| {
+                    let method = Method::from_bytes(name.as_bytes()).ok()?;
+                    let with = check(&parts.method, std::slice::from_ref(&method), path);
+                    (!with.allowed).then_some((name.to_string(), with.rule))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Authorized {
+            decision,
+            overrides,
+            form_denied,
+        })
     }
+}
+
+/// What [`Flow::authorize`] allowed.
+struct Authorized {
+    decision: policy::Decision,
+    /// The methods the request's headers and query ask to act as.
+    overrides: Vec<Method>,
+    /// The methods a form field may not ask to act as, each with the rule
+    /// that denies it (see [`FORM_OVERRIDE_METHODS`]).
+    form_denied: Vec<(String, Option<String>)>,
 }
 
 /// The path an `x-amz-copy-source` header names (`bucket/key` or
@@ -239,6 +267,8 @@ struct Plan {
     presented: Presented,
     /// The methods the request asks to act as, allowed with it.
     overrides: Vec<Method>,
+    /// What a form's `_method` field may not name; see [`Authorized`].
+    form_denied: Vec<(String, Option<String>)>,
 }
 
 impl Plan {
@@ -493,13 +523,7 @@ impl Proxy {
                 let bytes = body
                     .collect()
                     .await
-                    .map_err(|e| {
-                        if e.is::<http_body_util::LengthLimitError>() {
-                            ProxyError::BodyTooLarge(max_body)
-                        } else {
-                            ProxyError::BadRequest(format!("reading the request body: {e}"))
-                        }
-                    })?
+                    .map_err(|e| body_read_error(&*e, max_body))?
                     .to_bytes();
                 (full(bytes.clone()), bytes)
             }
@@ -550,6 +574,20 @@ impl Proxy {
         if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
             return Err(ProxyError::BodyTooLarge(max_body));
         }
+        let body = if plan.form_denied.is_empty() {
+            AgentInput::Streaming(body)
+        } else {
+            let form = Limited::new(body, max_body as usize)
+                .collect()
+                .await
+                .map_err(|e| body_read_error(&*e, max_body))?
+                .to_bytes();
+            if let Some(rule) = denied_form_override(&form, &plan.form_denied) {
+                flow.event.rule = rule.clone();
+                return Err(ProxyError::Denied { rule });
+            }
+            AgentInput::Read(Some(form))
+        };
         // 5. secret (or the access token obtained with it)
         let mut scrubber = flow.secrets.scrubber.clone();
         let credential = match plan.route.as_ref().and_then(|r| r.inject.as_ref()) {
@@ -980,6 +1018,58 @@ fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
     let coding = codings.next();
     let plain_chunked = coding.is_none_or(|c| c.as_bytes().eq_ignore_ascii_case(b"chunked"));
     (!plain_chunked || codings.next().is_some()).then_some("a Transfer-Encoding other than chunked")
+}
+
+/// Why the agent's body could not be read whole: the body limit, or the
+/// agent's own fault.
+fn body_read_error(e: &(dyn std::error::Error + 'static), max_body: u64) -> ProxyError {
+    if e.is::<http_body_util::LengthLimitError>() {
+        ProxyError::BodyTooLarge(max_body)
+    } else {
+        ProxyError::BadRequest(format!("reading the request body: {e}"))
+    }
+}
+
+/// The methods Rails (`Rack::MethodOverride`), Laravel and Symfony let a
+/// POST form's `_method` field turn it into. Each reads the field from an
+/// urlencoded body (Rack also from one with no content type).
+const FORM_OVERRIDE_METHODS: [&str; 11] = [
+    "GET", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "LINK", "UNLINK", "CONNECT", "PURGE",
+    "TRACE",
+];
+
+/// A POST whose body those frameworks read as a form.
+fn is_form_post(parts: &http::request::Parts) -> bool {
+    if !parts.method.as_str().eq_ignore_ascii_case("POST") {
+        return false;
+    }
+    match parts.headers.get(header::CONTENT_TYPE) {
+        None => true,
+        Some(value) => value.to_str().is_ok_and(|v| {
+            let media = v.split(';').next().unwrap_or_default().trim();
+            media.eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        }),
+    }
+}
+
+/// The rule that denies the method a form's `_method` field names, if one
+/// does. Fields are split on `&` and `;`, as the laxest of the parsers
+/// does; a value is compared as Rack compares it, upper-cased.
+fn denied_form_override(
+    form: &[u8],
+    denied: &[(String, Option<String>)],
+) -> Option<Option<String>> {
+    let form = String::from_utf8_lossy(form);
+    form.split(';')
+        .flat_map(identity::query_pairs)
+        .filter(|(name, _)| name == METHOD_OVERRIDE_PARAM)
+        .find_map(|(_, value)| {
+            let value = value.trim().to_ascii_uppercase();
+            denied
+                .iter()
+                .find(|(method, _)| *method == value)
+                .map(|(_, rule)| rule.clone())
+        })
 }
 
 fn declared_length(headers: &HeaderMap) -> Option<u64> {

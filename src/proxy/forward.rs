@@ -325,7 +325,7 @@ impl Proxy {
             .unwrap_or_default();
         let path = normalize(&parts.uri.path()[base_path.len()..])?;
         flow.set_path(format!("{base_path}{}", path.decoded()), &presented);
-        let (decision, overrides) = flow.authorize(
+        let authorized = flow.authorize(
             &agent,
             route.as_ref().map(|r| r.name.as_str()),
             &host,
@@ -336,7 +336,7 @@ impl Proxy {
         )?;
         let private_ok = match &route {
             Some(route) => route.allow_private || host_is_literal(&host),
-            None => decision.private_ok,
+            None => authorized.decision.private_ok,
         };
         let reach = if private_ok {
             Reach::Any
@@ -354,7 +354,8 @@ impl Proxy {
             path,
             reach,
             presented,
-            overrides,
+            overrides: authorized.overrides,
+            form_denied: authorized.form_denied,
         };
         self.deliver(flow, parts, body, plan).await
     }

@@ -44,7 +44,7 @@ impl Proxy {
         );
 
         // 4. policy
-        let (_, overrides) = flow.authorize(
+        let authorized = flow.authorize(
             &agent,
             Some(&route.name),
             &route.upstream.host,
@@ -67,7 +67,8 @@ impl Proxy {
             path,
             reach,
             presented,
-            overrides,
+            overrides: authorized.overrides,
+            form_denied: authorized.form_denied,
         };
         self.deliver(flow, parts, body, plan).await
     }

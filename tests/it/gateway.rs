@@ -676,6 +676,64 @@ action = "deny"
         ]);
         assert_eq!(status, 403, "{header} {query}: {text}");
     }
+    // So must a `_method` field of a POST form, which Rails, Laravel and
+    // Symfony obey; whatever the spelling, and with no content type, which
+    // Rack reads as a form too.
+    for (content_type, form) in [
+        (
+            "application/x-www-form-urlencoded",
+            "title=x&_method=DELETE",
+        ),
+        (
+            "application/x-www-form-urlencoded; charset=utf-8",
+            "_method=delete",
+        ),
+        ("Application/X-WWW-Form-Urlencoded", "a=1;%5Fmethod=+PATCH+"),
+        ("", "_method=PUT"),
+    ] {
+        let count = upstream.count();
+        let (status, text) = curl(&[
+            "-H",
+            &proxy_auth,
+            "-H",
+            &format!("Content-Type: {content_type}"),
+            "--data-binary",
+            form,
+            &sidekey.url("/keyed/v1/form"),
+        ]);
+        assert_eq!(status, 403, "{content_type:?} {form}: {text}");
+        assert!(text.contains("policy_denied"), "{text}");
+        assert_eq!(upstream.count(), count, "{form} reached the upstream");
+    }
+    // A form that asks for an allowed method, or none, goes on whole; a
+    // JSON body is no form.
+    for (content_type, body) in [
+        ("application/x-www-form-urlencoded", "title=x&_method=GET"),
+        (
+            "application/x-www-form-urlencoded",
+            "title=_method%3DDELETE",
+        ),
+        ("application/json", r#"{"_method":"DELETE"}"#),
+    ] {
+        let (status, text) = curl(&[
+            "-H",
+            &proxy_auth,
+            "-H",
+            &format!("Content-Type: {content_type}"),
+            "--data-binary",
+            body,
+            &sidekey.url("/keyed/v1/form"),
+        ]);
+        assert_eq!(status, 200, "{body}: {text}");
+        assert_eq!(upstream.last().body, body.as_bytes(), "{body}");
+    }
+    let denied: Vec<_> = env
+        .audit()
+        .into_iter()
+        .filter(|r| r["path"] == "/v1/form" && r["reason"] == "policy_denied")
+        .collect();
+    assert_eq!(denied.len(), 4, "{denied:?}");
+
     // A header naming another path or host than the one decided never
     // crosses.
     let (status, text) = curl(&[
