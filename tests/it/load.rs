@@ -293,10 +293,21 @@ fn ten_thousand_idle_connections_are_held_then_released() {
     // The allocator hands freed pages back within its decay time (~10 s).
     let released = Instant::now();
     let returned = before + holding.saturating_sub(before) / 4;
-    let after = eventually(Duration::from_secs(40), || {
+    // Under the whole suite's load the allocator's background thread runs
+    // late; a failure says how far it got.
+    let after = loop {
         let rss = rss_kib(pid);
-        (rss <= returned).then_some(rss)
-    });
+        if rss <= returned {
+            break rss;
+        }
+        assert!(
+            released.elapsed() < Duration::from_secs(60),
+            "RSS {rss} KiB {:.1?} after release, want at most {returned} KiB \
+             ({before} KiB before, {holding} KiB holding)",
+            released.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     println!(
         "idle: {n} connections; sidekey RSS {before} KiB before, {holding} KiB holding ({per_connection} bytes each), {after} KiB {:.1?} after release",
         released.elapsed()
