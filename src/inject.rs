@@ -154,9 +154,15 @@ const STEERING_HEADERS: [&str; 8] = [
 /// Removes the [`STEERING_HEADERS`] an agent sent, in any spelling a CGI
 /// or PHP app reads as the same variable.
 pub fn strip_steering_headers(headers: &mut HeaderMap) {
+    let steering = |key: &str| {
+        // Each of them starts with `x` or `f`: most headers are passed over
+        // on their first byte, on every request.
+        matches!(key.as_bytes().first(), Some(b'x' | b'f'))
+            && STEERING_HEADERS.iter().any(|name| spelled_as(key, name))
+    };
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| STEERING_HEADERS.iter().any(|o| spelled_as(k.as_str(), o)))
+        .filter(|k| steering(k.as_str()))
         .cloned()
         .collect();
     for name in doomed {

@@ -48,7 +48,7 @@ use crate::scrub::Scrubber;
 use crate::secret::oauth2::TokenCache;
 use crate::token::{Verifier, random_id};
 
-use body::{AgentBody, AgentInput, Body, Scrubbed, full};
+use body::{AgentBody, Body, Scrubbed, full};
 pub use error::{Mode, ProxyError};
 pub use forward::destination;
 use lasting::{Granted, LastingIdentity};
@@ -161,16 +161,17 @@ impl Flow<'_> {
         // Which methods a `_method` field in the body could not act as;
         // the body is read for it only when there are some.
         let form_denied = if is_form_post(parts) {
-            FORM_OVERRIDE_METHODS
+            let denied: Vec<_> = FORM_OVERRIDE_METHODS
                 .iter()
                 .filter_map(|name| {
                     let method = Method::from_bytes(name.as_bytes()).ok()?;
                     let with = check(&parts.method, std::slice::from_ref(&method), path);
                     (!with.allowed).then_some((name.to_string(), with.rule))
                 })
-                .collect()
+                .collect();
+            (!denied.is_empty()).then(|| denied.into_boxed_slice())
         } else {
-            Vec::new()
+            None
         };
         Ok(Authorized {
             decision,
@@ -186,9 +187,13 @@ struct Authorized {
     /// The methods the request's headers and query ask to act as.
     overrides: Vec<Method>,
     /// The methods a form field may not ask to act as, each with the rule
-    /// that denies it (see [`FORM_OVERRIDE_METHODS`]).
-    form_denied: Vec<(String, Option<String>)>,
+    /// that denies it (see [`FORM_OVERRIDE_METHODS`]); `None` for none.
+    form_denied: FormDenied,
 }
+
+/// Boxed, as one pointer: it rides in every request's future, and is
+/// almost always `None`.
+type FormDenied = Option<Box<[(String, Option<String>)]>>;
 
 /// The path an `x-amz-copy-source` header names (`bucket/key` or
 /// `/bucket/key`, percent-encoded, perhaps with `?versionId=`), relative to
@@ -268,7 +273,7 @@ struct Plan {
     /// The methods the request asks to act as, allowed with it.
     overrides: Vec<Method>,
     /// What a form's `_method` field may not name; see [`Authorized`].
-    form_denied: Vec<(String, Option<String>)>,
+    form_denied: FormDenied,
 }
 
 impl Plan {
@@ -334,8 +339,15 @@ impl Proxy {
     }
 
     /// Serves one agent request. Any step may end it; every outcome is audited.
-    pub async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        self.handle_in(req, None).await
+    ///
+    /// A plain function: as an `async fn` it would keep a slot for `req`
+    /// beside the future it awaits (about 280 bytes of every request's
+    /// future, enough to push it into the allocator's next size class).
+    pub fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> impl std::future::Future<Output = Response<Body>> + Send + '_ {
+        self.handle_in(req, None)
     }
 
     /// Serves a request on the listener, or inside an intercepted tunnel.
@@ -574,19 +586,25 @@ impl Proxy {
         if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
             return Err(ProxyError::BodyTooLarge(max_body));
         }
-        let body = if plan.form_denied.is_empty() {
-            AgentInput::Streaming(body)
-        } else {
-            let form = Limited::new(body, max_body as usize)
-                .collect()
-                .await
-                .map_err(|e| body_read_error(&*e, max_body))?
-                .to_bytes();
-            if let Some(rule) = denied_form_override(&form, &plan.form_denied) {
-                flow.event.rule = rule.clone();
-                return Err(ProxyError::Denied { rule });
+        // Counted and limited as it is sent; a form is read whole first when
+        // a `_method` field in it could be denied.
+        let bytes_in = flow.outcome.bytes_in.clone();
+        let body = match &plan.form_denied {
+            None => AgentBody::new(Limited::new(body, max_body as usize), bytes_in).boxed(),
+            Some(denied) => {
+                // Boxed: inline, the read's state would grow every
+                // request's future, and few requests are forms that need it.
+                let reading = Box::pin(Limited::new(body, max_body as usize).collect());
+                let form = reading
+                    .await
+                    .map_err(|e| body_read_error(&*e, max_body))?
+                    .to_bytes();
+                if let Some(rule) = denied_form_override(&form, denied) {
+                    flow.event.rule = rule.clone();
+                    return Err(ProxyError::Denied { rule });
+                }
+                AgentBody::new(http_body_util::Full::new(form), bytes_in).boxed()
             }
-            AgentInput::Read(Some(form))
         };
         // 5. secret (or the access token obtained with it)
         let mut scrubber = flow.secrets.scrubber.clone();
@@ -670,11 +688,6 @@ impl Proxy {
         parts.uri = plan.uri(query.as_deref())?;
         parts.version = http::Version::HTTP_11;
         let head_only = parts.method == Method::HEAD;
-        let body = AgentBody::new(
-            Limited::new(body, max_body as usize),
-            flow.outcome.bytes_in.clone(),
-        )
-        .boxed();
         let request = match credential
             .as_ref()
             .and_then(|(inject, value)| inject.sigv4.as_ref().map(|s| (s, value)))

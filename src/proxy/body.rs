@@ -26,43 +26,6 @@ pub fn empty() -> Body {
     full(Bytes::new())
 }
 
-/// The agent's request body as it arrives, or already read whole (a form
-/// whose fields the policy had to see).
-#[derive(Debug)]
-pub enum AgentInput {
-    Streaming(hyper::body::Incoming),
-    Read(Option<Bytes>),
-}
-
-impl HttpBody for AgentInput {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.get_mut() {
-            Self::Streaming(body) => Pin::new(body).poll_frame(cx),
-            Self::Read(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Streaming(body) => body.is_end_stream(),
-            Self::Read(bytes) => bytes.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Streaming(body) => body.size_hint(),
-            Self::Read(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-        }
-    }
-}
-
 /// The agent's request body on its way upstream: counts the data bytes,
 /// drops trailers (a trailer could carry a credential slot past injection,
 /// and no upstream sidekey serves needs request trailers), and marks the
