@@ -460,7 +460,7 @@ impl Proxy {
 
     /// Audits a request that hyper's parser refused (bad framing or header
     /// bytes, a head too large): it never reached [`Self::handle`], and hyper
-    /// has already answered 400 or 431 and closed the connection.
+    /// has already answered 400, 414 or 431 and closed the connection.
     pub async fn audit_unparsed(&self, error: &hyper::Error) {
         // hyper answers a URI past its cap with 414 and any other head too
         // large with 431, and tells the two apart only in its message.
