@@ -166,7 +166,7 @@ impl Flow<'_> {
                 .filter_map(|name| {
                     let method = Method::from_bytes(name.as_bytes()).ok()?;
                     let with = check(&parts.method, std::slice::from_ref(&method), path);
-                    (!with.allowed).then_some((name.to_string(), with.rule))
+                    (!with.allowed).then_some((*name, with.rule))
                 })
                 .collect();
             (!denied.is_empty()).then(|| denied.into_boxed_slice())
@@ -193,7 +193,7 @@ struct Authorized {
 
 /// Boxed, as one pointer: it rides in every request's future, and is
 /// almost always `None`.
-type FormDenied = Option<Box<[(String, Option<String>)]>>;
+type FormDenied = Option<Box<[(&'static str, Option<String>)]>>;
 
 /// The path an `x-amz-copy-source` header names (`bucket/key` or
 /// `/bucket/key`, percent-encoded, perhaps with `?versionId=`), relative to
@@ -1070,7 +1070,7 @@ fn is_form_post(parts: &http::request::Parts) -> bool {
 /// does; a value is compared as Rack compares it, upper-cased.
 fn denied_form_override(
     form: &[u8],
-    denied: &[(String, Option<String>)],
+    denied: &[(&'static str, Option<String>)],
 ) -> Option<Option<String>> {
     let form = String::from_utf8_lossy(form);
     form.split(';')
@@ -1080,7 +1080,7 @@ fn denied_form_override(
             let value = value.trim().to_ascii_uppercase();
             denied
                 .iter()
-                .find(|(method, _)| *method == value)
+                .find(|(method, _)| *method == value.as_str())
                 .map(|(_, rule)| rule.clone())
         })
 }

@@ -392,9 +392,8 @@ fn host_is_literal(host: &str) -> bool {
     host.parse::<std::net::IpAddr>().is_ok()
 }
 
-/// The host and port a forward request or CONNECT names.
-/// The host and port a request names; `explain` reads URLs with it too, so
-/// that it shows the destination the proxy would use.
+/// The host and port a forward request or CONNECT names; `explain` reads
+/// URLs with it too, so that it shows the destination the proxy would use.
 pub fn destination(uri: &http::Uri, default_port: u16) -> Result<(String, u16), ProxyError> {
     let authority = uri
         .authority()

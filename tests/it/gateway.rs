@@ -679,6 +679,17 @@ action = "deny"
     // So must a `_method` field of a POST form, which Rails, Laravel and
     // Symfony obey; whatever the spelling, and with no content type, which
     // Rack reads as a form too.
+    let post = |content_type: &str, body: &str| {
+        curl(&[
+            "-H",
+            &proxy_auth,
+            "-H",
+            &format!("Content-Type: {content_type}"),
+            "--data-binary",
+            body,
+            &sidekey.url("/keyed/v1/form"),
+        ])
+    };
     for (content_type, form) in [
         (
             "application/x-www-form-urlencoded",
@@ -692,15 +703,7 @@ action = "deny"
         ("", "_method=PUT"),
     ] {
         let count = upstream.count();
-        let (status, text) = curl(&[
-            "-H",
-            &proxy_auth,
-            "-H",
-            &format!("Content-Type: {content_type}"),
-            "--data-binary",
-            form,
-            &sidekey.url("/keyed/v1/form"),
-        ]);
+        let (status, text) = post(content_type, form);
         assert_eq!(status, 403, "{content_type:?} {form}: {text}");
         assert!(text.contains("policy_denied"), "{text}");
         assert_eq!(upstream.count(), count, "{form} reached the upstream");
@@ -715,15 +718,7 @@ action = "deny"
         ),
         ("application/json", r#"{"_method":"DELETE"}"#),
     ] {
-        let (status, text) = curl(&[
-            "-H",
-            &proxy_auth,
-            "-H",
-            &format!("Content-Type: {content_type}"),
-            "--data-binary",
-            body,
-            &sidekey.url("/keyed/v1/form"),
-        ]);
+        let (status, text) = post(content_type, body);
         assert_eq!(status, 200, "{body}: {text}");
         assert_eq!(upstream.last().body, body.as_bytes(), "{body}");
     }
