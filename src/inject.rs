@@ -135,30 +135,39 @@ pub fn strip_token(headers: &mut HeaderMap, token: &str) {
 }
 
 /// Headers with which an upstream, or the proxy in front of it, may be
-/// told to act for another host or path than the request's own: IIS URL
-/// Rewrite and older Symfony and Zend apps take `X-Original-URL` as the
-/// path, and ingresses and frameworks that trust the hop before them take
-/// the host from `Forwarded` and its `X-` forms. The policy decided the
-/// host and path sidekey sends to, so an agent's version never crosses.
+/// told to act for another host, path or client than the request's own:
+/// IIS URL Rewrite and older Symfony and Zend apps take `X-Original-URL` as
+/// the path, ingresses and frameworks that trust the hop before them take
+/// the host from `Forwarded` and its `X-` forms, and allowlists that trust
+/// sidekey's address take the client from `X-Real-IP` and the like. The
+/// policy decided the host and path sidekey sends to, and sidekey is the
+/// client the upstream sees, so an agent's version never crosses.
 const STEERING_HEADERS: [&str; 8] = [
     "x-original-url",
     "x-rewrite-url",
     "forwarded",
-    "x-forwarded-host",
-    "x-forwarded-server",
-    "x-forwarded-prefix",
     "x-original-host",
     "x-host",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
 ];
+
+/// Every `X-Forwarded-*` header (`-Host`, `-For`, `-Proto`, `-Port`,
+/// `-Prefix`, `-Server`, ...) is one of the [`STEERING_HEADERS`].
+const STEERING_PREFIX: &str = "x-forwarded-";
 
 /// Removes the [`STEERING_HEADERS`] an agent sent, in any spelling a CGI
 /// or PHP app reads as the same variable.
 pub fn strip_steering_headers(headers: &mut HeaderMap) {
     let steering = |key: &str| {
-        // Each of them starts with `x` or `f`: most headers are passed over
-        // on their first byte, on every request.
-        matches!(key.as_bytes().first(), Some(b'x' | b'f'))
-            && STEERING_HEADERS.iter().any(|name| spelled_as(key, name))
+        // Each of them starts with `x`, `f` or `t`: most headers are passed
+        // over on their first byte, on every request.
+        matches!(key.as_bytes().first(), Some(b'x' | b'f' | b't'))
+            && (key.len() > STEERING_PREFIX.len()
+                && key.is_char_boundary(STEERING_PREFIX.len())
+                && spelled_as(&key[..STEERING_PREFIX.len()], STEERING_PREFIX)
+                || STEERING_HEADERS.iter().any(|name| spelled_as(key, name)))
     };
     let doomed: Vec<HeaderName> = headers
         .keys()
