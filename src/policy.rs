@@ -22,6 +22,17 @@ pub enum HostPattern {
     Suffix(String),
 }
 
+/// As the config spells it: `*`, `*.example.com` or `example.com`.
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Any => f.write_str("*"),
+            Self::Exact(name) => f.write_str(name),
+            Self::Suffix(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
 impl HostPattern {
     pub fn parse(text: &str) -> Result<Self, String> {
         let host = normalize_host(text);

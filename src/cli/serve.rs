@@ -324,9 +324,49 @@ pub(super) fn explain(
         None => ("forward", None, uri.path()),
     };
     let rest = if rest.is_empty() { "/" } else { rest };
+    let policy = policy::Policy::new(&config);
+    // An https URL outside the gateway is a CONNECT first: decided on the
+    // origin alone, then tunnelled blind or intercepted, as the proxy does.
+    let connect = (https && mode == "forward").then(|| {
+        let on_origin = config
+            .routes
+            .values()
+            .filter(|r| r.upstream.https && r.upstream.host == host && r.upstream.port == port)
+            .max_by_key(|r| r.upstream.base_path.len());
+        policy.check_connect(
+            agent,
+            session,
+            None,
+            on_origin.map(|r| r.name.as_str()),
+            &host,
+            port,
+        )
+    });
+    let blind_or_refused = connect
+        .as_ref()
+        .is_some_and(|c| !c.allowed || (route.is_none() && !c.inspect));
+    let mode = match &connect {
+        Some(_) if blind_or_refused => "connect",
+        Some(_) => "intercept",
+        None => mode,
+    };
     println!("agent:    {agent}");
     println!("request:  {method} {url}");
     println!("mode:     {mode}");
+    if let Some(connect) = connect.filter(|_| blind_or_refused) {
+        println!("route:    none (destination {host}:{port})");
+        let verdict = if connect.allowed {
+            "allow (tunnelled blind: sidekey sees no method or path)"
+        } else {
+            "deny (refused at CONNECT)"
+        };
+        println!("decision: {verdict}");
+        print_rule(&config, connect.rule.as_ref());
+        if connect.allowed {
+            println!("inject:   nothing (no credential on this destination)");
+        }
+        return Ok(());
+    }
     let path = match normalize(rest) {
         Ok(path) => path,
         Err(e) => {
@@ -348,7 +388,7 @@ pub(super) fn explain(
         None => println!("route:    none (destination {dest_host}:{dest_port})"),
     }
     println!("path:     {}", path.decoded());
-    let decision = policy::Policy::new(&config).check(&policy::Request {
+    let decision = policy.check(&policy::Request {
         agent,
         session,
         claims: None,
@@ -359,21 +399,9 @@ pub(super) fn explain(
         overrides: &[],
         path: &path,
     });
-    let rule = decision.rule.as_deref().unwrap_or("none (default deny)");
     let verdict = if decision.allowed { "allow" } else { "deny" };
     println!("decision: {verdict}");
-    println!("rule:     {rule}");
-    if let Some(rule) = config
-        .rules
-        .iter()
-        .find(|r| Some(&r.label) == decision.rule.as_ref())
-    {
-        let target = match &rule.target {
-            Target::Route(name) => format!("route {name}"),
-            Target::Host { pattern, port } => format!("host {pattern:?} port {port:?}"),
-        };
-        println!("          ({target})");
-    }
+    print_rule(&config, decision.rule.as_ref());
     if decision.allowed {
         match route.as_ref().and_then(|r| r.inject.as_ref()) {
             Some(inject) => println!(
@@ -384,6 +412,28 @@ pub(super) fn explain(
         }
     }
     Ok(())
+}
+
+/// The `rule:` line of `explain`, and what the rule targets.
+fn print_rule(config: &crate::config::Config, label: Option<&String>) {
+    println!(
+        "rule:     {}",
+        label.map_or("none (default deny)", String::as_str)
+    );
+    if let Some(rule) = config.rules.iter().find(|r| Some(&r.label) == label) {
+        let target = match &rule.target {
+            Target::Route(name) => format!("route {name}"),
+            Target::Host {
+                pattern,
+                port: None,
+            } => format!("host {pattern}"),
+            Target::Host {
+                pattern,
+                port: Some(port),
+            } => format!("host {pattern} port {port}"),
+        };
+        println!("          ({target})");
+    }
 }
 
 /// The running proxy's admin socket. Read leniently, like the state dir, so

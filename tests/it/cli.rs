@@ -801,11 +801,14 @@ fn explain_shows_the_decision_and_rule_without_sending() {
 fn explain_does_not_route_a_foreign_host_by_its_first_path_segment() {
     let upstream = Upstream::http();
     let env = TestEnv::new(&format!(
-        "{}\n[[rules]]\nagents = [\"coder\"]\nhost = \"pypi.org\"\naction = \"allow\"\n",
+        "{}\n[[rules]]\nagents = [\"coder\"]\nhost = \"pypi.org\"\naction = \"allow\"\n\
+         [routes.ext]\nupstream = \"https://api.example.com\"\n\
+         [[rules]]\nagents = [\"coder\"]\nroute = \"ext\"\npaths = [\"/v1/**\"]\naction = \"allow\"\n",
         echo_route(&upstream, "store")
     ));
     // `https://pypi.org/echo/x` is a request to pypi.org, path /echo/x; a
-    // forward proxy would send it there, never to the echo route.
+    // proxy client sends CONNECT pypi.org:443, which the host rule lets
+    // through blind, never to the echo route.
     let out = env.ok(
         &[
             "explain",
@@ -817,12 +820,32 @@ fn explain_does_not_route_a_foreign_host_by_its_first_path_segment() {
         None,
     );
     let f = explain_fields(&out);
-    assert_eq!(f.get("mode").map(String::as_str), Some("forward"), "{out}");
+    assert_eq!(f.get("mode").map(String::as_str), Some("connect"), "{out}");
+    assert!(f["decision"].starts_with("allow"), "{out}");
     assert!(
         !f.get("route").is_some_and(|r| r.starts_with("echo")),
         "{out}"
     );
     assert!(!out.contains("secret \"api\""), "{out}");
+
+    // A route's https origin is intercepted and decided request by
+    // request; any other https origin is refused at CONNECT.
+    let explain = |method: &str, url: &str| {
+        explain_fields(&env.ok(&["explain", "--agent", "coder", method, url], None))
+    };
+    let f = explain("GET", "https://api.example.com/v1/x");
+    assert_eq!(f["mode"], "intercept", "{f:?}");
+    assert!(f["route"].starts_with("ext"), "{f:?}");
+    assert_eq!(f["decision"], "allow", "{f:?}");
+    let f = explain("GET", "https://api.example.com/admin");
+    assert_eq!(
+        (f["mode"].as_str(), f["decision"].as_str()),
+        ("intercept", "deny"),
+        "{f:?}"
+    );
+    let f = explain("GET", "https://elsewhere.example/");
+    assert_eq!(f["mode"], "connect", "{f:?}");
+    assert!(f["decision"].starts_with("deny"), "{f:?}");
 
     // Nor a local origin on another port: only sidekey's own port is the
     // gateway, and the proxy would send this to 127.0.0.1:1.
