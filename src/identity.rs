@@ -107,7 +107,7 @@ pub enum IdentityError {
     Token(#[from] TokenError),
     #[error("more than one agent token in the request")]
     Ambiguous,
-    #[error("the proxy user name does not match the agent token")]
+    #[error("the user name is not the agent the token was issued to")]
     AgentMismatch,
     #[error("the revocation list cannot be read, so no token can be trusted")]
     RevocationsUnavailable,
@@ -152,11 +152,14 @@ pub fn find_token(
                 }
             }
         }
-        Some(Slot::Basic { .. }) => {
+        Some(Slot::Basic { username }) => {
             for value in headers.get_all(AUTHORIZATION) {
                 let Ok(value) = value.to_str() else { continue };
                 if let Some((user, token)) = parse_authorization(value) {
-                    found.push((token, user));
+                    // In the credential's own slot the user name may be the
+                    // route's (`x-access-token` for git), as the client was
+                    // told to send it, or the agent's.
+                    found.push((token, user.filter(|u| u != username)));
                 }
             }
         }

@@ -393,6 +393,22 @@ action = "allow"
         &base64_encode("x-access-token:ghp_gitsecret"),
         "response",
     );
+
+    // The user name git is told to send for the route is as good as the
+    // agent's; any other name is refused, and never passed on.
+    for (user, status) in [("x-access-token", 200), ("mallory", 401)] {
+        let res = client()
+            .get(sidekey.url("/git/acme/app.git/info/refs"))
+            .basic_auth(user, Some(&token))
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), status, "{user}");
+    }
+    assert_eq!(upstream.count(), 3);
+    assert_eq!(
+        upstream.last().header("authorization"),
+        Some(format!("Basic {}", base64_encode("x-access-token:ghp_gitsecret")).as_str())
+    );
 }
 
 #[test]
