@@ -3,7 +3,8 @@
 //! sidekey resolves every name itself and connects only to the addresses
 //! this module returned, so the address checked is the address connected to.
 //! Loopback, private, shared (CGNAT), link-local (cloud metadata included),
-//! multicast, unspecified and broadcast addresses are refused unless the
+//! multicast, unspecified, broadcast and special-purpose (benchmarking, IETF
+//! assignments) addresses are refused unless the
 //! route or rule names that exact address or sets `allow_private`.
 
 use std::future::Future;
@@ -57,18 +58,29 @@ fn v4_reason(ip: Ipv4Addr) -> Option<&'static str> {
         Some("multicast or reserved")
     } else if ip.is_broadcast() {
         Some("broadcast")
+    } else if a == 198 && (b & 0xfe) == 18 || a == 192 && b == 0 && ip.octets()[2] == 0 {
+        // 198.18.0.0/15 (benchmarking) and 192.0.0.0/24 (IETF protocol
+        // assignments, some of them NAT64 and DS-Lite gateways) are not
+        // the public Internet either.
+        Some("special-purpose")
     } else {
         None
     }
 }
 
 /// The IPv4 address inside an IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible
-/// (`::a.b.c.d`) or NAT64 (`64:ff9b::a.b.c.d`) address.
+/// (`::a.b.c.d`), NAT64 (`64:ff9b::a.b.c.d`) or 6to4 (`2002:aabb:ccdd::`)
+/// address.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     if let Some(v4) = ip.to_ipv4_mapped() {
         return Some(v4);
     }
     let seg = ip.segments();
+    if seg[0] == 0x2002 {
+        let [a, b] = seg[1].to_be_bytes();
+        let [c, d] = seg[2].to_be_bytes();
+        return Some(Ipv4Addr::new(a, b, c, d));
+    }
     let tail = Ipv4Addr::new(
         (seg[6] >> 8) as u8,
         seg[6] as u8,
@@ -185,6 +197,11 @@ mod tests {
             "::ffff:169.254.169.254",
             "::127.0.0.1",
             "64:ff9b::10.0.0.1",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "198.18.0.1",
+            "198.19.255.254",
+            "192.0.0.170",
         ];
         for ip in forbidden {
             assert!(forbidden_reason(ip.parse().unwrap()).is_some(), "{ip}");
@@ -196,6 +213,9 @@ mod tests {
             "172.32.0.1",
             "2606:4700::1111",
             "::ffff:8.8.8.8",
+            "2002:808:808::1",
+            "198.20.0.1",
+            "192.0.1.1",
         ] {
             assert_eq!(forbidden_reason(ip.parse().unwrap()), None, "{ip}");
         }

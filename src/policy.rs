@@ -134,6 +134,7 @@ impl Policy {
 
     pub fn check(&self, req: &Request<'_>) -> Decision {
         let mut allow: Option<&Rule> = None;
+        let mut private_ok = false;
         for rule in &self.rules {
             if !matches(rule, req) {
                 continue;
@@ -147,6 +148,13 @@ impl Policy {
                     };
                 }
                 Action::Allow => {
+                    // A rule that lets the destination be private decides,
+                    // so that a broader rule matching too (`host = "*"`,
+                    // public only) never takes that leave away.
+                    if !private_ok && grants_private(rule, req.host) {
+                        private_ok = true;
+                        allow = Some(rule);
+                    }
                     allow.get_or_insert(rule);
                 }
             }
@@ -154,13 +162,17 @@ impl Policy {
         Decision {
             allowed: allow.is_some(),
             rule: allow.map(|r| r.label.clone()),
-            private_ok: allow.is_some_and(|r| {
-                r.allow_private
-                    || matches!(&r.target, Target::Host { pattern: HostPattern::Exact(h), .. }
-                        if h == req.host && h.parse::<std::net::IpAddr>().is_ok())
-            }),
+            private_ok,
         }
     }
+}
+
+/// Whether an allow rule lets its destination resolve to a private
+/// address: it sets `allow_private`, or it names `host` as an IP literal.
+fn grants_private(rule: &Rule, host: &str) -> bool {
+    rule.allow_private
+        || matches!(&rule.target, Target::Host { pattern: HostPattern::Exact(h), .. }
+            if h == host && h.parse::<std::net::IpAddr>().is_ok())
 }
 
 /// What a CONNECT may become, decided before any byte of the tunnel flows.
@@ -217,12 +229,11 @@ impl Policy {
                 (true, true) => out.inspect = true,
                 (false, _) => {
                     out.inspect |= narrowed;
-                    if !out.allowed {
+                    let private = grants_private(rule, host);
+                    if !out.allowed || private && !out.private_ok {
                         out.allowed = true;
                         out.rule = Some(rule.label.clone());
-                        out.private_ok = rule.allow_private
-                            || matches!(&rule.target, Target::Host { pattern: HostPattern::Exact(h), .. }
-                                if h == host && h.parse::<std::net::IpAddr>().is_ok());
+                        out.private_ok = private;
                     }
                 }
             }

@@ -290,10 +290,12 @@ action = "allow"
 fn ssrf_addresses_are_refused_unless_named() {
     let upstream = Upstream::http();
     let port = upstream.addr.port();
+    // `named` matches the public-only `*` rule first: the rules after it
+    // that name the address still let it through.
     let env = TestEnv::new(
         r#"
 [[rules]]
-agents = ["coder"]
+agents = ["coder", "named"]
 host = "*"
 action = "allow"
 [[rules]]
@@ -328,13 +330,20 @@ action = "allow"
     assert!(text.contains("403"), "CONNECT to loopback: {status} {text}");
     assert_eq!(upstream.count(), 0, "nothing reached the loopback upstream");
 
-    // A rule that names the address itself allows it.
+    // A rule that names the address itself allows it, and is the one
+    // audited.
     let (status, _) = curl_via(
         &proxy_url(&sidekey, "named", &named),
         &[&format!("http://127.0.0.1:{port}/ok")],
     );
     assert_eq!(status, 200);
     assert_eq!(upstream.count(), 1);
+    let audited = env
+        .audit()
+        .into_iter()
+        .find(|r| r["path"] == "/ok")
+        .unwrap();
+    assert_eq!(audited["rule"], "rules[1]", "{audited}");
 
     // A request by name leaves a kept-alive connection to the loopback
     // upstream. It belongs to the pool for destinations allowed to be
