@@ -49,7 +49,7 @@ pub(super) fn tail(paths: &Paths, follow: bool, lines: usize) -> anyhow::Result<
         }
     }
     for record in &last {
-        println!("{}", render(record));
+        outln!("{}", render(record));
     }
     if !follow {
         return Ok(());
@@ -93,7 +93,7 @@ fn print_new(file: &mut std::fs::File, mut pos: u64) -> anyhow::Result<u64> {
             return Ok(pos);
         }
         pos += n as u64;
-        println!("{}", render(&line));
+        outln!("{}", render(&line));
         line.clear();
     }
 }

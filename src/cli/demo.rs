@@ -82,34 +82,34 @@ pub(super) fn run(listen: SocketAddr) -> anyhow::Result<()> {
                 }
             })
             .collect();
-        println!();
-        println!("sidekey demo: the agent calls an API without ever holding its key");
-        println!();
-        println!(
+        outln!();
+        outln!("sidekey demo: the agent calls an API without ever holding its key");
+        outln!();
+        outln!(
             "{:COLUMN$}  2. what the upstream received (the key)",
             "1. what the agent sent (its token)"
         );
-        println!("{:COLUMN$}  {}", "-".repeat(34), "-".repeat(38));
+        outln!("{:COLUMN$}  {}", "-".repeat(34), "-".repeat(38));
         for i in 0..sent.len().max(received.len()) {
             let left = sent.get(i).map(String::as_str).unwrap_or("");
             let right = received.get(i).map(String::as_str).unwrap_or("");
-            println!("{left:COLUMN$}  {right}");
+            outln!("{left:COLUMN$}  {right}");
         }
-        println!();
-        println!("3. what came back to the agent (the echoed key scrubbed): {status}");
-        println!("{}", "-".repeat(58));
-        println!("{reply}");
-        println!();
-        println!("The upstream saw the real key; the agent never did, and cannot get it back.");
-        println!("sidekey keeps running at {base} until Ctrl-C. Try:");
-        println!();
-        println!("  curl -s -H 'Authorization: Bearer {token}' {base}/echo/anything");
-        println!("  curl -s {base}/echo/anything                       # no token: 401");
-        println!(
+        outln!();
+        outln!("3. what came back to the agent (the echoed key scrubbed): {status}");
+        outln!("{}", "-".repeat(58));
+        outln!("{reply}");
+        outln!();
+        outln!("The upstream saw the real key; the agent never did, and cannot get it back.");
+        outln!("sidekey keeps running at {base} until Ctrl-C. Try:");
+        outln!();
+        outln!("  curl -s -H 'Authorization: Bearer {token}' {base}/echo/anything");
+        outln!("  curl -s {base}/echo/anything                       # no token: 401");
+        outln!(
             "  curl -s -H 'Authorization: Bearer {token}' {base}/echo/admin   # not allowed: 403"
         );
-        println!();
-        println!("audit log: {}", state.root().join("audit.jsonl").display());
+        outln!();
+        outln!("audit log: {}", state.root().join("audit.jsonl").display());
         use std::io::Write;
         let _ = std::io::stdout().flush();
 

@@ -1,6 +1,19 @@
 //! The command line: one file per command group. Only this module prints.
 #![allow(clippy::print_stdout, reason = "the CLI's output is its interface")]
 
+/// `println!` that returns a failed write to stdout as an error: a closed
+/// pipe (`| head`) or a full disk ends the command with one line on
+/// stderr, never a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        anyhow::Context::context(
+            writeln!(std::io::stdout(), $($arg)*),
+            "cannot write to stdout",
+        )?
+    }};
+}
+
 mod audit;
 mod demo;
 mod exec;

@@ -65,12 +65,12 @@ pub(super) fn list(paths: &Paths, json: bool) -> anyhow::Result<()> {
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(entry.updated_ms),
         );
         if json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({"name": name, "updated": updated.to_string()})
             );
         } else {
-            println!("{name}\t{updated}");
+            outln!("{name}\t{updated}");
         }
     }
     if store.entries.is_empty() && !json {

@@ -350,27 +350,27 @@ pub(super) fn explain(
         Some(_) => "intercept",
         None => mode,
     };
-    println!("agent:    {agent}");
-    println!("request:  {method} {url}");
-    println!("mode:     {mode}");
+    outln!("agent:    {agent}");
+    outln!("request:  {method} {url}");
+    outln!("mode:     {mode}");
     if let Some(connect) = connect.filter(|_| blind_or_refused) {
-        println!("route:    none (destination {host}:{port})");
+        outln!("route:    none (destination {host}:{port})");
         let verdict = if connect.allowed {
             "allow (tunnelled blind: sidekey sees no method or path)"
         } else {
             "deny (refused at CONNECT)"
         };
-        println!("decision: {verdict}");
-        print_rule(&config, connect.rule.as_ref());
+        outln!("decision: {verdict}");
+        print_rule(&config, connect.rule.as_ref())?;
         if connect.allowed {
-            println!("inject:   nothing (no credential on this destination)");
+            outln!("inject:   nothing (no credential on this destination)");
         }
         return Ok(());
     }
     let path = match normalize(rest) {
         Ok(path) => path,
         Err(e) => {
-            println!("decision: deny (bad_request: {e})");
+            outln!("decision: deny (bad_request: {e})");
             return Ok(());
         }
     };
@@ -379,15 +379,15 @@ pub(super) fn explain(
         None => (host, port),
     };
     match &route {
-        Some(r) => println!(
+        Some(r) => outln!(
             "route:    {} -> {}{}",
             r.name,
             r.upstream.origin(),
             r.upstream.base_path
         ),
-        None => println!("route:    none (destination {dest_host}:{dest_port})"),
+        None => outln!("route:    none (destination {dest_host}:{dest_port})"),
     }
-    println!("path:     {}", path.decoded());
+    outln!("path:     {}", path.decoded());
     let decision = policy.check(&policy::Request {
         agent,
         session,
@@ -400,23 +400,24 @@ pub(super) fn explain(
         path: &path,
     });
     let verdict = if decision.allowed { "allow" } else { "deny" };
-    println!("decision: {verdict}");
-    print_rule(&config, decision.rule.as_ref());
+    outln!("decision: {verdict}");
+    print_rule(&config, decision.rule.as_ref())?;
     if decision.allowed {
         match route.as_ref().and_then(|r| r.inject.as_ref()) {
-            Some(inject) => println!(
+            Some(inject) => outln!(
                 "inject:   secret {:?} into {:?}",
-                inject.secret, inject.slot
+                inject.secret,
+                inject.slot
             ),
-            None => println!("inject:   nothing (no credential on this destination)"),
+            None => outln!("inject:   nothing (no credential on this destination)"),
         }
     }
     Ok(())
 }
 
 /// The `rule:` line of `explain`, and what the rule targets.
-fn print_rule(config: &crate::config::Config, label: Option<&String>) {
-    println!(
+fn print_rule(config: &crate::config::Config, label: Option<&String>) -> anyhow::Result<()> {
+    outln!(
         "rule:     {}",
         label.map_or("none (default deny)", String::as_str)
     );
@@ -432,8 +433,9 @@ fn print_rule(config: &crate::config::Config, label: Option<&String>) {
                 port: Some(port),
             } => format!("host {pattern} port {port}"),
         };
-        println!("          ({target})");
+        outln!("          ({target})");
     }
+    Ok(())
 }
 
 /// The running proxy's admin socket. Read leniently, like the state dir, so
@@ -487,7 +489,7 @@ pub(super) fn status(paths: &Paths) -> anyhow::Result<()> {
             })
         }
     };
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(&body).unwrap_or_default()
     );

@@ -33,7 +33,7 @@ pub(super) fn issue(
         "token {} for agent {agent:?}, session {}, expires {expires}",
         claims.jti, claims.sid
     );
-    println!("{token}");
+    outln!("{token}");
     Ok(())
 }
 
@@ -65,7 +65,7 @@ pub(super) fn issue_cert(
         crt.display(),
         key.display()
     );
-    println!("{}", cert.serial);
+    outln!("{}", cert.serial);
     Ok(())
 }
 

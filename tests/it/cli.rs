@@ -1029,6 +1029,50 @@ fn demo_shows_the_tour_serves_the_printed_curl_and_stops_on_sigint() {
 // ---------------------------------------------------------------- bad input
 
 #[test]
+fn output_that_cannot_be_written_fails_cleanly() {
+    let env = TestEnv::new(&format!(
+        "{}\n[[rules]]\nagents = [\"coder\"]\nhost = \"pypi.org\"\naction = \"allow\"\n",
+        echo_route(&Upstream::http(), "store")
+    ));
+    env.set_secret("api", SECRET);
+    // A full disk behind stdout.
+    for args in [
+        &["token", "issue", "coder"][..],
+        &["explain", "--agent", "coder", "GET", "https://pypi.org/"],
+        &["secret", "list"],
+        &["ca", "cert"],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = env
+            .cmd(args)
+            .stdout(full)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_clean_failure(&out, &format!("{args:?} > /dev/full"));
+        let err = stderr_of(&out);
+        assert!(err.contains("cannot write to stdout"), "{args:?}: {err}");
+    }
+    // A reader that went away (`| head`).
+    let mut child = env
+        .cmd(&["token", "issue", "coder"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr_of(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    if !out.status.success() {
+        assert!(err.contains("cannot write to stdout"), "{err}");
+    }
+}
+
+#[test]
 fn bad_command_line_input_never_panics() {
     let env = TestEnv::new("");
     let dir = env.dir.path();
