@@ -466,8 +466,13 @@ pub(super) fn ask(
     }
 }
 
+/// The running proxy's status; with none running, what the state dir says,
+/// and exit 3 ("not running", as LSB init scripts and `systemctl status`
+/// answer) so that a script can tell.
 pub(super) fn status(paths: &Paths) -> anyhow::Result<()> {
-    let body = match ask(paths, Method::GET, "/v1/status", None)? {
+    let reply = ask(paths, Method::GET, "/v1/status", None)?;
+    let running = reply.is_some();
+    let body = match reply {
         Some((_, mut body)) => {
             body["running"] = true.into();
             body
@@ -493,20 +498,25 @@ pub(super) fn status(paths: &Paths) -> anyhow::Result<()> {
         "{}",
         serde_json::to_string_pretty(&body).unwrap_or_default()
     );
+    if !running {
+        eprintln!("sidekey: no sidekey is running");
+        return Err(SilentExit(3).into());
+    }
     Ok(())
 }
 
 pub(super) fn reload(paths: &Paths) -> anyhow::Result<()> {
     let Some((status, body)) = ask(paths, Method::POST, "/v1/reload", None)? else {
-        // No proxy to reload: check what the next start would load.
+        // Nothing was reloaded, which a script must see; whether the next
+        // start would load the config is still worth saying.
         let config = paths.config()?;
         eprintln!(
-            "no sidekey is running; {} is valid and will be used at the next start ({} routes, {} rules)",
+            "sidekey: no sidekey is running, nothing reloaded; {} is valid for the next start ({} routes, {} rules)",
             config.file.display(),
             config.routes.len(),
             config.rules.len()
         );
-        return Ok(());
+        return Err(SilentExit(1).into());
     };
     if status.is_success() {
         eprintln!("config reloaded");

@@ -136,19 +136,24 @@ fn revocation_through_the_admin_api_ends_an_open_tunnel_at_the_next_request() {
 }
 
 #[test]
-fn status_and_reload_work_on_the_state_dir_when_no_proxy_runs() {
+fn status_and_reload_say_so_when_no_proxy_runs() {
     let upstream = Upstream::http();
     let env = TestEnv::new(&echo_route(&upstream, "store"));
     env.set_secret("api", SECRET);
     env.ok(&["token", "revoke", "--session", "s-gone"], None);
-    let status: serde_json::Value = serde_json::from_str(&env.ok(&["status"], None)).unwrap();
+    let out = env.run(&["status"], None);
+    assert_eq!(out.status.code(), Some(3), "not running");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no sidekey is running"));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["running"], false);
     assert_eq!(status["stored_secrets"], 1);
     assert_eq!(status["revocations"]["sessions"][0], "s-gone");
     assert_no_leak(&status.to_string(), SECRET, "status");
     let out = env.run(&["reload"], None);
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no sidekey is running"));
+    assert_eq!(out.status.code(), Some(1), "nothing was reloaded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no sidekey is running"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     env.write_config("[[rules]]\nagents = []\n");
     let out = env.run(&["reload"], None);
     assert_eq!(out.status.code(), Some(2), "an invalid config is reported");

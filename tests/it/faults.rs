@@ -522,8 +522,8 @@ fn kill_9_during_secret_set_and_token_revoke_leaves_old_or_new_never_torn() {
             "round {round}: the store is damaged: {}",
             String::from_utf8_lossy(&listed.stderr)
         );
-        let status = env.ok(&["status"], None);
-        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        let status = env.run(&["status"], None).stdout;
+        let status: serde_json::Value = serde_json::from_slice(&status).unwrap();
         assert_eq!(status["running"], false);
         for session in &revoked {
             assert!(
