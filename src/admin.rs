@@ -4,7 +4,6 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -43,16 +42,11 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 pub struct Admin {
     live: Arc<Live>,
     metrics: Arc<Metrics>,
-    reloads: AtomicU64,
 }
 
 impl Admin {
     pub fn new(live: Arc<Live>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self {
-            live,
-            metrics,
-            reloads: AtomicU64::new(0),
-        })
+        Arc::new(Self { live, metrics })
     }
 }
 
@@ -112,7 +106,7 @@ async fn serve_conn<IO>(
                 );
                 return Ok::<_, std::convert::Infallible>(response);
             }
-            Ok(route(req, &admin.live, &admin.metrics, &admin.reloads).await)
+            Ok(route(req, &admin.live, &admin.metrics).await)
         }
     });
     let _ = hyper::server::conn::http1::Builder::new()
@@ -137,7 +131,6 @@ async fn route(
     req: Request<Incoming>,
     live: &Arc<Live>,
     metrics: &Metrics,
-    reloads: &AtomicU64,
 ) -> Response<Full<Bytes>> {
     match (req.method().clone(), req.uri().path()) {
         (Method::GET, "/v1/status") => {
@@ -147,22 +140,30 @@ async fn route(
             // False while records are failing or unanswered; with
             // `on_failure = "deny"` agents are refused until it is true again.
             status["audit"] = serde_json::json!({"healthy": snapshot.audit.is_healthy()});
-            status["reloads"] = reloads.load(Ordering::Relaxed).into();
+            status["reloads"] = live.reloads().into();
             json(StatusCode::OK, status)
         }
         (Method::GET, "/metrics") => {
-            let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+            // Prometheus asks for OpenMetrics; anything else gets the
+            // classic text format.
+            let openmetrics = req.headers().get_all(http::header::ACCEPT).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.contains("application/openmetrics-text"))
+            });
+            let content_type = if openmetrics {
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            } else {
+                "text/plain; version=0.0.4; charset=utf-8"
+            };
+            let mut response = Response::new(Full::new(Bytes::from(metrics.encode(openmetrics))));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                http::HeaderValue::from_static(content_type),
             );
             response
         }
         (Method::POST, "/v1/reload") => match live.reload_off_runtime().await {
-            Ok(()) => {
-                reloads.fetch_add(1, Ordering::Relaxed);
-                json(StatusCode::OK, serde_json::json!({"reloaded": true}))
-            }
+            Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
             Err(e) => {
                 tracing::error!("reload refused, old config still in force:\n{e}");
                 json(
@@ -197,6 +198,20 @@ async fn route(
                     serde_json::json!({"error": message}),
                 ),
             }
+        }
+        (_, "/v1/status" | "/metrics" | "/v1/reload" | "/v1/revoke") => {
+            let allow = match req.uri().path() {
+                "/v1/status" | "/metrics" => "GET",
+                _ => "POST",
+            };
+            let mut response = json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({"error": format!("use {allow}")}),
+            );
+            response
+                .headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+            response
         }
         _ => json(
             StatusCode::NOT_FOUND,

@@ -102,6 +102,10 @@ pub struct Live {
     secrets: ArcSwap<SecretView>,
     /// `Err` when the list cannot be read: no token is trusted then.
     revocations: ArcSwap<Result<Revocations, String>>,
+    /// The listen address of the config `run` started with: the one bound.
+    started_listen: SocketAddr,
+    /// Reloads that took effect, from SIGHUP, `reload` or the admin socket.
+    reloads: std::sync::atomic::AtomicU64,
     /// What the watched files looked like when last read. Taken before
     /// reading, so a change made during a read is seen on the next poll; the
     /// lock also keeps a reload and the watcher from interleaving.
@@ -126,6 +130,7 @@ impl Live {
     ) -> Result<Self, ConfigError> {
         let master_key = MasterKey::load(&state).ok();
         let config_path = config.file.clone();
+        let started_listen = config.listen;
         let snapshot = build_snapshot(config, &state, listen_override, None)?;
         let revocations_seen = fingerprint(&state.revocations());
         let stamps = Stamps {
@@ -146,7 +151,14 @@ impl Live {
             revocations: ArcSwap::from_pointee(revocations),
             seen: Mutex::new(stamps),
             revocations_seen: Mutex::new(revocations_seen),
+            started_listen,
+            reloads: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Reloads that took effect since start.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The current config version with the secrets read for it. `None` only
@@ -196,7 +208,7 @@ impl Live {
         let mut seen = self.lock_seen();
         let config = Config::load(&self.config_path)?;
         let current = self.snapshot.load();
-        if config.listen != current.config.listen && self.listen_override.is_none() {
+        if config.listen != self.started_listen && self.listen_override.is_none() {
             tracing::warn!(
                 listen = %config.listen,
                 "a new listen address takes effect at restart"
@@ -212,6 +224,8 @@ impl Live {
         );
         self.snapshot.store(Arc::new(snapshot));
         self.secrets.store(Arc::new(secrets));
+        self.reloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(config = %self.config_path.display(), "config reloaded");
         Ok(())
     }

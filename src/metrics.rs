@@ -141,10 +141,16 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    /// The metrics as OpenMetrics text, or (`openmetrics == false`) as the
+    /// classic Prometheus text format that scrapers read without asking.
+    pub fn encode(&self, openmetrics: bool) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        if openmetrics {
+            out
+        } else {
+            to_classic_text(&out)
+        }
     }
 
     /// The summary `GET /v1/status` shows.
@@ -160,4 +166,38 @@ impl Metrics {
             },
         })
     }
+}
+
+/// OpenMetrics text as the classic format (0.0.4) has it: a counter family
+/// is named after its `_total` samples, and there is no `# EOF`. Otherwise
+/// a classic parser finds an empty counter and untyped `_total` samples.
+fn to_classic_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 8 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let family = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let name = rest.split(' ').next()?;
+            counters
+                .contains(&name)
+                .then(|| (prefix, name, &rest[name.len()..]))
+        });
+        match family {
+            Some((prefix, name, rest)) => {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total");
+                out.push_str(rest);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }

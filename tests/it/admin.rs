@@ -6,9 +6,14 @@ use crate::support::*;
 const SECRET: &str = "sk-live-admin-31f";
 
 fn admin_get(env: &TestEnv, path: &str) -> String {
+    admin_curl(env, path, &[])
+}
+
+fn admin_curl(env: &TestEnv, path: &str, args: &[&str]) -> String {
     let out = Command::new("curl")
         .args(["-sS", "--unix-socket"])
         .arg(env.state.join("admin.sock"))
+        .args(args)
         .arg(format!("http://sidekey{path}"))
         .output()
         .unwrap();
@@ -61,7 +66,37 @@ fn status_and_metrics_count_the_traffic_sent() {
     assert!(status["uptime_secs"].is_u64());
     assert!(status["open_connections"].is_i64() || status["open_connections"].is_u64());
 
+    // The classic text format a scraper gets without asking: every sample
+    // in a family of its own type.
     let text = admin_get(&env, "/metrics");
+    let types = python(
+        "from prometheus_client.parser import text_string_to_metric_families\n\
+         print(json.dumps({f.name: f.type for f in text_string_to_metric_families(sys.argv[1])}))",
+        &[&text],
+    );
+    let types: serde_json::Value = serde_json::from_str(&types).unwrap();
+    assert_eq!(types["sidekey_requests"], "counter", "{types}");
+    assert_eq!(
+        types["sidekey_request_duration_seconds"], "histogram",
+        "{types}"
+    );
+    assert!(
+        !types.as_object().unwrap().values().any(|t| t == "unknown"),
+        "{types}"
+    );
+    // OpenMetrics when asked for, as Prometheus does.
+    let open = admin_curl(
+        &env,
+        "/metrics",
+        &["-H", "Accept: application/openmetrics-text; version=1.0.0"],
+    );
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    python(
+        "from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+         assert any(f.name == 'sidekey_requests' and f.type == 'counter' and f.samples\n\
+         \x20          for f in text_string_to_metric_families(sys.argv[1]))",
+        &[&open],
+    );
     let parsed = python(
         "from prometheus_client.parser import text_string_to_metric_families\n\
          out = {}\n\
@@ -94,6 +129,19 @@ fn status_and_metrics_count_the_traffic_sent() {
     assert_eq!(get("sidekey_request_duration_seconds_count"), 6.0);
     assert_eq!(get("sidekey_audit_write_errors_total"), 0.0);
     assert_no_leak(&text, SECRET, "metrics");
+
+    // A reload counts however it was asked for.
+    sidekey.signal("HUP");
+    env.ok(&["reload"], None);
+    eventually(std::time::Duration::from_secs(3), || {
+        let status: serde_json::Value = serde_json::from_str(&env.ok(&["status"], None)).unwrap();
+        (status["reloads"] == 2).then_some(())
+    });
+
+    // An endpoint asked with the wrong method says which one it takes.
+    let head = admin_curl(&env, "/v1/reload", &["-i"]);
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("allow: post"), "{head}");
 }
 
 #[test]
