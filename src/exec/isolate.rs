@@ -87,9 +87,12 @@ pub fn run(sandbox: &Sandbox) -> u8 {
             return 125;
         }
     };
-    let forwarding = caught.and_then(|caught| caught.forward_to(supervisor.id()));
-    let status = supervisor.wait();
-    drop(forwarding);
+    // This process entered a new PID namespace, so it cannot start a
+    // thread: the signals are forwarded from here while it waits.
+    let status = match caught {
+        Ok(caught) => caught.forward_until_exit(&mut supervisor),
+        Err(_) => supervisor.wait(),
+    };
     match status {
         Ok(status) => super::exit_code_of(status),
         Err(e) => {

@@ -2,7 +2,7 @@
 //! command, so `kill` on sidekey reaches the command.
 
 use rustix::process::{Pid, Signal, kill_process};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::SignalsInfo;
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
@@ -49,12 +49,43 @@ impl Caught {
     }
 }
 
-fn forward(mut signals: SignalsInfo<WithOrigin>, child: u32) -> std::io::Result<Forwarding> {
-    let handle = signals.handle();
-    let pid = i32::try_from(child)
+impl Caught {
+    /// As [`Caught::forward_to`], on this thread, until `child` exits; its
+    /// exit status. For a process that cannot start a thread: one that
+    /// entered a new PID namespace, where the kernel refuses `CLONE_THREAD`.
+    pub fn forward_until_exit(
+        mut self,
+        child: &mut std::process::Child,
+    ) -> std::io::Result<std::process::ExitStatus> {
+        let pid = child_pid(child.id())?;
+        // Wakes the wait below when the child ends. An exit before this
+        // line is seen by the first `try_wait`.
+        self.0.add_signal(SIGCHLD)?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            for origin in self.0.wait() {
+                if origin.signal != SIGCHLD && !matches!(origin.cause, Cause::Kernel) {
+                    if let Some(signal) = Signal::from_named_raw(origin.signal) {
+                        let _ = kill_process(pid, signal);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn child_pid(child: u32) -> std::io::Result<Pid> {
+    i32::try_from(child)
         .ok()
         .and_then(Pid::from_raw)
-        .ok_or_else(|| std::io::Error::other("invalid child pid"))?;
+        .ok_or_else(|| std::io::Error::other("invalid child pid"))
+}
+
+fn forward(mut signals: SignalsInfo<WithOrigin>, child: u32) -> std::io::Result<Forwarding> {
+    let handle = signals.handle();
+    let pid = child_pid(child)?;
     std::thread::Builder::new()
         .name("forward-signals".into())
         .spawn(move || {

@@ -491,10 +491,16 @@ fn now_ms() -> u64 {
 fn signals_reach_the_command_and_nothing_is_left_behind() {
     let upstream = Upstream::http();
     let env = exec_env(&upstream, "");
-    for (signal, name) in [("TERM", "SIGTERM"), ("INT", "SIGINT")] {
-        let marker = work_dir(&env).join(format!("{signal}.got"));
-        let ready = work_dir(&env).join(format!("{signal}.ready"));
-        let background = work_dir(&env).join(format!("{signal}.bg"));
+    for (flags, signal, name) in [
+        (&[][..], "TERM", "SIGTERM"),
+        (&[], "INT", "SIGINT"),
+        // Through the sandbox's own process and its PID 1 too.
+        (&["--isolate"], "TERM", "SIGTERM, isolated"),
+    ] {
+        let tag = format!("{signal}{}", flags.len());
+        let marker = work_dir(&env).join(format!("{tag}.got"));
+        let ready = work_dir(&env).join(format!("{tag}.ready"));
+        let background = work_dir(&env).join(format!("{tag}.bg"));
         let script = format!(
             r#"trap 'echo caught > {marker}; exit 42' {signal}
 sleep 300 &
@@ -506,7 +512,7 @@ while :; do sleep 0.05; done
             background = background.display(),
             ready = ready.display(),
         );
-        let child = exec_cmd(&env, &[], &script).spawn().unwrap();
+        let child = exec_cmd(&env, flags, &script).spawn().unwrap();
         eventually(Duration::from_secs(20), || ready.exists().then_some(()));
         let status = Command::new("kill")
             .args([&format!("-{signal}"), &child.id().to_string()])
@@ -516,6 +522,11 @@ while :; do sleep 0.05; done
         let out = wait_output(child, Duration::from_secs(20));
         assert_eq!(out.status.code(), Some(42), "{name}: {}", describe(&out));
         assert_eq!(read(&marker), "caught\n", "{name} reached the command");
+        if !flags.is_empty() {
+            // Its pid is the sandbox's own; the kernel ends everything in
+            // there with its PID 1.
+            continue;
+        }
         let orphan = read(&background).trim().to_string();
         assert!(!orphan.is_empty());
         let alive = std::fs::read_to_string(format!("/proc/{orphan}/stat"))
