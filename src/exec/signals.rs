@@ -66,10 +66,11 @@ impl Caught {
                 return Ok(status);
             }
             for origin in self.0.wait() {
-                if origin.signal != SIGCHLD && !matches!(origin.cause, Cause::Kernel) {
-                    if let Some(signal) = Signal::from_named_raw(origin.signal) {
-                        let _ = kill_process(pid, signal);
-                    }
+                if origin.signal != SIGCHLD
+                    && !matches!(origin.cause, Cause::Kernel)
+                    && let Some(signal) = Signal::from_named_raw(origin.signal)
+                {
+                    let _ = kill_process(pid, signal);
                 }
             }
         }
