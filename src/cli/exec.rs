@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,7 +55,17 @@ pub(super) fn run(paths: &Paths, args: ExecArgs) -> anyhow::Result<()> {
     let bundle = workdir.path().join("ca-bundle.pem");
     crate::state::write_atomic(&bundle, crate::ca::bundle_pem(&state)?.as_bytes(), 0o644)
         .with_context(|| format!("cannot write {}", bundle.display()))?;
-    let hide = hidden_paths(&config, state.root(), &args.hide);
+    let hide = if args.isolate {
+        let needed: Vec<PathBuf> = [std::env::current_dir().ok(), std::env::home_dir()]
+            .into_iter()
+            .flatten()
+            .chain([workdir.path().to_path_buf()])
+            .filter_map(|p| std::path::absolute(p).ok())
+            .collect();
+        hidden_paths(&config, state.root(), &args.hide, &needed)
+    } else {
+        Vec::new()
+    };
     let handoff = workdir.path().join("handoff.sock");
 
     let runtime = runtime()?;
@@ -226,13 +236,40 @@ async fn finish(running: Running, state: &crate::state::StateDir, session: &str)
 }
 
 /// What the sandbox hides: the state dir, every secret file, and `--hide`.
-fn hidden_paths(config: &Config, state_dir: &std::path::Path, extra: &[PathBuf]) -> Vec<PathBuf> {
-    let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+///
+/// A file laid over a secret file stops covering it when the file is
+/// replaced by a rename (an atomic write, a Kubernetes secret update), so
+/// the directory holding the secret is hidden too, unless the command
+/// needs it: one of its working dir, its home or the CA bundle's dir lies
+/// inside, or it is a top-level directory such as `/etc`. Then only the
+/// file is hidden, and a warning says how to close the gap.
+fn hidden_paths(
+    config: &Config,
+    state_dir: &Path,
+    extra: &[PathBuf],
+    needed: &[PathBuf],
+) -> Vec<PathBuf> {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let mut paths = vec![absolute(state_dir)];
-    for source in config.secrets.values() {
-        if let SecretSource::File(path) = source {
-            paths.push(absolute(path));
+    for (name, source) in &config.secrets {
+        let SecretSource::File(path) = source else {
+            continue;
+        };
+        let file = absolute(path);
+        match file.parent() {
+            Some(dir)
+                if dir.components().count() > 2 && !needed.iter().any(|n| n.starts_with(dir)) =>
+            {
+                paths.push(dir.to_path_buf());
+            }
+            _ => eprintln!(
+                "sidekey exec: warning: secrets.{name}: {} is hidden from the command, but a new \
+                 version written by rename while it runs would not be; keep secret files in a \
+                 directory of their own",
+                file.display()
+            ),
         }
+        paths.push(file);
     }
     paths.extend(extra.iter().map(|p| absolute(p)));
     paths

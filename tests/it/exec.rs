@@ -597,6 +597,57 @@ exit 0
 }
 
 #[test]
+fn isolate_keeps_a_secret_file_hidden_when_it_is_replaced_by_rename() {
+    let upstream = Upstream::http();
+    // A directory of secrets, as Docker and Kubernetes mount them.
+    let env = exec_env(
+        &upstream,
+        "[secrets.mounted]\nsource = \"file:run-secrets/token\"\n",
+    );
+    let dir = env.dir.path().join("run-secrets");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, FILE_SECRET).unwrap();
+    let work = work_dir(&env);
+    let script = format!(
+        r#"cat {file} > before.txt 2>&1
+touch ready
+while [ ! -e rotated ]; do sleep 0.05; done
+cat {file} > after.txt 2>&1
+ls -A {dir} > listing.txt 2>&1
+exit 0
+"#,
+        file = file.display(),
+        dir = dir.display(),
+    );
+    let child = exec_cmd(&env, &["--isolate"], &script).spawn().unwrap();
+    eventually(Duration::from_secs(20), || {
+        work.join("ready").exists().then_some(())
+    });
+    // An atomic write: the new version renamed over the old.
+    const ROTATED: &str = "rotated-secret-77c1d0";
+    std::fs::write(dir.join(".token.new"), ROTATED).unwrap();
+    std::fs::rename(dir.join(".token.new"), &file).unwrap();
+    std::fs::write(work.join("rotated"), "").unwrap();
+    let out = wait_output(child, Duration::from_secs(20));
+    assert_success(&out);
+    for name in ["before.txt", "after.txt", "listing.txt"] {
+        let text = read(&work.join(name));
+        assert!(
+            !text.contains(FILE_SECRET) && !text.contains(ROTATED),
+            "{name}: {text}"
+        );
+    }
+    assert_eq!(
+        read(&work.join("listing.txt")),
+        "",
+        "the directory looks empty"
+    );
+    assert_no_secret_under(&work);
+    assert_eq!(read(&file), ROTATED, "outside, the file is as written");
+}
+
+#[test]
 fn isolate_reports_a_kernel_refusal_and_never_runs_unisolated() {
     let upstream = Upstream::http();
     let env = exec_env(&upstream, "");
