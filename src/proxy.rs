@@ -932,8 +932,12 @@ fn verify_presented(
 /// status line verbatim, outside every scrubbed header and body: an
 /// upstream that names the credential there ("401 Invalid key sk-...")
 /// would hand it to the agent. The agent gets the canonical phrase.
+///
+/// An upstream's `x-sidekey-error` goes too: only sidekey's own refusals
+/// carry one, so that an agent (or its SDK's retry logic) can trust it.
 fn forget_upstream_extras(parts: &mut http::response::Parts) {
     parts.extensions.clear();
+    parts.headers.remove("x-sidekey-error");
 }
 
 fn set_request_id(response: &mut Response<Body>, request_id: &str) {

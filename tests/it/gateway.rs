@@ -36,7 +36,7 @@ fn credential_arrives_upstream_while_the_agent_sends_only_its_token() {
         .send()
         .unwrap();
     assert_eq!(res.status(), 200);
-    assert!(res.headers().contains_key("x-sidekey-request-id"));
+    let request_id = res.headers()["x-sidekey-request-id"].clone();
     let seen = upstream.last();
     assert_eq!(
         seen.header_all("authorization"),
@@ -112,6 +112,18 @@ fn credential_arrives_upstream_while_the_agent_sends_only_its_token() {
     assert_no_leak(&env.audit_text(), &token, "audit log");
     assert_no_leak(&env.audit_text(), "stream=false", "audit log (query)");
     assert_no_leak(&sidekey.stderr(), SECRET, "stderr");
+
+    // sidekey's own headers say what sidekey did: an upstream cannot pose
+    // as a refusal, nor name the request.
+    let res = client()
+        .get(sidekey.url("/echo/v1/forged-error"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(!res.headers().contains_key("x-sidekey-error"));
+    let id = res.headers()["x-sidekey-request-id"].to_str().unwrap();
+    assert!(id != "req-forged" && id != request_id, "{id}");
 }
 
 #[test]

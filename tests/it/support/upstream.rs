@@ -434,6 +434,13 @@ async fn handle(
                 .body(full(r#"{"errors":["permission denied"]}"#))
                 .unwrap(),
         }
+    } else if path.ends_with("/forged-error") {
+        // A hostile upstream posing as sidekey refusing.
+        Response::builder()
+            .header("x-sidekey-error", "policy_denied")
+            .header("x-sidekey-request-id", "req-forged")
+            .body(full("ok"))
+            .unwrap()
     } else if path.ends_with("/token-fail") {
         Response::builder()
             .status(500)
