@@ -23,9 +23,13 @@ impl AuditEvent {
         optional_text(line, b",\"token_id\":", self.token_id.as_deref());
         text(line, b",\"mode\":", self.mode);
         text(line, b",\"method\":", &self.method);
-        optional_text(line, b",\"host\":", self.host.as_deref());
+        optional_text(
+            line,
+            b",\"host\":",
+            self.host.as_deref().map(without_jwts).as_deref(),
+        );
         optional_number(line, b",\"port\":", self.port.map(u64::from));
-        text(line, b",\"path\":", &self.path);
+        text(line, b",\"path\":", &without_jwts(&self.path));
         optional_text(line, b",\"route\":", self.route.as_deref());
         optional_text(line, b",\"rule\":", self.rule.as_deref());
         text(line, b",\"decision\":", self.decision);
@@ -74,6 +78,42 @@ fn optional_number(line: &mut Vec<u8>, key: &[u8], value: Option<u64>) {
 fn null(line: &mut Vec<u8>, key: &[u8]) {
     line.extend_from_slice(key);
     line.extend_from_slice(b"null");
+}
+
+/// `value` with every JWT in it (an agent token, a workload token) as
+/// `[REDACTED]`. The request's own token is taken out before, but an agent
+/// can put any token in a path or host, someone else's too, and a record
+/// never holds one whole.
+fn without_jwts(value: &str) -> std::borrow::Cow<'_, str> {
+    // A JWT's header is base64url JSON, so it starts `eyJ` (`{"`).
+    const START: &str = "eyJ";
+    if !value.contains(START) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let base64url = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    // The length of the run of base64url bytes at the start of `bytes`.
+    let run = |bytes: &[u8]| bytes.iter().take_while(|b| base64url(b)).count();
+    let bytes = value.as_bytes();
+    let mut out = String::with_capacity(value.len());
+    let (mut copied, mut at) = (0, 0);
+    while let Some(found) = value[at..].find(START) {
+        let start = at + found;
+        // header `.` payload, then `.` signature if there is one.
+        let mut end = start + run(&bytes[start..]);
+        let mut segments = 1;
+        while segments < 3 && bytes.get(end) == Some(&b'.') && run(&bytes[end + 1..]) > 0 {
+            end += 1 + run(&bytes[end + 1..]);
+            segments += 1;
+        }
+        if segments >= 2 {
+            out.push_str(&value[copied..start]);
+            out.push_str("[REDACTED]");
+            copied = end;
+        }
+        at = end.max(start + START.len());
+    }
+    out.push_str(&value[copied..]);
+    std::borrow::Cow::Owned(out)
 }
 
 /// Whether serde_json would write `value` between its quotes unchanged: no
@@ -144,6 +184,37 @@ mod tests {
             let expected = serde_json::to_string(event).unwrap();
             assert_eq!(line_of(event), expected);
             serde_json::from_str::<serde_json::Value>(&line_of(event)).unwrap();
+        }
+    }
+
+    #[test]
+    fn tokens_in_a_path_or_host_are_redacted() {
+        let token = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJjb2RlciJ9.c2lnbmF0dXJl-_x";
+        for (value, expected) in [
+            (format!("/v1/{token}/x"), "/v1/[REDACTED]/x".to_string()),
+            (format!("/{token}"), "/[REDACTED]".into()),
+            // Run together, the pieces still hold nothing whole.
+            (
+                format!("/a{token}{token}"),
+                "/a[REDACTED].[REDACTED]".into(),
+            ),
+            (
+                "/eyJhbGciOiJFZERTQSJ9.eyJzdWIi/x".into(),
+                "/[REDACTED]/x".into(),
+            ),
+            (
+                format!("{token}.example.com"),
+                "[REDACTED].example.com".into(),
+            ),
+            (
+                "/eyJ/only.one/segment".into(),
+                "/eyJ/only.one/segment".into(),
+            ),
+            ("/eyJeyJ".into(), "/eyJeyJ".into()),
+            ("/v1/chat/completions".into(), "/v1/chat/completions".into()),
+            ("/é/eyJa.b.c/✓".into(), "/é/[REDACTED]/✓".into()),
+        ] {
+            assert_eq!(without_jwts(&value), expected, "{value}");
         }
     }
 

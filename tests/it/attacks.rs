@@ -720,6 +720,62 @@ fn upstream_redirects_and_error_pages_do_not_carry_the_secret_out() {
 }
 
 #[test]
+fn a_token_put_in_a_path_or_host_never_lands_whole_in_the_audit_log() {
+    let a = arena();
+    let another = a.env.token("reviewer");
+    let headers = |token: &str| format!("Authorization: Bearer {token}");
+    for (args, status) in [
+        // Someone else's token in the path of an allowed-looking request.
+        (
+            vec![
+                "-H".to_string(),
+                headers(&a.token),
+                a.sidekey.url(&format!("/echo/v1/allowed/{another}")),
+            ],
+            200,
+        ),
+        // In the route segment, with no credentials at all.
+        (vec![a.sidekey.url(&format!("/nope{another}/x"))], 401),
+        // Its own token in the path of a denied request.
+        (
+            vec![
+                "-H".to_string(),
+                headers(&a.token),
+                a.sidekey.url(&format!("/echo/v1/denied/{}", a.token)),
+            ],
+            403,
+        ),
+    ] {
+        let before = a.records();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (got, text) = curl(&args);
+        assert_eq!(got, status, "{args:?}: {text}");
+        eventually(Duration::from_secs(3), || {
+            (a.records() > before).then_some(())
+        });
+    }
+    // As a forward proxy's destination host.
+    let (_, _) = curl_via(
+        &format!("http://coder:{}@{}", a.token, a.sidekey.addr),
+        &[&format!("http://{another}.example/")],
+    );
+    let log = a.env.audit_text();
+    for token in [&a.token, &another] {
+        assert!(
+            !log.contains(token.as_str()),
+            "a whole token in the audit log:\n{log}"
+        );
+        let (head, rest) = token.split_once('.').unwrap();
+        let (payload, _) = rest.split_once('.').unwrap();
+        assert!(!log.contains(&format!("{head}.{payload}")), "{log}");
+    }
+    assert!(
+        log.contains("/echo/v1/allowed/[REDACTED]") || log.contains("/v1/allowed/[REDACTED]"),
+        "{log}"
+    );
+}
+
+#[test]
 fn a_token_replayed_after_expiry_or_revocation_is_refused() {
     let a = arena();
     let short = a.env.token_with(&["coder", "--ttl", "1s"]);
