@@ -94,6 +94,8 @@ pub async fn serve(
         let activity = Activity::new();
         let slot = ConnSlot::new(
             permit,
+            graceful.watcher(),
+            shutdown.clone(),
             proxy.metrics().open_connections.clone(),
             activity.clone(),
             limits.idle_timeout,

@@ -134,12 +134,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 }
 
+/// How long a tunnel or WebSocket must be quiet, once sidekey is stopping,
+/// to be taken as between requests and closed.
+const QUIET_WHEN_STOPPING: Duration = Duration::from_secs(1);
+
 /// A connection's place under `limits.max_connections`, held for as long as
 /// the connection or anything it was upgraded into (a CONNECT tunnel, a
 /// WebSocket) lives, so tunnels count against the cap and go idle too.
+/// It is also counted by graceful shutdown, which thus waits for the
+/// requests inside tunnels as for those on the listener.
 #[derive(Debug)]
 pub struct ConnSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _counted: hyper_util::server::graceful::Watcher,
+    stopping: tokio::sync::watch::Receiver<bool>,
     open: prometheus_client::metrics::gauge::Gauge,
     activity: Arc<Activity>,
     idle_timeout: Duration,
@@ -148,6 +156,8 @@ pub struct ConnSlot {
 impl ConnSlot {
     pub(crate) fn new(
         permit: tokio::sync::OwnedSemaphorePermit,
+        counted: hyper_util::server::graceful::Watcher,
+        stopping: tokio::sync::watch::Receiver<bool>,
         open: prometheus_client::metrics::gauge::Gauge,
         activity: Arc<Activity>,
         idle_timeout: Duration,
@@ -155,6 +165,8 @@ impl ConnSlot {
         open.inc();
         Arc::new(Self {
             _permit: permit,
+            _counted: counted,
+            stopping,
             open,
             activity,
             idle_timeout,
@@ -169,6 +181,26 @@ impl ConnSlot {
     /// Resolves once nothing has moved for the idle timeout.
     pub async fn idle(&self) {
         self.activity.idle_for(self.idle_timeout).await;
+    }
+
+    /// Resolves once sidekey is stopping (a dropped sender means stopping
+    /// too).
+    pub async fn stopping(&self) {
+        let mut stopping = self.stopping.clone();
+        let _ = stopping.wait_for(|stop| *stop).await;
+    }
+
+    /// As [`ConnSlot::idle`] or, when sidekey is stopping, once no request
+    /// is in progress and nothing has moved for a moment: for a blind
+    /// tunnel or a WebSocket, whose requests sidekey cannot see end.
+    pub async fn idle_or_quiet_while_stopping(&self) {
+        tokio::select! {
+            () = self.idle() => {}
+            () = async {
+                self.stopping().await;
+                self.activity.idle_for(QUIET_WHEN_STOPPING).await;
+            } => {}
+        }
     }
 }
 

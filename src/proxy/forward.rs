@@ -9,7 +9,6 @@
 
 use std::sync::Arc;
 
-use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::Request;
 use hyper::body::Incoming;
@@ -120,7 +119,7 @@ impl Proxy {
                         tunnels.inc();
                         let mut agent_side = TokioIo::new(upgraded);
                         let mut upstream = upstream;
-                        let copy = until_idle(slot, async {
+                        let copy = until_idle(slot, true, async {
                             let _ =
                                 tokio::io::copy_bidirectional(&mut agent_side, &mut upstream).await;
                         });
@@ -168,13 +167,14 @@ impl Proxy {
             // stalls its handshake is closed when idle, as one that stalls
             // between requests is.
             let serving = {
-                let accepted = until_idle(slot.clone(), proxy.accept_tunnel(upgraded, &tunnel))
-                    .await
-                    .flatten();
+                let accepted =
+                    until_idle(slot.clone(), false, proxy.accept_tunnel(upgraded, &tunnel))
+                        .await
+                        .flatten();
                 accepted.map(|tls| proxy.serve_tunnel(tls, tunnel, slot.clone()))
             };
             if let Some(serving) = serving {
-                until_idle(slot, serving).await;
+                until_idle(slot, false, serving).await;
             }
             tunnels.dec();
         });
@@ -229,6 +229,7 @@ impl Proxy {
         // read buffer behind (see `listen::Conn::serve_tcp`).
         let http1 = tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());
         let proxy = self.clone();
+        let stopping = slot.clone();
         let service = service_fn(move |mut req: Request<Incoming>| {
             let proxy = proxy.clone();
             let tunnel = tunnel.clone();
@@ -248,16 +249,19 @@ impl Proxy {
             let conn = crate::listen::http1_builder(&limits)
                 .serve_connection(io, service)
                 .with_upgrades();
-            // Mapped, not awaited in an async block, which would keep the
+            // Boxed before the async block, which would otherwise keep the
             // moved-from connection beside the one it polls.
-            Either::Left(Box::pin(conn).map(drop))
+            Either::Left(until_served(Box::pin(conn), stopping, |conn| {
+                conn.graceful_shutdown()
+            }))
         } else {
             // The version-sniffing server borrows its builder, so an async
             // block owns both; it keeps a second slot for the session, paid
             // only by tunnels that agreed on `h2`.
             let builder = crate::listen::http_builder(&limits);
             Either::Right(Box::pin(async move {
-                let _ = builder.serve_connection_with_upgrades(io, service).await;
+                let conn = Box::pin(builder.serve_connection_with_upgrades(io, service));
+                until_served(conn, stopping, |conn| conn.graceful_shutdown()).await;
             }))
         }
     }
@@ -367,23 +371,57 @@ impl Proxy {
 /// `work` is boxed here, in a plain function: an `async fn` would keep the
 /// argument's slot in its own state beside the copy it polls, and a tunnel
 /// holds this future for as long as it stays open.
+///
+/// `blind`: sidekey cannot see the requests in `work` (a blind tunnel, a
+/// WebSocket), so once it is stopping, a moment's quiet ends it too.
 pub(super) fn until_idle<'a, T: Send + 'a>(
     slot: Option<Arc<ConnSlot>>,
+    blind: bool,
     work: impl std::future::Future<Output = T> + Send + 'a,
 ) -> impl std::future::Future<Output = Option<T>> + Send + 'a {
     let work = Box::pin(work);
     async move {
         match slot {
             Some(slot) => {
+                let idle = async {
+                    if blind {
+                        slot.idle_or_quiet_while_stopping().await;
+                    } else {
+                        slot.idle().await;
+                    }
+                };
                 tokio::select! {
                     done = work => Some(done),
-                    _ = slot.idle() => {
+                    () = idle => {
                         tracing::debug!("idle tunnel closed");
                         None
                     }
                 }
             }
             None => Some(work.await),
+        }
+    }
+}
+
+/// Serves an intercepted tunnel's HTTP connection to its end; once sidekey
+/// is stopping, `finish` asks it to complete the requests in flight (their
+/// response bodies too) and close, as the listener's connections do.
+async fn until_served<C, E>(
+    mut conn: std::pin::Pin<Box<C>>,
+    slot: Option<Arc<ConnSlot>>,
+    finish: fn(std::pin::Pin<&mut C>),
+) where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    let Some(slot) = slot else {
+        let _ = conn.await;
+        return;
+    };
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = slot.stopping() => {
+            finish(conn.as_mut());
+            let _ = conn.await;
         }
     }
 }

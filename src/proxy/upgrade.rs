@@ -92,7 +92,7 @@ pub(super) fn splice(
             let _ = agent_write.shutdown().await;
             Ok(())
         };
-        let spliced = super::forward::until_idle(slot, async {
+        let spliced = super::forward::until_idle(slot, true, async {
             let _ = tokio::try_join!(outbound, inbound);
         });
         identity.guard(spliced).await;

@@ -1,3 +1,4 @@
+use std::process::Command;
 use std::time::Duration;
 
 use crate::gateway::decode_claims;
@@ -252,6 +253,71 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     std::io::Read::read_to_string(&mut res, &mut rest).unwrap();
     assert_eq!(rest, "data: second\n\n");
     assert_eq!(sidekey.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn sigterm_finishes_requests_in_flight_inside_intercepted_tunnels() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::https(dir.path());
+    let env = tls_echo_env(&upstream, "store");
+    env.set_secret("api", "sk-graceful-tunnel");
+    let token = env.token("coder");
+    let mut sidekey = env.spawn();
+    let addr = sidekey.addr;
+    let ca = env.path("sidekey-ca.pem");
+    std::fs::write(&ca, env.ok(&["ca", "cert"], None)).unwrap();
+    // Each version through a tunnel of its own, both waiting on an SSE
+    // stream the upstream has begun.
+    let agents: Vec<_> = ["--http1.1", "--http2"]
+        .into_iter()
+        .map(|version| {
+            Command::new("curl")
+                .args(["-sS", "-N", version, "--cacert"])
+                .arg(&ca)
+                .args(["-x", &format!("http://coder:{token}@{addr}")])
+                .arg(format!("{}/sse", upstream.base()))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    eventually(WITHIN, || {
+        (upstream
+            .seen()
+            .iter()
+            .filter(|s| s.uri.ends_with("/sse"))
+            .count()
+            == 2)
+            .then_some(())
+    });
+
+    sidekey.signal("TERM");
+    eventually(WITHIN, || {
+        std::net::TcpStream::connect(addr).is_err().then_some(())
+    });
+    // Longer than a tunnel may sit quiet while sidekey stops, had sidekey
+    // taken it for a blind one.
+    std::thread::sleep(Duration::from_millis(1500));
+    upstream.release();
+    upstream.release();
+    for agent in agents {
+        let out = agent.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(text, "data: first\n\ndata: second\n\n");
+    }
+    assert_eq!(sidekey.wait_exit(Duration::from_secs(10)), Some(0));
+    let audited = env
+        .audit()
+        .into_iter()
+        .filter(|r| r["mode"] == "intercept" && r["path"] == "/sse" && r["status"] == 200)
+        .count();
+    assert_eq!(audited, 2, "{}", env.audit_text());
 }
 
 #[test]
