@@ -396,6 +396,53 @@ impl Config {
         })
     }
 
+    /// The route whose upstream is this origin (and, when `path` is given,
+    /// whose base path the request is under): what a forward-proxy request
+    /// or CONNECT to the origin uses. The longest base path wins; among
+    /// routes with the same upstream, the first by name.
+    pub fn route_for_origin(
+        &self,
+        https: bool,
+        host: &str,
+        port: u16,
+        path: Option<&str>,
+    ) -> Option<&Arc<Route>> {
+        self.routes
+            .values()
+            .filter(|r| {
+                let u = &r.upstream;
+                u.https == https
+                    && u.host == host
+                    && u.port == port
+                    && path.is_none_or(|path| {
+                        u.base_path.is_empty()
+                            || path == u.base_path
+                            || path.starts_with(&format!("{}/", u.base_path))
+                    })
+            })
+            .max_by(|a, b| {
+                let (a_len, b_len) = (a.upstream.base_path.len(), b.upstream.base_path.len());
+                a_len.cmp(&b_len).then_with(|| b.name.cmp(&a.name))
+            })
+    }
+
+    /// Pairs of routes with the same upstream (origin and base path): a
+    /// forward-proxy request can reach only the first of each by name.
+    pub fn routes_sharing_an_upstream(&self) -> Vec<(&str, &str)> {
+        let mut first_of: BTreeMap<(String, &str), &str> = BTreeMap::new();
+        let mut shared = Vec::new();
+        for route in self.routes.values() {
+            let upstream = (route.upstream.origin(), route.upstream.base_path.as_str());
+            match first_of.get(&upstream) {
+                Some(first) => shared.push((*first, route.name.as_str())),
+                None => {
+                    first_of.insert(upstream, &route.name);
+                }
+            }
+        }
+        shared
+    }
+
     /// The directory relative paths in the file are taken from.
     pub fn base_dir(&self) -> &Path {
         base_dir(&self.file)

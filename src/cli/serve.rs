@@ -247,6 +247,12 @@ pub(super) fn check(paths: &Paths) -> anyhow::Result<()> {
     };
     // Secret values are not config errors (they may be set after the
     // config), but an operator wants to know before starting.
+    for (first, other) in config.routes_sharing_an_upstream() {
+        eprintln!(
+            "warning: routes.{other}: same upstream as routes.{first}; forward-proxy requests \
+             to it use routes.{first} (the gateway reaches both by name)"
+        );
+    }
     if let Ok(state) = paths.state_dir_of(&config) {
         let key = MasterKey::load(&state).ok();
         let table = SecretTable::load(&config, &state, key.as_ref());
@@ -297,13 +303,9 @@ pub(super) fn explain(
                 ip.is_loopback() || ip == config.listen.ip() || ip.is_unspecified()
             }));
 
-    // An upstream URL names its route by origin; a gateway URL by its first segment.
-    let by_origin = config.routes.values().find(|r| {
-        r.upstream.https == https
-            && r.upstream.host == host
-            && r.upstream.port == port
-            && uri.path().starts_with(&r.upstream.base_path)
-    });
+    // An upstream URL names its route by origin, as the proxy finds it; a
+    // gateway URL by its first segment.
+    let by_origin = config.route_for_origin(https, &host, port, Some(uri.path()));
     let (mode, route, rest) = match by_origin {
         Some(route) => (
             "forward",
@@ -328,11 +330,7 @@ pub(super) fn explain(
     // An https URL outside the gateway is a CONNECT first: decided on the
     // origin alone, then tunnelled blind or intercepted, as the proxy does.
     let connect = (https && mode == "forward").then(|| {
-        let on_origin = config
-            .routes
-            .values()
-            .filter(|r| r.upstream.https && r.upstream.host == host && r.upstream.port == port)
-            .max_by_key(|r| r.upstream.base_path.len());
+        let on_origin = config.route_for_origin(true, &host, port, None);
         policy.check_connect(
             agent,
             session,
@@ -399,20 +397,55 @@ pub(super) fn explain(
         overrides: &[],
         path: &path,
     });
-    let verdict = if decision.allowed { "allow" } else { "deny" };
+    // The proxy refuses a private address given literally unless the route
+    // or rule lets it be private; a name is resolved, and checked, when sent.
+    let private_ok = match &route {
+        Some(r) => r.allow_private || dest_host.parse::<std::net::IpAddr>().is_ok(),
+        None => decision.private_ok,
+    };
+    let reach = if private_ok {
+        crate::egress::Reach::Any
+    } else {
+        crate::egress::Reach::Public
+    };
+    let refused = crate::egress::check_literal(&dest_host, reach, false).err();
+    let verdict = match (&refused, decision.allowed) {
+        (Some(why), true) => format!("deny (destination refused: {why})"),
+        (_, allowed) => if allowed { "allow" } else { "deny" }.to_string(),
+    };
     outln!("decision: {verdict}");
     print_rule(&config, decision.rule.as_ref())?;
-    if decision.allowed {
+    if decision.allowed && refused.is_none() {
         match route.as_ref().and_then(|r| r.inject.as_ref()) {
-            Some(inject) => outln!(
-                "inject:   secret {:?} into {:?}",
-                inject.secret,
-                inject.slot
-            ),
+            Some(inject) => outln!("inject:   {}", describe_injection(inject)),
             None => outln!("inject:   nothing (no credential on this destination)"),
         }
     }
     Ok(())
+}
+
+/// What `explain` says a route puts into the request, naming secrets only.
+fn describe_injection(inject: &crate::config::Injection) -> String {
+    use crate::config::TokenGrant;
+    let secret = &inject.secret;
+    if let Some(sigv4) = &inject.sigv4 {
+        return format!(
+            "the request re-signed with AWS SigV4 ({} in {}), access key id from secret {secret:?}, \
+             secret access key from secret {:?}",
+            sigv4.service, sigv4.region, sigv4.secret_access_key
+        );
+    }
+    match inject.grant.as_deref() {
+        Some(TokenGrant::ClientCredentials(oauth2)) => format!(
+            "an access token from {} (client {:?}, client secret from secret {secret:?}) into the {}",
+            oauth2.token_url, oauth2.client_id, inject.slot
+        ),
+        Some(TokenGrant::GcpServiceAccount { .. }) => format!(
+            "an access token for the service-account key in secret {secret:?} into the {}",
+            inject.slot
+        ),
+        None => format!("secret {secret:?} into the {}", inject.slot),
+    }
 }
 
 /// The `rule:` line of `explain`, and what the rule targets.

@@ -461,8 +461,7 @@ pub fn destination(uri: &http::Uri, default_port: u16) -> Result<(String, u16), 
     Ok((host, port))
 }
 
-/// The route whose upstream is this origin (and, when `path` is given,
-/// whose base path the request is under).
+/// [`crate::config::Config::route_for_origin`] in this config version.
 pub(super) fn route_for_origin(
     snapshot: &Snapshot,
     https: bool,
@@ -470,23 +469,9 @@ pub(super) fn route_for_origin(
     port: u16,
     path: Option<&str>,
 ) -> Option<Arc<Route>> {
-    // The most specific route wins when several share an origin.
     snapshot
         .config
-        .routes
-        .values()
-        .filter(|r| {
-            let u = &r.upstream;
-            u.https == https
-                && u.host == host
-                && u.port == port
-                && path.is_none_or(|path| {
-                    u.base_path.is_empty()
-                        || path == u.base_path
-                        || path.starts_with(&format!("{}/", u.base_path))
-                })
-        })
-        .max_by_key(|r| r.upstream.base_path.len())
+        .route_for_origin(https, host, port, path)
         .cloned()
 }
 

@@ -893,6 +893,56 @@ fn explain_does_not_route_a_foreign_host_by_its_first_path_segment() {
     }
 }
 
+#[test]
+fn explain_and_check_agree_with_the_proxy_on_shared_upstreams_and_private_addresses() {
+    let upstream = Upstream::http();
+    // `echo` and `mirror` share one upstream; `*` allows public hosts only.
+    let env = TestEnv::new(&format!(
+        "{}\n[routes.mirror]\nupstream = \"{}\"\nallow_private = true\n\
+         [[rules]]\nagents = [\"coder\"]\nroute = \"mirror\"\naction = \"allow\"\n\
+         [[rules]]\nagents = [\"coder\"]\nhost = \"*\"\naction = \"allow\"\n",
+        echo_route(&upstream, "store"),
+        upstream.base()
+    ));
+    env.set_secret("api", SECRET);
+    let out = env.run(&["check"], None);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("warning: routes.mirror: same upstream as routes.echo"),
+        "{err}"
+    );
+
+    let explain = |url: &str| {
+        let out = env.ok(&["explain", "--agent", "coder", "GET", url], None);
+        (explain_fields(&out), out)
+    };
+    let (f, out) = explain(&format!("{}/v1/x", upstream.base()));
+    assert!(f["route"].starts_with("echo ->"), "{out}");
+    assert!(out.contains("secret \"api\" into the header"), "{out}");
+    // What the proxy does with the same request.
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let (status, text) = curl_via(
+        &format!("http://coder:{token}@{}", sidekey.addr),
+        &[&format!("{}/v1/x", upstream.base())],
+    );
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(env.audit().last().unwrap()["route"], "echo");
+
+    // A private address under `*` is refused by the proxy, and so here.
+    for url in ["http://10.0.0.1/", "http://169.254.169.254/latest/"] {
+        let (f, out) = explain(url);
+        assert!(
+            f["decision"].starts_with("deny (destination refused"),
+            "{out}"
+        );
+        assert!(!out.contains("inject:"), "{out}");
+    }
+    let (f, out) = explain("http://93.184.215.14/");
+    assert_eq!(f["decision"], "allow", "{out}");
+}
+
 // ---------------------------------------------------------------- ca
 
 #[test]
