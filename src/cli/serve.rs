@@ -175,6 +175,9 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
             "audit.file = \"-\" but stdout is /dev/null (or was closed): every audit record is discarded"
         );
     }
+    for warning in unusable_now(&config, Some(&state)) {
+        tracing::warn!("{warning}");
+    }
     for (path, mode) in state.open_to_others() {
         tracing::warn!(
             "{} has mode {mode:o}: others on this host may read sidekey's keys; chmod go-rwx it",
@@ -235,8 +238,64 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
     served
 }
 
+/// What the config names outside itself that cannot be used now. Not a
+/// config error (a directory or key file may appear before the first
+/// request), but until it does, requests fail closed: `check` and `run`
+/// say so at once.
+fn unusable_now(config: &Config, state: Option<&StateDir>) -> Vec<String> {
+    let mut found = Vec::new();
+    // Before `init` the state dir is missing, and that is what `run` says.
+    if let (crate::config::AuditSink::File(file), Some(state)) = (&config.audit.sink, state)
+        && state.root().is_dir()
+    {
+        let path = state.root().join(file);
+        let consequence = match config.audit.on_failure {
+            crate::config::OnFailure::Deny => "every request will be refused",
+            crate::config::OnFailure::Continue => "no request will be audited",
+        };
+        let problem = if path.exists() {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .err()
+                .map(|e| format!("cannot be written ({})", crate::config::describe_io(&e)))
+        } else {
+            path.parent()
+                .filter(|dir| !dir.is_dir())
+                .map(|dir| format!("is in {}, which is not a directory", dir.display()))
+        };
+        if let Some(problem) = problem {
+            found.push(format!(
+                "audit.file: {} {problem}; {consequence}",
+                path.display()
+            ));
+        }
+    }
+    if let Some(oidc) = &config.oidc
+        && let crate::identity::oidc::JwksSource::File(path) = &oidc.jwks
+        && let Err(e) = crate::identity::oidc::read_jwks(path)
+    {
+        found.push(format!(
+            "identity.oidc.jwks_file: {e}; every workload token will be refused"
+        ));
+    }
+    found
+}
+
 pub(super) fn check(paths: &Paths) -> anyhow::Result<()> {
-    let config = match Config::load(&paths.config) {
+    // What `run` and `reload` refuse, `check` refuses: the config, and the
+    // upstream trust it builds from the CA files it names.
+    let loaded =
+        Config::load(&paths.config).and_then(
+            |config| match crate::proxy::upstream::Clients::build(&config) {
+                Ok(_) => Ok(config),
+                Err(e) => Err(crate::config::ConfigError {
+                    file: config.file.display().to_string(),
+                    problems: vec![crate::config::Problem::new("tls", e.to_string())],
+                }),
+            },
+        );
+    let config = match loaded {
         Ok(config) => config,
         Err(e) => {
             eprintln!("{e}");
@@ -253,7 +312,11 @@ pub(super) fn check(paths: &Paths) -> anyhow::Result<()> {
              to it use routes.{first} (the gateway reaches both by name)"
         );
     }
-    if let Ok(state) = paths.state_dir_of(&config) {
+    let state = paths.state_dir_of(&config).ok();
+    for warning in unusable_now(&config, state.as_ref()) {
+        eprintln!("warning: {warning}");
+    }
+    if let Some(state) = state {
         let key = MasterKey::load(&state).ok();
         let table = SecretTable::load(&config, &state, key.as_ref());
         let mut failures: Vec<_> = table.failures().collect();

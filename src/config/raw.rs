@@ -471,6 +471,12 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    if listen_tls == Some(listen) && listen.port() != 0 {
+        c.fail(
+            "listen_tls",
+            format!("{listen} is already the address of listen"),
+        );
+    }
     if !c.problems.is_empty() {
         return Err(c.problems);
     }

@@ -637,6 +637,56 @@ fn check_reports_every_problem_with_its_location() {
 }
 
 #[test]
+fn check_refuses_what_run_refuses_and_warns_of_what_would_fail_every_request() {
+    let env = TestEnv::new("");
+    let not_a_ca = env.path("not-a-ca.pem");
+    std::fs::write(&not_a_ca, "no certificate here\n").unwrap();
+    for (config, at) in [
+        (
+            "listen = \"127.0.0.1:18555\"\nlisten_tls = \"127.0.0.1:18555\"\n".to_string(),
+            "listen_tls",
+        ),
+        (
+            format!("[tls]\nupstream_ca = [\"{}\"]\n", not_a_ca.display()),
+            "tls",
+        ),
+    ] {
+        std::fs::write(&env.config, format!("state_dir = \"state\"\n{config}")).unwrap();
+        let out = env.run(&["check"], None);
+        assert_eq!(out.status.code(), Some(1), "{config}: {}", stderr_of(&out));
+        let err = stderr_of(&out);
+        assert!(
+            err.lines().any(|l| l.contains(&format!(": {at}: "))),
+            "{err}"
+        );
+        // As `run` does.
+        let out = env.run(&["run"], None);
+        assert_clean_failure(&out, &config);
+    }
+
+    // An audit file that cannot be written and a key set that cannot be
+    // read are not config errors, but every request would fail: said at
+    // once, by `check` and by `run`.
+    env.write_config(
+        "[audit]\nfile = \"no-such-dir/audit.jsonl\"\n\
+         [identity.oidc]\nissuer = \"https://issuer.example\"\naudience = \"sidekey\"\n\
+         jwks_file = \"no-such-jwks.json\"\nclaim = \"sub\"\n\
+         [identity.oidc.map]\n\"workload-1\" = \"coder\"\n",
+    );
+    let out = env.run(&["check"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    for at in ["warning: audit.file:", "warning: identity.oidc.jwks_file:"] {
+        assert!(err.lines().any(|l| l.starts_with(at)), "{at}: {err}");
+    }
+    let sidekey = env.spawn();
+    eventually(Duration::from_secs(5), || {
+        let log = sidekey.stderr();
+        (log.contains("audit.file:") && log.contains("identity.oidc.jwks_file:")).then_some(())
+    });
+}
+
+#[test]
 fn check_names_the_line_of_a_syntax_error() {
     let env = TestEnv::new("");
     // Lines 1 and 2 are the harness header; the broken table header is on line 4.
