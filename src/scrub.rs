@@ -115,7 +115,8 @@ const PY_QUOTE: &AsciiSet = &UNRESERVED.remove(b'/');
 
 /// The forms in which `secret` may come back in a response: raw; percent-
 /// encoded the ways common libraries do it, with upper- and lower-case hex,
-/// and form-encoded; JSON-escaped (with and without `\/`); base64 of the
+/// and form-encoded; JSON-escaped (with and without `\/`, and as Go
+/// escapes `<>&`); base64 of the
 /// value alone and inside longer encoded text; hex; and, for Basic
 /// credentials, base64 of `user:secret`.
 pub fn variants(secret: &Secret, basic_username: Option<&str>) -> Vec<Zeroizing<Vec<u8>>> {
@@ -132,6 +133,21 @@ pub fn variants(secret: &Secret, basic_username: Option<&str>) -> Vec<Zeroizing<
         let inner = &json[1..json.len() - 1];
         out.push(Zeroizing::new(inner.as_bytes().to_vec()));
         out.push(Zeroizing::new(inner.replace('/', "\\/").into_bytes()));
+        // Go's encoding/json (and so most Go APIs) also writes `<`, `>` and
+        // `&` as `\u003c`, `\u003e` and `\u0026`.
+        let html = inner.bytes().filter(|b| b"<>&".contains(b)).count();
+        if html > 0 {
+            let mut go = Zeroizing::new(Vec::with_capacity(inner.len() + 5 * html));
+            for b in inner.bytes() {
+                match b {
+                    b'<' => go.extend_from_slice(b"\\u003c"),
+                    b'>' => go.extend_from_slice(b"\\u003e"),
+                    b'&' => go.extend_from_slice(b"\\u0026"),
+                    _ => go.push(b),
+                }
+            }
+            out.push(go);
+        }
     }
     for engine in [
         &base64::engine::general_purpose::STANDARD,
@@ -450,6 +466,14 @@ mod tests {
             assert_eq!(n, 1, "{form}");
             assert_eq!(out, b"<[REDACTED]>");
         }
+    }
+
+    #[test]
+    fn a_secret_as_go_escapes_it_in_json_is_found() {
+        let s = Scrubber::new(variants(&Secret::new("k&y<1>/2".into()), None)).unwrap();
+        let (out, n) = whole(&s, br#"{"key":"k\u0026y\u003c1\u003e/2"}"#);
+        assert_eq!(n, 1);
+        assert_eq!(out, br#"{"key":"[REDACTED]"}"#);
     }
 
     #[test]

@@ -22,8 +22,9 @@ const PROXY_VARS: [&str; 6] = [
 ];
 
 /// Variables that name a CA bundle, one per client family: OpenSSL and Go,
-/// Python requests, curl, Node, git, pip, the AWS SDKs.
-const CA_VARS: [&str; 7] = [
+/// Python requests, curl, Node, git, pip, the AWS SDKs, gcloud, gRPC,
+/// httplib2 (Google's older Python clients) and Nix.
+const CA_VARS: [&str; 11] = [
     "SSL_CERT_FILE",
     "REQUESTS_CA_BUNDLE",
     "CURL_CA_BUNDLE",
@@ -31,6 +32,10 @@ const CA_VARS: [&str; 7] = [
     "GIT_SSL_CAINFO",
     "PIP_CERT",
     "AWS_CA_BUNDLE",
+    "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    "HTTPLIB2_CA_CERTS",
+    "NIX_SSL_CERT_FILE",
 ];
 
 /// Shorter values are not matched inside other variables: they would strip
