@@ -19,8 +19,29 @@ pub(super) fn tail(paths: &Paths, follow: bool, lines: usize) -> anyhow::Result<
         bail!("the audit log goes to stdout (audit.file = \"-\"); there is no file to read");
     };
     let path = state.root().join(file);
-    let file =
-        std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    // Before the first request there is no log yet: nothing to show, or,
+    // following, a file to wait for, as `tail -F` does.
+    let mut waiting = false;
+    let file = loop {
+        match std::fs::File::open(&path) {
+            Ok(file) => break file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && state.root().is_dir() => {
+                if !waiting {
+                    let then = if follow { "; waiting for it" } else { "" };
+                    eprintln!(
+                        "sidekey: no audit records yet ({} does not exist){then}",
+                        path.display()
+                    );
+                }
+                if !follow {
+                    return Ok(());
+                }
+                waiting = true;
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        }
+    };
     if !file.metadata().is_ok_and(|m| m.is_file()) {
         bail!("{} is not a regular file", path.display());
     }

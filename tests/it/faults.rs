@@ -288,7 +288,11 @@ fn a_rotated_audit_log_goes_on_at_its_path_and_tail_follows_it() {
     };
     let log = env.state.join("audit.jsonl");
     let text_of = |file: &std::path::Path| std::fs::read_to_string(file).unwrap_or_default();
-    get("/echo/before-rotation");
+    // Before the first request: no records, and no error.
+    let empty = env.run(&["audit", "tail"], None);
+    assert!(empty.status.success(), "{empty:?}");
+    assert!(empty.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("no audit records yet"));
     /// Stopped however the test ends.
     struct Follower(std::process::Child);
     impl Drop for Follower {
@@ -323,6 +327,9 @@ fn a_rotated_audit_log_goes_on_at_its_path_and_tail_follows_it() {
             }
         }
     };
+    // Followed from before the log exists, as `tail -F` does.
+    std::thread::sleep(Duration::from_millis(300));
+    get("/echo/before-rotation");
     expect_shown("/before-rotation");
 
     // Renamed, and again with the file missing for a while.
