@@ -1034,7 +1034,13 @@ fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
     let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
     let coding = codings.next();
     let plain_chunked = coding.is_none_or(|c| c.as_bytes().eq_ignore_ascii_case(b"chunked"));
-    (!plain_chunked || codings.next().is_some()).then_some("a Transfer-Encoding other than chunked")
+    if !plain_chunked || codings.next().is_some() {
+        return Some("a Transfer-Encoding other than chunked");
+    }
+    // RFC 9112 (3.2) asks for a 400: a proxy before or after sidekey may
+    // take the other copy as the target.
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    (hosts.next().is_some() && hosts.next().is_some()).then_some("more than one Host header")
 }
 
 /// Why the agent's body could not be read whole: the body limit, or the

@@ -267,6 +267,20 @@ fn parse_args() -> Result<Args, ExitCode> {
     if !error.use_stderr() || error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
         error.exit();
     }
+    // A value given to `secret set` as an argument is most likely the
+    // secret itself: say why it is refused without printing it again (the
+    // usual message would repeat it into a terminal log or CI output).
+    let argv: Vec<String> = std::env::args().collect();
+    if error.kind() == ErrorKind::UnknownArgument
+        && argv.windows(2).any(|w| w[0] == "secret" && w[1] == "set")
+    {
+        eprintln!(
+            "sidekey: secret set takes only NAME and reads the value from standard input, never \
+             from the command line, where shell history and process listings keep it \
+             (printf %s \"$VALUE\" | sidekey secret set NAME)"
+        );
+        return Err(ExitCode::from(2));
+    }
     let text = error.render().to_string();
     let mut message = String::new();
     let mut usage = None;

@@ -46,6 +46,16 @@ pub(super) fn issue_cert(
 ) -> anyhow::Result<()> {
     check_name("agent", agent)?;
     let ttl = parse_ttl(ttl).map_err(anyhow::Error::msg)?;
+    // `--out certs/` would write the hidden files `certs/.crt` and `.key`.
+    let named = out
+        .file_name()
+        .is_some_and(|name| name != "." && name != "..");
+    if !named || out.as_os_str().as_encoded_bytes().ends_with(b"/") || out.is_dir() {
+        anyhow::bail!(
+            "--out {}: give a file name prefix (certs/coder writes certs/coder.crt and certs/coder.key)",
+            out.display()
+        );
+    }
     let state = paths.state_dir()?;
     let cert = crate::ca::issue_agent_cert(&state, agent, ttl)?;
     let with_ext = |ext: &str| {

@@ -241,6 +241,13 @@ fn request_smuggling_and_desync_attempts_are_refused_or_read_one_way() {
             400,
         ),
         (
+            "two Host headers",
+            format!(
+                "GET /echo/v1/allowed/hosts HTTP/1.1\r\nHost: x\r\nHost: admin.internal\r\n{AUTH}\r\n"
+            ),
+            400,
+        ),
+        (
             "an invalid chunk size",
             format!(
                 "POST /echo/v1/allowed/chunk HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
@@ -263,6 +270,7 @@ fn request_smuggling_and_desync_attempts_are_refused_or_read_one_way() {
     }
     assert!(!a.upstream_saw("smuggled"));
     assert!(!a.upstream_saw("/dup") && !a.upstream_saw("/fold") && !a.upstream_saw("/te"));
+    assert!(!a.upstream_saw("/hosts"));
 
     // A bare LF line ending is read as one; the request goes upstream once,
     // re-framed by sidekey.

@@ -297,6 +297,13 @@ fn secret_set_list_update_and_remove_through_stdin_only() {
     assert_no_leak(&stderr_of(&out), SECRET, "secret set stderr");
     assert_no_leak(&stdout_of(&out), SECRET, "secret set stdout");
 
+    // A value given as an argument is refused, and not printed back.
+    let out = env.run(&["secret", "set", "api", "sk-live-on-argv-93f2"], Some(""));
+    assert_eq!(out.status.code(), Some(2));
+    let err = assert_one_line_failure(&out, "secret set NAME VALUE");
+    assert!(err.contains("standard input"), "{err}");
+    assert_no_leak(&err, "sk-live-on-argv-93f2", "secret set NAME VALUE");
+
     // list: the name, never the value (plain and JSON).
     let out = env.run(&["secret", "list"], None);
     assert!(out.status.success(), "list failed: {}", stderr_of(&out));
@@ -1217,6 +1224,14 @@ fn bad_command_line_input_never_panics() {
         (
             "secret set with a bad name",
             env.cmd(&["secret", "set", "bad name"]),
+        ),
+        (
+            "cert issue into a directory",
+            env.cmd(&["cert", "issue", "coder", "--out", "certs/"]),
+        ),
+        (
+            "cert issue into an existing directory",
+            env.cmd(&["cert", "issue", "coder", "--out", "."]),
         ),
         (
             "secret rm with a bad name",
