@@ -89,7 +89,11 @@ fn without_jwts(value: &str) -> std::borrow::Cow<'_, str> {
     const START: &str = "eyJ";
     // A plain scan: `str::contains` sets up a substring searcher, which
     // costs more than the short paths and hosts of every record.
-    if !value.as_bytes().windows(START.len()).any(|w| w == START.as_bytes()) {
+    if !value
+        .as_bytes()
+        .windows(START.len())
+        .any(|w| w == START.as_bytes())
+    {
         return std::borrow::Cow::Borrowed(value);
     }
     let base64url = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';

@@ -193,6 +193,9 @@ fn agent_environment(
         .values()
         .map(|(name, secret)| (name, secret.expose()));
     let (env, dropped) = builder.build(std::env::vars_os(), values);
+    for (var, named, lost) in crate::exec::env::shared_url_vars(&snapshot.config) {
+        tracing::warn!("{var} names route {named}; route {lost} has no variable of its own");
+    }
     for dropped in dropped {
         if let Dropped::HoldsSecret { var, secret } = dropped {
             tracing::warn!(

@@ -312,6 +312,11 @@ pub(super) fn check(paths: &Paths) -> anyhow::Result<()> {
              to it use routes.{first} (the gateway reaches both by name)"
         );
     }
+    for (var, named, lost) in crate::exec::env::shared_url_vars(&config) {
+        eprintln!(
+            "warning: routes.{lost}: under exec, {var} names routes.{named}; rename one of them"
+        );
+    }
     let state = paths.state_dir_of(&config).ok();
     for warning in unusable_now(&config, state.as_ref()) {
         eprintln!("warning: {warning}");

@@ -138,6 +138,21 @@ fn secret_source_vars(config: &Config) -> Vec<String> {
     vars
 }
 
+/// Routes whose names give the same `SIDEKEY_<ROUTE>_URL` (`my-api` and
+/// `my_api`): (variable, the route it names, the route it cannot). The
+/// last route by name sets the variable.
+pub fn shared_url_vars(config: &Config) -> Vec<(String, &str, &str)> {
+    let mut by_var: BTreeMap<String, &str> = BTreeMap::new();
+    let mut shared = Vec::new();
+    for name in config.routes.keys() {
+        let var = route_url_var(name);
+        if let Some(earlier) = by_var.insert(var.clone(), name) {
+            shared.push((var, name.as_str(), earlier));
+        }
+    }
+    shared
+}
+
 /// `SIDEKEY_<ROUTE>_URL`: the route name upper-cased, other characters as `_`.
 pub fn route_url_var(route: &str) -> String {
     let name: String = route
@@ -187,6 +202,25 @@ action = "allow"
         .expect("write config");
         let config = Config::load(&file).expect("valid config");
         (dir, config)
+    }
+
+    #[test]
+    fn routes_spelled_alike_are_found_sharing_a_url_variable() {
+        let (_dir, config) = config();
+        assert!(shared_url_vars(&config).is_empty());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("sidekey.toml");
+        std::fs::write(
+            &file,
+            "[routes.my-api]\nupstream = \"https://a.example\"\n\
+             [routes.my_api]\nupstream = \"https://b.example\"\n",
+        )
+        .expect("write config");
+        let config = Config::load(&file).expect("valid config");
+        assert_eq!(
+            shared_url_vars(&config),
+            vec![("SIDEKEY_MY_API_URL".to_string(), "my_api", "my-api")]
+        );
     }
 
     #[test]
