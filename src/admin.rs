@@ -127,6 +127,18 @@ fn authorized(req: &Request<Incoming>, token: &crate::secret::Secret) -> bool {
     crate::secret::Secret::new(presented.to_string()) == *token
 }
 
+/// 405 for a known endpoint asked with the wrong method.
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        serde_json::json!({"error": format!("use {allow}")}),
+    );
+    response
+        .headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    response
+}
+
 async fn route(
     req: Request<Incoming>,
     live: &Arc<Live>,
@@ -199,20 +211,8 @@ async fn route(
                 ),
             }
         }
-        (_, "/v1/status" | "/metrics" | "/v1/reload" | "/v1/revoke") => {
-            let allow = match req.uri().path() {
-                "/v1/status" | "/metrics" => "GET",
-                _ => "POST",
-            };
-            let mut response = json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                serde_json::json!({"error": format!("use {allow}")}),
-            );
-            response
-                .headers_mut()
-                .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
-            response
-        }
+        (_, "/v1/status" | "/metrics") => method_not_allowed("GET"),
+        (_, "/v1/reload" | "/v1/revoke") => method_not_allowed("POST"),
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not found"}),

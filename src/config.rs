@@ -416,8 +416,9 @@ impl Config {
                     && u.port == port
                     && path.is_none_or(|path| {
                         u.base_path.is_empty()
-                            || path == u.base_path
-                            || path.starts_with(&format!("{}/", u.base_path))
+                            || path
+                                .strip_prefix(u.base_path.as_str())
+                                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
                     })
             })
             .max_by(|a, b| {

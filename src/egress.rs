@@ -4,8 +4,8 @@
 //! this module returned, so the address checked is the address connected to.
 //! Loopback, private, shared (CGNAT), link-local (cloud metadata included),
 //! multicast, unspecified, broadcast and special-purpose (benchmarking, IETF
-//! assignments) addresses are refused unless the
-//! route or rule names that exact address or sets `allow_private`.
+//! assignments) addresses are refused unless the route or rule names that
+//! exact address or sets `allow_private`.
 
 use std::future::Future;
 use std::io;

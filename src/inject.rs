@@ -165,8 +165,9 @@ pub fn strip_steering_headers(headers: &mut HeaderMap) {
         // over on their first byte, on every request.
         matches!(key.as_bytes().first(), Some(b'x' | b'f' | b't'))
             && (key.len() > STEERING_PREFIX.len()
-                && key.is_char_boundary(STEERING_PREFIX.len())
-                && spelled_as(&key[..STEERING_PREFIX.len()], STEERING_PREFIX)
+                && key
+                    .get(..STEERING_PREFIX.len())
+                    .is_some_and(|head| spelled_as(head, STEERING_PREFIX))
                 || STEERING_HEADERS.iter().any(|name| spelled_as(key, name)))
     };
     let doomed: Vec<HeaderName> = headers

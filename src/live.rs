@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -105,7 +106,7 @@ pub struct Live {
     /// The listen address of the config `run` started with: the one bound.
     started_listen: SocketAddr,
     /// Reloads that took effect, from SIGHUP, `reload` or the admin socket.
-    reloads: std::sync::atomic::AtomicU64,
+    reloads: AtomicU64,
     /// What the watched files looked like when last read. Taken before
     /// reading, so a change made during a read is seen on the next poll; the
     /// lock also keeps a reload and the watcher from interleaving.
@@ -152,13 +153,13 @@ impl Live {
             seen: Mutex::new(stamps),
             revocations_seen: Mutex::new(revocations_seen),
             started_listen,
-            reloads: std::sync::atomic::AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
         })
     }
 
     /// Reloads that took effect since start.
     pub fn reloads(&self) -> u64 {
-        self.reloads.load(std::sync::atomic::Ordering::Relaxed)
+        self.reloads.load(Ordering::Relaxed)
     }
 
     /// The current config version with the secrets read for it. `None` only
@@ -224,8 +225,7 @@ impl Live {
         );
         self.snapshot.store(Arc::new(snapshot));
         self.secrets.store(Arc::new(secrets));
-        self.reloads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reloads.fetch_add(1, Ordering::Relaxed);
         tracing::info!(config = %self.config_path.display(), "config reloaded");
         Ok(())
     }

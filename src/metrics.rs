@@ -140,7 +140,6 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text exposition.
     /// The metrics as OpenMetrics text, or (`openmetrics == false`) as the
     /// classic Prometheus text format that scrapers read without asking.
     pub fn encode(&self, openmetrics: bool) -> String {

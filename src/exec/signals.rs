@@ -47,9 +47,7 @@ impl Caught {
     pub fn forward_to(self, child: u32) -> std::io::Result<Forwarding> {
         forward(self.0, child)
     }
-}
 
-impl Caught {
     /// As [`Caught::forward_to`], on this thread, until `child` exits; its
     /// exit status. For a process that cannot start a thread: one that
     /// entered a new PID namespace, where the kernel refuses `CLONE_THREAD`.
