@@ -111,12 +111,19 @@ impl Checker {
         self.problems.push(Problem::new(at, message));
     }
 
-    /// Deserialises one value, reporting a failure at `at`.
+    /// Deserialises one value, reporting a failure at the key inside it
+    /// that failed (`routes.a.upstream`, not just `routes.a`).
     fn take<T: DeserializeOwned>(&mut self, at: &str, value: toml::Value) -> Option<T> {
-        match value.try_into::<T>() {
+        match serde_path_to_error::deserialize::<_, T>(value) {
             Ok(v) => Some(v),
             Err(e) => {
-                let message = e.message().trim().replace('\n', " ");
+                let inner = e.path().to_string();
+                let at = match inner.as_str() {
+                    "." => at.to_string(),
+                    _ if inner.starts_with('[') => format!("{at}{inner}"),
+                    _ => format!("{at}.{inner}"),
+                };
+                let message = e.into_inner().message().trim().replace('\n', " ");
                 self.fail(at, message);
                 None
             }

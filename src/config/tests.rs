@@ -119,7 +119,7 @@ action = "allow"
         "listen: invalid listen address",
         "colour: unknown key",
         "secrets.a.source: unknown secret source",
-        "routes.r: unknown field `bogus`",
+        "routes.r.bogus: unknown field `bogus`",
         "routes.s.inject.format: must contain `{secret}` exactly once",
         "rules[0].action: invalid action",
         "rules[0].agents: empty list",
@@ -127,6 +127,42 @@ action = "allow"
         "rules[1]: give `route` or `host`, not both",
     ];
     for want in expect {
+        assert!(
+            found.iter().any(|f| f.starts_with(want)),
+            "missing {want:?} in {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_reported_at_its_own_key() {
+    let text = r#"
+[agents.x]
+unix_uids = ["a"]
+
+[routes.a]
+upstream = 5
+
+[routes.b]
+upstream = "https://ok.example"
+inject = { basic = { username = 3, secret = "s" } }
+
+[secrets.s]
+source = "env:S"
+
+[[rules]]
+agents = ["x"]
+host = "a.example"
+methods = "GET"
+action = "allow"
+"#;
+    let found = problems(text);
+    for want in [
+        "agents.x.unix_uids[0]: invalid type: string \"a\", expected u32",
+        "routes.a.upstream: invalid type: integer `5`, expected a string",
+        "routes.b.inject.basic.username: invalid type: integer `3`",
+        "rules[0].methods: invalid type: string \"GET\", expected a sequence",
+    ] {
         assert!(
             found.iter().any(|f| f.starts_with(want)),
             "missing {want:?} in {found:#?}"

@@ -586,6 +586,9 @@ inject = { header = "authorization", format = "Bearer {secret}", secret = "nosuc
 upstream = "http://127.0.0.1:9"
 colour = "red"
 
+[routes.typed]
+upstream = 8080
+
 [[rules]]
 agents = ["coder"]
 route = "missing"
@@ -624,6 +627,8 @@ fn check_reports_every_problem_with_its_location() {
     let expect = [
         ("bogus", "unknown"),
         ("routes.weird", "colour"),
+        // A wrong type is placed at its key, not only at its table.
+        ("routes.typed.upstream:", "expected a string"),
         ("routes.good.inject", "nosuch"),
         ("rules[0]", "missing"),
         ("rules[1]", "both"),
@@ -635,12 +640,12 @@ fn check_reports_every_problem_with_its_location() {
             "no line names {at} ({what}):\n{err}"
         );
     }
-    // One problem does not hide another: six problems, six lines at least.
+    // One problem does not hide another: seven problems, seven lines at least.
     let problem_lines = err
         .lines()
         .filter(|l| expect.iter().any(|(at, _)| l.contains(at)))
         .count();
-    assert!(problem_lines >= 6, "{err}");
+    assert!(problem_lines >= 7, "{err}");
 }
 
 #[test]
