@@ -6,7 +6,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
@@ -58,10 +58,21 @@ impl StateDir {
         self.root.join(".lock")
     }
 
-    /// Creates the directory with mode 0700 if it does not exist.
+    /// Creates the directory with mode 0700 if it does not exist. An empty
+    /// one made beforehand (`mkdir -p`, a fresh volume) is made 0700 too:
+    /// keys are about to go in. One that holds files is kept as it is.
     pub fn create(&self) -> io::Result<()> {
         match fs::metadata(&self.root) {
-            Ok(meta) if meta.is_dir() => Ok(()),
+            Ok(meta) if meta.is_dir() => {
+                let empty = fs::read_dir(&self.root)?.next().is_none();
+                if empty
+                    && meta.uid() == rustix::process::geteuid().as_raw()
+                    && meta.mode() & 0o077 != 0
+                {
+                    fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))?;
+                }
+                Ok(())
+            }
             Ok(_) => Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("{} exists and is not a directory", self.root.display()),

@@ -216,6 +216,18 @@ fn init_creates_private_keys_and_a_valid_example_config_and_is_idempotent() {
         }
     }
     assert_eq!(mode_of(&state), 0o700);
+
+    // An empty dir made beforehand (`mkdir -p`, a fresh volume) is made
+    // private before the keys go in.
+    let premade = dir.path().join("premade");
+    std::fs::create_dir(&premade).unwrap();
+    std::fs::set_permissions(&premade, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = output_within(
+        bare(dir.path(), &["init", "--state-dir", "premade"]),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(mode_of(&premade), 0o700, "a pre-made empty state dir");
 }
 
 #[test]
