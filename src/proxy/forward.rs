@@ -73,7 +73,13 @@ impl Proxy {
         let req = Request::from_parts(req_parts, req_body);
         let (agent, presented) = identified?;
         flow.set_agent(&agent, &presented);
-        let (host, port) = destination(req.uri(), 443)?;
+        // RFC 9110 9.3.6: `host:port` and nothing else. A missing port is
+        // not guessed, and a URL is not read as a destination.
+        let uri = req.uri();
+        if uri.scheme().is_some() || uri.path_and_query().is_some() || uri.port().is_none() {
+            return Err(ProxyError::BadRequest("CONNECT takes host:port".into()));
+        }
+        let (host, port) = destination(uri, 443)?;
         flow.event.host = Some(host.clone());
         flow.event.port = Some(port);
         flow.event.path = String::new();

@@ -652,12 +652,17 @@ fn forward_requests_go_where_sidekey_resolves_not_where_host_points() {
     );
 
     // A port past 65535 is refused, not read as the scheme's default.
+    // So is a CONNECT that is not host:port.
     for (name, head) in [
         (
-            "absolute-form",
+            "absolute-form to port 99999",
             "GET http://127.0.0.1:99999/v1/allowed/port",
         ),
-        ("CONNECT", "CONNECT 127.0.0.1:99999"),
+        ("CONNECT to port 99999", "CONNECT 127.0.0.1:99999"),
+        // RFC 9110 9.3.6: host:port only. No port is not taken as 443, and
+        // a URL is not read as a destination.
+        ("CONNECT without a port", "CONNECT 127.0.0.1"),
+        ("CONNECT to a URL", "CONNECT http://127.0.0.1:443/"),
     ] {
         let before = a.records();
         let got = exchange(
@@ -668,7 +673,7 @@ fn forward_requests_go_where_sidekey_resolves_not_where_host_points() {
             )
             .as_bytes(),
         );
-        a.assert_case(&format!("{name} to port 99999"), before, &got, 400);
+        a.assert_case(name, before, &got, 400);
     }
     assert!(a.other.seen().is_empty());
 }
