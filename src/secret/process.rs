@@ -165,10 +165,7 @@ fn parse_output(out: &[u8]) -> Result<(Secret, Option<SystemTime>), String> {
             serde_json::from_str(text).map_err(|_| "output is JSON without a string \"value\"")?;
         let value = Zeroizing::new(parsed.value);
         let expires = match parsed.expires_at {
-            Some(at) => Some(
-                humantime::parse_rfc3339_weak(&at)
-                    .map_err(|_| format!("expires_at {at:?} is not RFC 3339"))?,
-            ),
+            Some(at) => Some(parse_expiry(&at)?),
             None => None,
         };
         if value.is_empty() {
@@ -182,9 +179,34 @@ fn parse_output(out: &[u8]) -> Result<(Secret, Option<SystemTime>), String> {
     Ok((Secret::new(text.to_string()), None))
 }
 
+/// RFC 3339 with any offset (`Z`, `+01:00`, `-05:00`), as credential
+/// processes print it; the offset is applied, never dropped.
+fn parse_expiry(at: &str) -> Result<SystemTime, String> {
+    use time::format_description::well_known::Rfc3339;
+    time::OffsetDateTime::parse(at, &Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|_| format!("expires_at {at:?} is not RFC 3339"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expiry_offsets_are_applied() {
+        let utc = parse_expiry("2026-12-08T04:37:08.5Z").unwrap();
+        for same in [
+            "2026-12-08T05:37:08.5+01:00",
+            "2026-12-07T23:37:08.5-05:00",
+            "2026-12-08t04:37:08.5z",
+            "2026-12-08T04:37:08.500+00:00",
+        ] {
+            assert_eq!(parse_expiry(same).unwrap(), utc, "{same}");
+        }
+        for bad in ["2026-12-08", "2026-12-08T04:37:08", "tomorrow", ""] {
+            assert!(parse_expiry(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_commands() {

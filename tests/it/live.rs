@@ -323,6 +323,8 @@ fn sigterm_finishes_requests_in_flight_inside_intercepted_tunnels() {
 #[test]
 fn a_credential_process_is_run_and_renewed_before_its_value_expires() {
     let upstream = Upstream::http();
+    // The expiry is printed with an offset of +01:00 (POSIX TZ "UTC-1", no
+    // tzdata needed) and a fraction, as a process in another zone would.
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("cred.sh");
     let count = dir.path().join("count");
@@ -331,7 +333,7 @@ fn a_credential_process_is_run_and_renewed_before_its_value_expires() {
         &script,
         format!(
             "#!/bin/sh\nn=$(cat {count})\necho $((n+1)) > {count}\n\
-             printf '{{\"value\":\"proc-tok-%s\",\"expires_at\":\"%s\"}}' \"$n\" \"$(date -u -d '+32 seconds' +%Y-%m-%dT%H:%M:%SZ)\"\n",
+             printf '{{\"value\":\"proc-tok-%s\",\"expires_at\":\"%s\"}}' \"$n\" \"$(TZ=UTC-1 date -d '+32 seconds' +%Y-%m-%dT%H:%M:%S.%3N%:z)\"\n",
             count = count.display()
         ),
     )
