@@ -607,7 +607,6 @@ impl Proxy {
             }
         };
         // 5. secret (or the access token obtained with it)
-        let mut scrubber = flow.secrets.scrubber.clone();
         let credential = match plan.route.as_ref().and_then(|r| r.inject.as_ref()) {
             Some(inject) => {
                 flow.event.secret = Some(inject.secret.clone());
@@ -634,7 +633,6 @@ impl Proxy {
                             )
                             .await
                             .map_err(unavailable)?;
-                        scrubber = token.scrubber(&scrubber).map_err(unavailable)?;
                         token.token.clone()
                     }
                 };
@@ -642,6 +640,11 @@ impl Proxy {
             }
             None => None,
         };
+        // Every access token obtained so far, this request's included.
+        let scrubber = self
+            .tokens
+            .scrubber(&flow.secrets.scrubber)
+            .map_err(ProxyError::SecretUnavailable)?;
         if flow.snapshot.audit.on_failure() == OnFailure::Deny && !flow.snapshot.audit.is_healthy()
         {
             // Do not spend a credential on a request that cannot be audited.

@@ -8,6 +8,7 @@
 //! leaves the request failing closed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,34 +45,12 @@ fn form_encode(value: &str) -> String {
         .replace("%20", "+")
 }
 
-/// One access token and the scrubber that covers it.
+/// One access token, with the forms the scrubber looks for.
 #[derive(Debug)]
 pub struct AccessToken {
     pub token: Arc<Secret>,
     expires: Instant,
     patterns: Vec<Zeroizing<Vec<u8>>>,
-    /// The held secrets' scrubber extended with this token, for the
-    /// scrubber it was built from (compared by pointer).
-    scrubber: Mutex<Option<(usize, Arc<Scrubber>)>>,
-}
-
-impl AccessToken {
-    /// `base` plus this token's forms.
-    pub fn scrubber(&self, base: &Arc<Scrubber>) -> Result<Arc<Scrubber>, String> {
-        let key = Arc::as_ptr(base) as usize;
-        let mut slot = self.scrubber.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((built_for, scrubber)) = slot.as_ref()
-            && *built_for == key
-        {
-            return Ok(scrubber.clone());
-        }
-        let scrubber = Arc::new(
-            base.extended(self.patterns.iter().cloned())
-                .map_err(|e| format!("cannot build the scrubber: {e}"))?,
-        );
-        *slot = Some((key, scrubber.clone()));
-        Ok(scrubber)
-    }
 }
 
 /// One cache slot; its async lock is what makes concurrent callers share a fetch.
@@ -81,9 +60,90 @@ type Slot = Arc<tokio::sync::Mutex<Option<Arc<AccessToken>>>>;
 #[derive(Debug, Default)]
 pub struct TokenCache {
     entries: Mutex<HashMap<String, Slot>>,
+    issued: Mutex<Issued>,
+    /// How many tokens `issued` holds, read without its lock: a config
+    /// without OAuth2 pays nothing per response.
+    issued_count: AtomicUsize,
+}
+
+/// Every token this process obtained that may still be valid: each is
+/// scrubbed from every response, whoever it was obtained for, and after
+/// it was renewed, until it expires. One agent's exchanged token must not
+/// reach another agent through an upstream that echoes what it was sent.
+#[derive(Debug, Default)]
+struct Issued {
+    tokens: Vec<Arc<AccessToken>>,
+    /// The earliest time a token in `tokens` may be dropped.
+    next_expiry: Option<Instant>,
+    /// Bumped whenever `tokens` changes.
+    generation: u64,
+    /// The last scrubber built: for which base (by pointer) and generation.
+    built: Option<(usize, u64, Arc<Scrubber>)>,
+}
+
+/// A token is still scrubbed this long after its expiry by our clock: the
+/// endpoint's clock may be behind.
+const SCRUB_AFTER_EXPIRY: Duration = Duration::from_secs(60);
+
+impl Issued {
+    fn add(&mut self, token: Arc<AccessToken>) {
+        let until = token.expires + SCRUB_AFTER_EXPIRY;
+        self.next_expiry = Some(self.next_expiry.map_or(until, |t| t.min(until)));
+        self.tokens.push(token);
+        self.generation += 1;
+    }
+
+    fn drop_expired(&mut self, now: Instant) {
+        if self.next_expiry.is_none_or(|t| t > now) {
+            return;
+        }
+        self.tokens.retain(|t| t.expires + SCRUB_AFTER_EXPIRY > now);
+        self.next_expiry = self
+            .tokens
+            .iter()
+            .map(|t| t.expires + SCRUB_AFTER_EXPIRY)
+            .min();
+        self.generation += 1;
+    }
 }
 
 impl TokenCache {
+    /// `base` (the held secrets' scrubber) plus every token this process
+    /// obtained that may still be valid.
+    pub fn scrubber(&self, base: &Arc<Scrubber>) -> Result<Arc<Scrubber>, String> {
+        if self.issued_count.load(Ordering::Acquire) == 0 {
+            return Ok(base.clone());
+        }
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        issued.drop_expired(Instant::now());
+        self.issued_count
+            .store(issued.tokens.len(), Ordering::Release);
+        let key = Arc::as_ptr(base) as usize;
+        if let Some((built_for, generation, scrubber)) = issued.built.as_ref()
+            && *built_for == key
+            && *generation == issued.generation
+        {
+            return Ok(scrubber.clone());
+        }
+        let patterns = issued
+            .tokens
+            .iter()
+            .flat_map(|t| t.patterns.iter().cloned());
+        let scrubber = Arc::new(
+            base.extended(patterns)
+                .map_err(|e| format!("cannot build the scrubber: {e}"))?,
+        );
+        issued.built = Some((key, issued.generation, scrubber.clone()));
+        Ok(scrubber)
+    }
+
+    fn remember(&self, token: &Arc<AccessToken>) {
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        issued.add(token.clone());
+        self.issued_count
+            .store(issued.tokens.len(), Ordering::Release);
+    }
+
     /// A valid token for `config`, fetched if the cached one is missing or
     /// about to expire. Concurrent callers wait for one fetch.
     pub async fn token(
@@ -139,6 +199,7 @@ impl TokenCache {
             }
             (Err(e), None) => return Err(e),
         };
+        self.remember(&token);
         *slot = Some(token.clone());
         Ok(token)
     }
@@ -273,6 +334,45 @@ async fn post_for_token(
         patterns: variants(&token, None),
         token: Arc::new(token),
         expires: now.checked_add(lifetime).unwrap_or(now),
-        scrubber: Mutex::new(None),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(value: &str, expires: Instant) -> Arc<AccessToken> {
+        let token = Secret::new(value.to_string());
+        Arc::new(AccessToken {
+            patterns: variants(&token, None),
+            token: Arc::new(token),
+            expires,
+        })
+    }
+
+    #[test]
+    fn every_token_obtained_is_scrubbed_until_it_has_expired() {
+        let cache = TokenCache::default();
+        let base = Arc::new(Scrubber::default());
+        // Nothing obtained: the base itself, no scrubber built.
+        assert!(Arc::ptr_eq(&cache.scrubber(&base).unwrap(), &base));
+
+        let now = Instant::now();
+        cache.remember(&token(
+            "at-live-for-an-hour",
+            now + Duration::from_secs(3600),
+        ));
+        cache.remember(&token("at-expired-long-ago", now - SCRUB_AFTER_EXPIRY * 2));
+        cache.remember(&token("at-expired-just-now", now - Duration::from_secs(1)));
+        let scrubber = cache.scrubber(&base).unwrap();
+        let seen = b"at-live-for-an-hour at-expired-long-ago at-expired-just-now";
+        let (out, count) = scrubber.scrub_all(seen).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[REDACTED] at-expired-long-ago [REDACTED]"
+        );
+        assert_eq!(count, 2);
+        // Built once per change, then shared.
+        assert!(Arc::ptr_eq(&cache.scrubber(&base).unwrap(), &scrubber));
+    }
 }

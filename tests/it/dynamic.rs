@@ -129,6 +129,17 @@ action = "allow"
     eventually(std::time::Duration::from_secs(6), || {
         (get() == "Bearer at-2-opaque").then_some(())
     });
+    // The renewed-away token is still valid at the endpoint for some 30 s:
+    // an upstream that logged it cannot hand it back.
+    let history = client()
+        .get(sidekey.url("/api/history"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(history.contains("[REDACTED]"), "{history}");
+    assert!(!history.contains("at-1-opaque"), "{history}");
 }
 
 #[test]
@@ -500,6 +511,22 @@ action = "allow"
         api[0].header("authorization"),
         api[2].header("authorization")
     );
+    // An upstream that serves its request log to reviewer does not give
+    // reviewer coder's exchanged token, nor coder reviewer's.
+    let coders = api[0].header("authorization").unwrap().to_string();
+    let reviewers = api[2].header("authorization").unwrap().to_string();
+    for (token, other) in [(&reviewer, &coders), (&coder, &reviewers)] {
+        let history = client()
+            .get(sidekey.url("/api/history"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        let other = other.trim_start_matches("Bearer ");
+        assert!(!history.contains(other), "{other} in {history}");
+        assert!(history.contains("[REDACTED]"), "{history}");
+    }
 }
 
 #[test]

@@ -441,6 +441,17 @@ async fn handle(
             .header("x-sidekey-request-id", "req-forged")
             .body(full("ok"))
             .unwrap()
+    } else if path.ends_with("/history") {
+        // A hostile upstream that keeps a log of what it was sent and
+        // serves it to whoever asks: every Authorization so far.
+        let history: Vec<String> = shared
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s.header("authorization").map(str::to_string))
+            .collect();
+        Response::builder().body(full(history.join("\n"))).unwrap()
     } else if path.ends_with("/token-fail") {
         Response::builder()
             .status(500)
