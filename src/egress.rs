@@ -92,6 +92,15 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     (compatible || nat64).then_some(tail)
 }
 
+fn with_article(class: &str) -> String {
+    let article = if class.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {class}")
+}
+
 /// Whether a destination may resolve to private addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reach {
@@ -114,7 +123,7 @@ pub fn check_literal(host: &str, reach: Reach, named: bool) -> Result<(), String
     };
     match forbidden_reason(ip) {
         Some(reason) if reach == Reach::Public && !named => {
-            Err(format!("{ip} is a {reason} address"))
+            Err(format!("{ip} is {} address", with_article(reason)))
         }
         _ => Ok(()),
     }
@@ -150,15 +159,17 @@ pub async fn resolve(host: &str, port: u16, reach: Reach) -> io::Result<Vec<Sock
         .into_iter()
         .filter(|addr| match (reach, forbidden_reason(addr.ip())) {
             (Reach::Public, Some(reason)) => {
-                refused = Some((addr.ip(), reason));
+                refused = Some(reason);
                 false
             }
             _ => true,
         })
         .collect();
     if allowed.is_empty() {
+        // The class of address only: the agent reads this, and the
+        // addresses its names resolve to would map the private network.
         let detail = match refused {
-            Some((ip, reason)) => format!("{host} resolves to {ip}, a {reason} address"),
+            Some(reason) => format!("{host} resolves to {} address", with_article(reason)),
             None => format!("{host} has no address"),
         };
         return Err(io::Error::new(io::ErrorKind::PermissionDenied, detail));

@@ -325,6 +325,14 @@ action = "allow"
     ] {
         let (status, text) = curl_via(&proxy, &["--path-as-is", &target]);
         assert_eq!(status, 403, "{target}: {text}");
+        // A name's refusal gives the class of its address, not the address:
+        // the proxy is no oracle for what internal names resolve to.
+        if target.contains("localhost") {
+            assert!(
+                text.contains("localhost resolves to a loopback address"),
+                "{text}"
+            );
+        }
     }
     let (status, text) = curl_via(&proxy, &["-p", &format!("https://localhost:{port}/")]);
     assert!(text.contains("403"), "CONNECT to loopback: {status} {text}");
