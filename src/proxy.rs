@@ -955,12 +955,21 @@ fn set_request_id(response: &mut Response<Body>, request_id: &str) {
     }
 }
 
-/// Replaces held secrets in header values; returns how many were replaced.
+/// Replaces held secrets in header values, and drops a header whose name
+/// holds one (a name cannot hold `[REDACTED]`); returns how many went.
 pub(crate) fn scrub_headers(headers: &mut HeaderMap, scrubber: &Scrubber) -> usize {
     if scrubber.is_empty() {
         return 0;
     }
-    let mut count = 0;
+    let named: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| scrubber.holds_in_any_case(name.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    let mut count = named.len();
+    for name in named {
+        headers.remove(name);
+    }
     for value in headers.values_mut() {
         if let Some((scrubbed, n)) = scrubber.scrub_all(value.as_bytes()) {
             // Replacing bytes of a valid value with `[REDACTED]` keeps it

@@ -23,6 +23,7 @@ pub struct Scrubber {
     finder: Option<Finder>,
     patterns: Vec<Zeroizing<Vec<u8>>>,
     longest: usize,
+    shortest: usize,
     /// Bytes some pattern starts with, so the end-of-chunk check skips
     /// every position that cannot begin a secret.
     starts: Box<[bool; 256]>,
@@ -85,6 +86,7 @@ impl Default for Scrubber {
             finder: None,
             patterns: Vec::new(),
             longest: 0,
+            shortest: 0,
             starts: Box::new([false; 256]),
         }
     }
@@ -229,6 +231,7 @@ impl Scrubber {
         patterns.sort_by(|a, b| a.as_slice().cmp(b.as_slice()));
         patterns.dedup_by(|a, b| a.as_slice() == b.as_slice());
         let longest = patterns.iter().map(|p| p.len()).max().unwrap_or(0);
+        let shortest = patterns.iter().map(|p| p.len()).min().unwrap_or(0);
         let mut starts = Box::new([false; 256]);
         for p in &patterns {
             starts[usize::from(p[0])] = true;
@@ -242,12 +245,26 @@ impl Scrubber {
             finder,
             patterns,
             longest,
+            shortest,
             starts,
         })
     }
 
     pub fn is_empty(&self) -> bool {
         self.finder.is_none()
+    }
+
+    /// Whether `text` holds one of the patterns in any letter case: for
+    /// header names, which HTTP/2 and hyper lower-case, so an echoed
+    /// secret arrives there in a case of its own. Rare enough to search
+    /// without an automaton; most names are shorter than any secret.
+    pub fn holds_in_any_case(&self, text: &[u8]) -> bool {
+        if text.len() < self.shortest {
+            return false;
+        }
+        self.patterns.iter().any(|p| {
+            p.len() <= text.len() && text.windows(p.len()).any(|w| w.eq_ignore_ascii_case(p))
+        })
     }
 
     /// A scrubber for these patterns and `extra` (a dynamic credential's).
@@ -395,6 +412,16 @@ mod tests {
                 .map(|p| Zeroizing::new(p.as_bytes().to_vec())),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_secret_is_found_in_a_header_name_in_any_case() {
+        let s = scrubber(&["Sk-MiXeD-42"]);
+        assert!(s.holds_in_any_case(b"x-key-sk-mixed-42"));
+        assert!(s.holds_in_any_case(b"SK-MIXED-42"));
+        assert!(!s.holds_in_any_case(b"x-key-sk-mixed-4"));
+        assert!(!s.holds_in_any_case(b"short"));
+        assert!(!Scrubber::default().holds_in_any_case(b"anything"));
     }
 
     fn chunked(s: &Scrubber, input: &[u8], cuts: &[usize]) -> (Vec<u8>, usize) {

@@ -33,6 +33,17 @@ fn an_echoed_secret_comes_back_redacted_in_body_and_headers() {
     assert_eq!(record["redactions"], 2, "{record}");
     assert!(record["bytes_out"].as_u64().unwrap() > 0);
     assert_no_leak(&sidekey.stderr(), SECRET, "stderr");
+
+    // A header named after the credential cannot hold `[REDACTED]`: it goes.
+    let (status, text) = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        &sidekey.url("/echo/header-name"),
+    ]);
+    assert_eq!(status, 200, "{text}");
+    assert!(text.ends_with("named"), "{text}");
+    assert_no_leak(&text, SECRET, "a header name");
+    assert_eq!(env.audit().pop().unwrap()["redactions"], 1);
 }
 
 #[test]

@@ -533,6 +533,13 @@ async fn handle(
             .header("x-echo-auth", auth.clone())
             .body(full(format!("moved; you sent {auth}")))
             .unwrap()
+    } else if path.ends_with("/header-name") {
+        // The credential as a header's name, which no value scrub sees.
+        let credential = auth.rsplit(' ').next().unwrap_or_default();
+        Response::builder()
+            .header(format!("x-key-{credential}"), "1")
+            .body(full("named"))
+            .unwrap()
     } else if path.ends_with("/te-gzip") {
         // A transfer coding hides the body from a scrubber as well as a
         // content coding does, and hyper's client removes only `chunked`.
