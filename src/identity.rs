@@ -234,22 +234,29 @@ pub fn verify_uid(
     agents: &std::collections::BTreeMap<String, crate::config::AgentConfig>,
     revocations: Result<&Revocations, ()>,
 ) -> Result<Agent, IdentityError> {
-    let name = agents
-        .iter()
-        .find(|(_, a)| a.unix_uids.contains(&uid))
-        .map(|(name, _)| name.clone())
-        .ok_or(IdentityError::UnknownUid(uid))?;
+    let agent = uid_agent(uid, agents).ok_or(IdentityError::UnknownUid(uid))?;
     let revocations = revocations.map_err(|()| IdentityError::RevocationsUnavailable)?;
     // A uid identity has no issue time, so an agent revocation covers it
     // until the revocation is removed from the list. Its session is the
     // one its audit records name, so revoking that works as it reads.
-    let session = format!("uid-{uid}");
-    if revocations.agent_revoked(&name) || revocations.session_revoked(&session) {
+    if revocations.agent_revoked(&agent.name) || revocations.session_revoked(&agent.session) {
         return Err(TokenError::Revoked.into());
     }
-    Ok(Agent {
+    Ok(agent)
+}
+
+/// The agent a unix peer uid is mapped to, revoked or not.
+pub fn uid_agent(
+    uid: u32,
+    agents: &std::collections::BTreeMap<String, crate::config::AgentConfig>,
+) -> Option<Agent> {
+    let name = agents
+        .iter()
+        .find(|(_, a)| a.unix_uids.contains(&uid))
+        .map(|(name, _)| name.clone())?;
+    Some(Agent {
         name,
-        session,
+        session: format!("uid-{uid}"),
         token_id: None,
         claims: None,
     })
@@ -265,7 +272,15 @@ pub fn verify_cert(
     if now > cert.not_after {
         return Err(TokenError::Expired.into());
     }
-    let claims = crate::token::Claims {
+    let claims = cert_claims(cert);
+    check_revoked(&claims, revocations)?;
+    Ok(Agent::from(claims))
+}
+
+/// A client certificate as the claims of a token: its serial is the id,
+/// its validity the token's.
+pub fn cert_claims(cert: &PeerCert) -> crate::token::Claims {
+    crate::token::Claims {
         iss: crate::ca::TRUST_DOMAIN.to_string(),
         sub: cert.agent.clone(),
         sid: format!("cert-{}", cert.serial),
@@ -273,9 +288,7 @@ pub fn verify_cert(
         iat: cert.not_before,
         exp: cert.not_after,
         iat_ms: cert.not_before.saturating_mul(1000),
-    };
-    check_revoked(&claims, revocations)?;
-    Ok(Agent::from(claims))
+    }
 }
 
 /// `Bearer TOKEN` or `Basic base64(user:TOKEN)`.

@@ -107,6 +107,15 @@ impl Flow<'_> {
         self.event.path = without_token(std::mem::take(&mut self.event.path), presented);
     }
 
+    /// Records where a forward request or CONNECT is going before its
+    /// identity is checked, so that a refusal names the destination too.
+    fn note_destination(&mut self, uri: &http::Uri, default_port: u16) {
+        if let Ok((host, port)) = forward::destination(uri, default_port) {
+            self.event.host = Some(host);
+            self.event.port = Some(port);
+        }
+    }
+
     /// Records the decoded path the policy decides on.
     fn set_path(&mut self, path: String, presented: &Presented) {
         self.event.path = without_token(path, presented);
@@ -755,7 +764,7 @@ impl Proxy {
     /// looks for one, else the unix peer's uid when the request came that way.
     fn identify(
         &self,
-        flow: &Flow<'_>,
+        flow: &mut Flow<'_>,
         parts: &http::request::Parts,
         query: Option<&str>,
         slot: Option<&crate::config::Slot>,
@@ -777,11 +786,37 @@ impl Proxy {
         Ok((agent, presented))
     }
 
-    /// Signature, expiry and revocation (or the uid mapping), checked on every request.
-    fn verify(&self, flow: &Flow<'_>, presented: &Presented) -> Result<Agent, ProxyError> {
+    /// Signature, expiry and revocation (or the uid mapping), checked on
+    /// every request. A genuine credential refused for its expiry or
+    /// revocation still names its agent in the audit record, so an operator
+    /// sees who keeps trying.
+    fn verify(&self, flow: &mut Flow<'_>, presented: &Presented) -> Result<Agent, ProxyError> {
         let revocations = self.live.revocations();
         let list = revocations.as_ref().as_ref().map_err(|_| ());
-        verify_presented(&self.verifier, list, flow.snapshot, presented)
+        let verified = verify_presented(&self.verifier, list, flow.snapshot, presented);
+        if let Err(ProxyError::Identity(identity::IdentityError::Token(
+            crate::token::TokenError::Expired | crate::token::TokenError::Revoked,
+        ))) = &verified
+            && let Some(agent) = self.named_by(flow.snapshot, presented)
+        {
+            flow.set_agent(&agent, presented);
+        }
+        verified
+    }
+
+    /// The agent a credential names once its signature (or mapping) holds,
+    /// whatever its expiry or revocation; nothing for a forged one.
+    fn named_by(&self, snapshot: &Snapshot, presented: &Presented) -> Option<Agent> {
+        match presented {
+            Presented::Token { token, .. } => {
+                match snapshot.oidc.as_ref().and_then(|o| o.verify_if_ours(token)) {
+                    Some(workload) => workload.ok().map(|(agent, _)| agent),
+                    None => self.verifier.signed_claims(token).map(Agent::from),
+                }
+            }
+            Presented::PeerUid(uid) => identity::uid_agent(*uid, &snapshot.config.agents),
+            Presented::PeerCert(cert) => Some(Agent::from(identity::cert_claims(cert))),
+        }
     }
 
     /// What an open tunnel or upgraded connection needs to check `presented`

@@ -47,6 +47,7 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ProxyError> {
         let (parts, body) = req.into_parts();
+        flow.note_destination(&parts.uri, 80);
         let (agent, presented) = self.identify(flow, &parts, None, None)?;
         flow.set_agent(&agent, &presented);
         if parts.uri.scheme_str() != Some("http") {
@@ -68,11 +69,6 @@ impl Proxy {
         flow: &mut Flow<'_>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ProxyError> {
-        let (req_parts, req_body) = req.into_parts();
-        let identified = self.identify(flow, &req_parts, None, None);
-        let req = Request::from_parts(req_parts, req_body);
-        let (agent, presented) = identified?;
-        flow.set_agent(&agent, &presented);
         // RFC 9110 9.3.6: `host:port` and nothing else. A missing port is
         // not guessed, and a URL is not read as a destination.
         let uri = req.uri();
@@ -83,6 +79,11 @@ impl Proxy {
         flow.event.host = Some(host.clone());
         flow.event.port = Some(port);
         flow.event.path = String::new();
+        let (req_parts, req_body) = req.into_parts();
+        let identified = self.identify(flow, &req_parts, None, None);
+        let req = Request::from_parts(req_parts, req_body);
+        let (agent, presented) = identified?;
+        flow.set_agent(&agent, &presented);
         // The path is not known yet: any route on this origin makes the
         // tunnel intercepted, so its requests are decided one by one.
         let route = route_for_origin(flow.snapshot, true, &host, port, None);

@@ -78,7 +78,7 @@ impl Proxy {
     /// route (404) while a stranger still learns nothing (401).
     fn identify_unrouted(
         &self,
-        flow: &Flow<'_>,
+        flow: &mut Flow<'_>,
         parts: &http::request::Parts,
     ) -> Result<(Agent, Presented), ProxyError> {
         let snapshot = flow.snapshot;

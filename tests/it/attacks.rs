@@ -811,6 +811,13 @@ fn a_token_replayed_after_expiry_or_revocation_is_refused() {
         );
         a.assert_case(name, before, &got, 401);
         assert!(String::from_utf8_lossy(&got).contains(code), "{name}");
+        // The token is genuine, so the refusal names who kept trying.
+        let claims = claims_of(token);
+        let record = a.audited_since(before).pop().unwrap();
+        for (field, claim) in [("agent", "sub"), ("session", "sid"), ("token_id", "jti")] {
+            assert_eq!(record[field], claims[claim], "{name}: {field} in {record}");
+        }
+        assert_eq!(record["reason"], code, "{record}");
 
         let before = a.records();
         let (status, text) = curl_via(
@@ -824,8 +831,42 @@ fn a_token_replayed_after_expiry_or_revocation_is_refused() {
             status,
         );
         assert_eq!(status, 407);
+        // And where it was going.
+        let record = a.audited_since(before).pop().unwrap();
+        assert_eq!(record["token_id"], claims["jti"], "{record}");
+        assert_eq!(record["host"], "127.0.0.1", "{record}");
+        assert_eq!(record["port"], a.upstream.addr.port(), "{record}");
     }
     assert!(!a.upstream_saw("/replay"));
+
+    // A forged token names nobody.
+    let at = revoked.rfind('.').unwrap() + 10;
+    let flipped = if &revoked[at..=at] == "A" { "B" } else { "A" };
+    let forged = format!("{}{flipped}{}", &revoked[..at], &revoked[at + 1..]);
+    let before = a.records();
+    let got = exchange(
+        a.sidekey.addr,
+        format!(
+            "GET /echo/v1/allowed/replay HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {forged}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    a.assert_case("forged", before, &got, 401);
+    let record = a.audited_since(before).pop().unwrap();
+    assert!(
+        record["agent"].is_null() && record["token_id"].is_null(),
+        "{record}"
+    );
+}
+
+/// The claims of one of sidekey's agent tokens, read without checking it.
+fn claims_of(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&json).unwrap()
 }
 
 #[test]
