@@ -15,6 +15,11 @@ use crate::config::Slot;
 use crate::token::revocation::Revocations;
 use crate::token::{TokenError, Verifier};
 
+/// A workload JWT's claims as policy rules compare them: each claim's
+/// values, one for a string or number, every element for a list
+/// (`groups = ["staff", "contractors"]`).
+pub type ClaimValues = std::collections::BTreeMap<String, Vec<String>>;
+
 /// A verified agent identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
@@ -23,7 +28,7 @@ pub struct Agent {
     /// The token's id; `None` for identities that come without a token.
     pub token_id: Option<String>,
     /// A workload JWT's verified string claims, for rules with `claims`.
-    pub claims: Option<std::sync::Arc<std::collections::BTreeMap<String, String>>>,
+    pub claims: Option<std::sync::Arc<ClaimValues>>,
 }
 
 /// How a request proved who it is, kept so that it can be checked again on

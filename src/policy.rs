@@ -6,11 +6,10 @@
 
 pub mod path;
 
-use std::collections::BTreeMap;
-
 use http::Method;
 
 use crate::config::{Action, Config, Rule, Target};
+use crate::identity::ClaimValues;
 pub use path::{NormalPath, PathError, PathPattern};
 
 /// A host pattern: an exact name, `*.example.com` (one or more labels), or `*`.
@@ -96,7 +95,7 @@ pub struct Request<'a> {
     pub agent: &'a str,
     pub session: &'a str,
     /// A workload JWT's string claims, if the identity is one.
-    pub claims: Option<&'a BTreeMap<String, String>>,
+    pub claims: Option<&'a ClaimValues>,
     /// The route the request goes to, if it goes to one.
     pub route: Option<&'a str>,
     /// Normalised destination host and port.
@@ -195,7 +194,7 @@ impl Policy {
         &self,
         agent: &str,
         session: &str,
-        claims: Option<&BTreeMap<String, String>>,
+        claims: Option<&ClaimValues>,
         route: Option<&str>,
         host: &str,
         port: u16,
@@ -249,10 +248,16 @@ fn in_sessions(rule: &Rule, session: &str) -> bool {
 }
 
 /// A rule with `claims` matches only an identity whose verified claims
-/// carry every one of those values.
-fn has_claims(rule: &Rule, claims: Option<&BTreeMap<String, String>>) -> bool {
+/// carry every one of those values; a list claim carries each of its
+/// elements, so a deny rule on `groups = "contractors"` catches
+/// `["staff", "contractors"]`.
+fn has_claims(rule: &Rule, claims: Option<&ClaimValues>) -> bool {
     rule.claims.as_ref().is_none_or(|wanted| {
-        claims.is_some_and(|have| wanted.iter().all(|(k, v)| have.get(k) == Some(v)))
+        claims.is_some_and(|have| {
+            wanted
+                .iter()
+                .all(|(k, v)| have.get(k).is_some_and(|values| values.contains(v)))
+        })
     })
 }
 

@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 
-use super::{Agent, IdentityError};
+use super::{Agent, ClaimValues, IdentityError};
 use crate::token::{Claims, TokenError};
 
 /// Clock skew tolerated on `exp` and `nbf`.
@@ -212,15 +212,7 @@ impl OidcVerifier {
         let iat = claims.get("iat").and_then(|v| v.as_u64()).unwrap_or(0);
         let exp = claims.get("exp").and_then(|v| v.as_u64()).unwrap_or(0);
         let session = format!("oidc:{workload}");
-        let strings = claims
-            .as_object()
-            .map(|object| {
-                object
-                    .iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let values = claims.as_object().map(claim_values).unwrap_or_default();
         let revocable = Claims {
             iss: self.config.issuer.clone(),
             sub: agent.clone(),
@@ -234,7 +226,7 @@ impl OidcVerifier {
             name: agent,
             session,
             token_id: jti,
-            claims: Some(Arc::new(strings)),
+            claims: Some(Arc::new(values)),
         };
         let mut verified = self.lock_verified();
         if verified.len() >= VERIFIED_CACHE {
@@ -275,6 +267,30 @@ impl OidcVerifier {
         // The map holds no invariant a panicking holder could break.
         self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Each claim's values as rules compare them: a string or number as
+/// itself, a list as its scalar elements; objects and nulls match nothing.
+fn claim_values(object: &serde_json::Map<String, serde_json::Value>) -> ClaimValues {
+    fn scalar(value: &serde_json::Value) -> Option<String> {
+        match value {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            serde_json::Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+    object
+        .iter()
+        .map(|(name, value)| {
+            let values = match value {
+                serde_json::Value::Array(items) => items.iter().filter_map(scalar).collect(),
+                other => scalar(other).into_iter().collect(),
+            };
+            (name.clone(), values)
+        })
+        .filter(|(_, values): &(String, Vec<String>)| !values.is_empty())
+        .collect()
 }
 
 fn unix_now() -> u64 {

@@ -275,15 +275,24 @@ agents = ["coder"]
 claims = {{ ns = "agents" }}
 route = "echo"
 action = "allow"
+[[rules]]
+name = "no-contractors"
+agents = ["*"]
+claims = {{ groups = "contractors" }}
+route = "echo"
+action = "deny"
 "#,
         jwks.display(),
         upstream.base()
     ));
     env.set_secret("api", SECRET);
     let sidekey = env.spawn();
-    let status = |ns: &str| {
+    let status_with = |ns: serde_json::Value, groups: Option<serde_json::Value>| {
         let mut claims = claims("w", "sidekey", now() + 300);
-        claims["ns"] = ns.into();
+        claims["ns"] = ns;
+        if let Some(groups) = groups {
+            claims["groups"] = groups;
+        }
         let token = sign(Algorithm::ES256, "ec-1", &keys.es256, &claims);
         client()
             .get(sidekey.url("/echo/x"))
@@ -292,8 +301,25 @@ action = "allow"
             .unwrap()
             .status()
     };
+    let status = |ns: &str| status_with(ns.into(), None);
     assert_eq!(status("agents"), 200);
     assert_eq!(status("other"), 403);
+    // Group claims are lists in most identity providers: the deny rule
+    // matches an element, and an allow rule's value may sit in a list too.
+    use serde_json::json;
+    for groups in [
+        json!("contractors"),
+        json!(["contractors"]),
+        json!(["staff", "contractors"]),
+    ] {
+        assert_eq!(
+            status_with(json!("agents"), Some(groups.clone())),
+            403,
+            "{groups}"
+        );
+    }
+    assert_eq!(status_with(json!("agents"), Some(json!(["staff"]))), 200);
+    assert_eq!(status_with(json!(["other", "agents"]), None), 200);
     // A sidekey-issued token has no such claims.
     let token = env.token("coder");
     let res = client()
