@@ -244,19 +244,16 @@ fn revoke_request(body: &[u8]) -> Result<Revoke, String> {
         agent: Option<String>,
     }
     let body: Body = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
-    let (kind, name, revoke): (_, _, fn(String) -> Revoke) =
-        match (body.id, body.session, body.agent) {
-            (Some(id), None, None) => ("token", id, Revoke::Id),
-            (None, Some(session), None) => ("session", session, Revoke::Session),
-            (None, None, Some(agent)) => ("agent", agent, Revoke::Agent),
-            _ => return Err("give exactly one of id, session, agent".to_string()),
-        };
+    let revoke = match (body.id, body.session, body.agent) {
+        (Some(id), None, None) => Revoke::Id(id),
+        (None, Some(session), None) => Revoke::Session(session),
+        (None, None, Some(agent)) => Revoke::Agent(agent),
+        _ => return Err("give exactly one of id, session, agent".to_string()),
+    };
     // As on the command line: a name no token can carry (a whole token
     // pasted as its id, an empty one) would be listed and revoke nothing.
-    if !crate::config::valid_name(&name) {
-        return Err(crate::config::invalid_name(kind, &name));
-    }
-    Ok(revoke(name))
+    revoke.check()?;
+    Ok(revoke)
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {

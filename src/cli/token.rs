@@ -91,7 +91,7 @@ pub(super) fn revoke(paths: &Paths, which: RevokeArgs) -> anyhow::Result<()> {
         Revoke::Session(v) => ("session", v),
         Revoke::Agent(v) => ("agent", v),
     };
-    check_name(kind, name)?;
+    revoke.check().map_err(anyhow::Error::msg)?;
     // A running proxy writes the revocation and applies it at once; with
     // none running, the state dir is written directly and read at start.
     let body = serde_json::json!({ kind_key(&revoke): name });

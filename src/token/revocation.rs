@@ -59,6 +59,42 @@ pub enum Revoke {
     Agent(String),
 }
 
+impl Revoke {
+    /// What the command line and the admin API accept. Agents are config
+    /// names. Ids and sessions come from tokens, and a workload JWT's
+    /// (`oidc:system:serviceaccount:agents:coder`, a jti with `/+=`) go
+    /// beyond config names: any printable ASCII without spaces. A whole
+    /// JWT pasted as one would be listed and revoke nothing, so it is
+    /// refused, without being echoed.
+    pub fn check(&self) -> Result<(), String> {
+        let (kind, value) = match self {
+            Self::Agent(name) => {
+                return if crate::config::valid_name(name) {
+                    Ok(())
+                } else {
+                    Err(crate::config::invalid_name("agent", name))
+                };
+            }
+            Self::Id(id) => ("token id", id),
+            Self::Session(session) => ("session", session),
+        };
+        let printable = value.bytes().all(|b| b.is_ascii_graphic());
+        let jwt = value.starts_with("eyJ") && value.split('.').count() == 3;
+        if jwt {
+            return Err(format!(
+                "that {kind} is a whole token; give its id (`t-...`, printed by `token issue`) or its session"
+            ));
+        }
+        if value.is_empty() || value.len() > 256 || !printable {
+            return Err(format!(
+                "invalid {kind} {} (1 to 256 printable ASCII characters, no spaces)",
+                crate::config::shown(value)
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Revocations {

@@ -281,7 +281,7 @@ fn revoking_refuses_what_names_no_token_and_never_echoes_a_whole_token() {
     let stderr = String::from_utf8_lossy(&cli.stderr);
     assert!(!cli.status.success());
     assert!(
-        stderr.contains("invalid token name") && !stderr.contains(&token),
+        stderr.contains("is a whole token") && !stderr.contains(&token),
         "{stderr}"
     );
     assert_eq!(get(), 200);

@@ -197,6 +197,32 @@ claim = "sub"
     forged.push_str("AAAA");
     assert_eq!(call(&forged), unauthenticated);
 
+    // A workload's token ids and sessions are the identity provider's
+    // spelling, not sidekey's names: each can be revoked as audited.
+    let revoked = (401, Some("token_revoked".to_string()));
+    let mut odd_id = good.clone();
+    odd_id["jti"] = "a/b+c==".into();
+    let odd_id = sign(Algorithm::ES256, "ec-1", &keys.es256, &odd_id);
+    assert_eq!(call(&odd_id), (200, None));
+    assert_eq!(env.audit().pop().unwrap()["token_id"], "a/b+c==");
+    env.ok(&["token", "revoke", "--id", "a/b+c=="], None);
+    assert_eq!(call(&odd_id), revoked);
+    assert_eq!(
+        call(&sign(Algorithm::ES256, "ec-1", &keys.es256, &good)),
+        (200, None)
+    );
+    env.ok(
+        &["token", "revoke", "--session", &format!("oidc:{sa}")],
+        None,
+    );
+    assert_eq!(
+        call(&sign(Algorithm::ES256, "ec-1", &keys.es256, &good)),
+        revoked
+    );
+    let record = env.audit().pop().unwrap();
+    assert_eq!(record["session"], format!("oidc:{sa}"), "{record}");
+    assert_eq!(record["reason"], "token_revoked", "{record}");
+
     // Revoking the agent covers its workload tokens issued so far.
     env.ok(&["token", "revoke", "--agent", "coder"], None);
     assert_eq!(
