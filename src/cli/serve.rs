@@ -175,7 +175,10 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
             "audit.file = \"-\" but stdout is /dev/null (or was closed): every audit record is discarded"
         );
     }
-    for warning in unusable_now(&config, Some(&state)) {
+    for warning in unusable_now(&config, Some(&state))
+        .into_iter()
+        .chain(exposed(&config))
+    {
         tracing::warn!("{warning}");
     }
     for (path, mode) in state.open_to_others() {
@@ -236,6 +239,24 @@ pub(super) fn run(paths: &Paths, listen: Option<SocketAddr>) -> anyhow::Result<(
     });
     shut_down(runtime);
     served
+}
+
+/// What the config opens beyond this host in clear: the admin API takes a
+/// bearer token and can revoke and reload, so off loopback it should sit
+/// behind TLS or a private network. Not refused: that may be so.
+fn exposed(config: &Config) -> Vec<String> {
+    config
+        .admin_tcp
+        .as_ref()
+        .filter(|tcp| !tcp.listen.ip().is_loopback())
+        .map(|tcp| {
+            format!(
+                "admin_tcp.listen: {} is reachable beyond this host, and the admin API's token travels in clear",
+                tcp.listen
+            )
+        })
+        .into_iter()
+        .collect()
 }
 
 /// What the config names outside itself that cannot be used now. Not a
@@ -318,7 +339,10 @@ pub(super) fn check(paths: &Paths) -> anyhow::Result<()> {
         );
     }
     let state = paths.state_dir_of(&config).ok();
-    for warning in unusable_now(&config, state.as_ref()) {
+    for warning in unusable_now(&config, state.as_ref())
+        .into_iter()
+        .chain(exposed(&config))
+    {
         eprintln!("warning: {warning}");
     }
     if let Some(state) = state {

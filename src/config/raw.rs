@@ -577,7 +577,27 @@ fn check_oidc(
     }
     let jwks = match (raw.jwks_file, raw.jwks_url) {
         (Some(file), None) => Some(JwksSource::File(base.join(file))),
-        (None, Some(url)) if url.starts_with("https://") || url.starts_with("http://") => {
+        (None, Some(url)) if url.starts_with("https://") => Some(JwksSource::Url(url)),
+        // Keys fetched in clear could be swapped by anyone on the path, who
+        // could then sign any workload identity: loopback only.
+        (None, Some(url)) if url.starts_with("http://") => {
+            let host = url
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(str::to_ascii_lowercase));
+            let loopback = host.as_deref().is_some_and(|h| {
+                h == "localhost"
+                    || h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+            if !loopback {
+                c.fail(
+                    format!("{at}.jwks_url"),
+                    format!("{url:?}: keys are fetched over https (plain http only on loopback)"),
+                );
+            }
             Some(JwksSource::Url(url))
         }
         (None, Some(url)) => {

@@ -135,6 +135,32 @@ action = "allow"
 }
 
 #[test]
+fn a_key_set_is_fetched_in_clear_only_from_loopback() {
+    let with = |url: &str| {
+        problems(&format!(
+            "[identity.oidc]\nissuer = \"https://i.example\"\naudience = \"a\"\njwks_url = \"{url}\"\n[identity.oidc.map]\nw = \"coder\"\n"
+        ))
+    };
+    for ok in [
+        "https://oidc.example/keys",
+        "http://127.0.0.1:8080/keys",
+        "http://localhost/keys",
+        "http://[::1]:9/keys",
+    ] {
+        assert_eq!(with(ok), Vec::<String>::new(), "{ok}");
+    }
+    for clear in ["http://oidc.example/keys", "http://10.0.0.5/keys"] {
+        let found = with(clear);
+        assert!(
+            found
+                .iter()
+                .any(|f| f.starts_with("identity.oidc.jwks_url:") && f.contains("https")),
+            "{clear}: {found:?}"
+        );
+    }
+}
+
+#[test]
 fn a_value_of_the_wrong_type_is_reported_at_its_own_key() {
     let text = r#"
 [agents.x]

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet, KeyAlgorithm};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 
 use super::{Agent, ClaimValues, IdentityError};
@@ -303,8 +303,15 @@ fn unix_now() -> u64 {
 /// family `alg` needs; never a symmetric key.
 fn pick_key<'a>(keys: &'a JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<&'a Jwk> {
     let usable = |jwk: &&Jwk| {
+        // A key published for encryption is not one to trust signatures to.
+        let for_signing = jwk
+            .common
+            .public_key_use
+            .as_ref()
+            .is_none_or(|u| *u == PublicKeyUse::Signature);
         let family = match &jwk.algorithm {
-            AlgorithmParameters::RSA(_) => alg == Algorithm::RS256,
+            // NIST SP 800-131A: RSA under 2048 bits is not to be trusted.
+            AlgorithmParameters::RSA(rsa) => alg == Algorithm::RS256 && rsa_bits(&rsa.n) >= 2048,
             AlgorithmParameters::EllipticCurve(_) => alg == Algorithm::ES256,
             AlgorithmParameters::OctetKeyPair(_) => alg == Algorithm::EdDSA,
             AlgorithmParameters::OctetKey(_) => false,
@@ -315,7 +322,7 @@ fn pick_key<'a>(keys: &'a JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<&
             KeyAlgorithm::EdDSA => alg == Algorithm::EdDSA,
             _ => false,
         });
-        family && declared
+        for_signing && family && declared
     };
     match kid {
         Some(kid) => keys
@@ -340,6 +347,16 @@ pub fn read_jwks(path: &std::path::Path) -> Result<JwkSet, String> {
         )
     })?;
     parse_jwks(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The size of an RSA modulus given base64url-encoded, as in a JWK.
+fn rsa_bits(modulus: &str) -> usize {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(modulus.trim_end_matches('='))
+        .unwrap_or_default();
+    let significant = bytes.iter().skip_while(|&&b| b == 0).count();
+    significant * 8
 }
 
 pub fn parse_jwks(bytes: &[u8]) -> Result<JwkSet, String> {
@@ -398,6 +415,32 @@ mod tests {
             "iss": ISSUER, "aud": "sidekey", "sub": sub, "exp": unix_now() + 300,
         });
         jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+
+    #[test]
+    fn keys_for_encryption_and_short_rsa_keys_vouch_for_nothing() {
+        let (signing, keys) = key("k1");
+        let mut for_encryption = serde_json::to_value(&keys).unwrap();
+        for_encryption["keys"][0]["use"] = "enc".into();
+        let refusing = verifier(serde_json::from_value(for_encryption).unwrap());
+        assert!(verify(&refusing, &sign(&signing, "k1", "w")).is_err());
+        let mut for_signing = serde_json::to_value(&keys).unwrap();
+        for_signing["keys"][0]["use"] = "sig".into();
+        let accepting = verifier(serde_json::from_value(for_signing).unwrap());
+        assert!(verify(&accepting, &sign(&signing, "k1", "w")).is_ok());
+
+        // Modulus sizes as a JWK gives them (leading zero bytes do not count).
+        let modulus = |bytes: usize| B64.encode([&[0u8][..], &vec![0xc5; bytes]].concat());
+        assert_eq!(rsa_bits(&modulus(128)), 1024);
+        assert_eq!(rsa_bits(&modulus(256)), 2048);
+        let rsa = |bits: usize| {
+            serde_json::from_value::<JwkSet>(serde_json::json!({"keys": [{
+                "kty": "RSA", "kid": "r", "n": modulus(bits / 8), "e": "AQAB",
+            }]}))
+            .unwrap()
+        };
+        assert!(pick_key(&rsa(1024), Some("r"), Algorithm::RS256).is_none());
+        assert!(pick_key(&rsa(2048), Some("r"), Algorithm::RS256).is_some());
     }
 
     #[test]

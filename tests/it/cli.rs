@@ -688,6 +688,22 @@ fn check_refuses_what_run_refuses_and_warns_of_what_would_fail_every_request() {
         assert_clean_failure(&out, &config);
     }
 
+    // An admin API open beyond the host is allowed, and said (only
+    // checked here: a test listens on loopback alone).
+    env.write_config(
+        "[secrets.admin]\nsource = \"env:ADMIN_TOKEN\"\n\
+         [admin_tcp]\nlisten = \"0.0.0.0:18556\"\ntoken = \"admin\"\n",
+    );
+    let out = env.run(&["check"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out)
+            .lines()
+            .any(|l| l.starts_with("warning: admin_tcp.listen: 0.0.0.0:18556")),
+        "{}",
+        stderr_of(&out)
+    );
+
     // An audit file that cannot be written and a key set that cannot be
     // read are not config errors, but every request would fail: said at
     // once, by `check` and by `run`.
