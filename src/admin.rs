@@ -122,7 +122,9 @@ fn authorized(req: &Request<Incoming>, token: &crate::secret::Secret) -> bool {
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // RFC 9110 11.1: the scheme is case-insensitive.
+        .and_then(|v| crate::identity::strip_prefix_ignore_case(v, "Bearer "))
+        .map(str::trim)
         .unwrap_or_default();
     crate::secret::Secret::new(presented.to_string()) == *token
 }

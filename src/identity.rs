@@ -312,7 +312,7 @@ fn parse_authorization(value: &str) -> Option<(Option<String>, String)> {
     (!token.is_empty()).then(|| (Some(user.to_string()), token.to_string()))
 }
 
-fn strip_prefix_ignore_case<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
+pub(crate) fn strip_prefix_ignore_case<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
     let head = value.get(..prefix.len())?;
     head.eq_ignore_ascii_case(prefix)
         .then(|| &value[prefix.len()..])

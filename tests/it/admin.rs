@@ -234,6 +234,13 @@ fn the_tcp_admin_address_requires_its_own_token() {
         .unwrap();
     assert_eq!(res.status(), 200);
     assert!(res.text().unwrap().contains("sidekey_open_connections"));
+    // The scheme in any case (RFC 9110 11.1).
+    let res = client()
+        .get(&url)
+        .header("authorization", "bearer admin-token-42")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
 }
 
 /// The admin API takes the names the command line takes. A whole token
