@@ -114,6 +114,8 @@ pub enum IdentityError {
     Ambiguous,
     #[error("the user name is not the agent the token was issued to")]
     AgentMismatch,
+    #[error("the token's agent is not the one this connection's certificate or uid names")]
+    ConnectionMismatch,
     #[error("the revocation list cannot be read, so no token can be trusted")]
     RevocationsUnavailable,
     #[error("uid {0} is not mapped to an agent")]

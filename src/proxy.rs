@@ -783,6 +783,19 @@ impl Proxy {
             Err(e) => return Err(e.into()),
         };
         let agent = self.verify(flow, &presented)?;
+        // A token for one agent on a connection that names another (its
+        // client certificate, its mapped uid) is one identity too many.
+        if let Presented::Token { .. } = presented {
+            let connection = match parts.extensions.get::<identity::PeerCert>() {
+                Some(cert) => Some(cert.agent.clone()),
+                None => parts.extensions.get::<PeerUid>().and_then(|PeerUid(uid)| {
+                    identity::uid_agent(*uid, &flow.snapshot.config.agents).map(|a| a.name)
+                }),
+            };
+            if connection.is_some_and(|name| name != agent.name) {
+                return Err(identity::IdentityError::ConnectionMismatch.into());
+            }
+        }
         Ok((agent, presented))
     }
 

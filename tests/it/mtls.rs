@@ -81,6 +81,17 @@ fn client_certificates_identify_agents_and_bad_ones_fail_the_handshake() {
         .unwrap();
     assert_eq!(client.get(&url).send().unwrap().status(), 200);
 
+    // A token for the certificate's agent agrees with it; one for another
+    // agent is one identity too many.
+    for (agent, status) in [("coder", 200), ("reviewer", 401)] {
+        let res = client
+            .get(&url)
+            .bearer_auth(s.env.token(agent))
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), status, "a token for {agent}");
+    }
+
     // No certificate, or one from another CA: refused at the handshake.
     let before = s.upstream.count();
     let (status, _) = curl(&["--cacert", &s.ca, &url]);

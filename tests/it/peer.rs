@@ -71,6 +71,17 @@ fn a_unix_peer_uid_mapped_to_an_agent_needs_no_token() {
         ],
     );
     assert_eq!(status, 401);
+    // The same agent's token agrees with the uid; another agent's token
+    // on this uid's connection is one identity too many.
+    let bearer = |agent: &str| format!("Authorization: Bearer {}", env.token(agent));
+    let (status, text) = curl_unix(&socket, &["-H", &bearer("coder"), "http://sidekey/echo/x"]);
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = curl_unix(
+        &socket,
+        &["-H", &bearer("reviewer"), "http://sidekey/echo/x"],
+    );
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("unauthenticated"), "{text}");
 
     // Revoking the session the audit records name stops that uid.
     let session = format!("uid-{}", my_uid());
