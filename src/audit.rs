@@ -43,6 +43,11 @@ pub struct AuditEvent {
     pub bytes_out: u64,
     pub duration_ms: u64,
     pub redactions: u64,
+    /// Beyond SPEC's fields, on a refusal only: the cause the agent was not
+    /// told (a secret source or token endpoint that failed). Absent, not
+    /// null, otherwise.
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

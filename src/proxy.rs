@@ -436,6 +436,7 @@ impl Proxy {
             Ok(response) => response,
             Err(e) => {
                 flow.event.reason = e.code();
+                flow.event.detail = e.hidden_cause();
                 log_refusal(&e, &request_id);
                 e.into_response(mode, &request_id)
             }

@@ -40,6 +40,9 @@ impl AuditEvent {
         number(line, b",\"bytes_out\":", self.bytes_out);
         number(line, b",\"duration_ms\":", self.duration_ms);
         number(line, b",\"redactions\":", self.redactions);
+        if let Some(detail) = &self.detail {
+            text(line, b",\"detail\":", detail);
+        }
         line.push(b'}');
     }
 }
@@ -184,6 +187,7 @@ mod tests {
                 bytes_out: i as u64,
                 duration_ms: 10u64.pow(i as u32),
                 redactions: 0,
+                detail: (i % 2 == 0).then(|| text(10)),
             });
         }
         for event in &events {

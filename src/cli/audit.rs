@@ -166,8 +166,12 @@ fn render(line: &str) -> String {
         serde_json::Value::Null => "-".to_string(),
         other => other.to_string(),
     };
+    let detail = match &v["detail"] {
+        serde_json::Value::String(d) => format!(" ({})", printable(d)),
+        _ => String::new(),
+    };
     format!(
-        "{} {:5} {} {:12} {:7} {}{} {} reason={} rule={} route={} {}ms",
+        "{} {:5} {} {:12} {:7} {}{} {} reason={} rule={} route={} {}ms{detail}",
         s("ts"),
         s("decision"),
         s("status"),

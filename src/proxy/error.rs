@@ -124,6 +124,14 @@ impl ProxyError {
         }
     }
 
+    /// The cause the agent is not told (which secret source failed and
+    /// how), kept for the audit record: SPEC's fields say that a request
+    /// failed closed, this says why. Never a secret: no error carries one.
+    pub fn hidden_cause(&self) -> Option<String> {
+        let full = self.to_string();
+        (full != self.public_message()).then_some(full)
+    }
+
     /// The message the agent sees. Sidekey-side causes (which secret source
     /// failed, why the audit sink broke) stay in sidekey's log.
     fn public_message(&self) -> String {

@@ -89,6 +89,16 @@ action = "allow"
         !res.text().unwrap().contains("token-fail"),
         "the cause stays in sidekey's log"
     );
+    // ...and in the audit record, as issue 5 asks.
+    let record = env.audit().pop().unwrap();
+    assert_eq!(record["reason"], "secret_unavailable", "{record}");
+    let detail = record["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("token-fail") && detail.contains("500"),
+        "{record}"
+    );
+    let tail = env.ok(&["audit", "tail"], None);
+    assert!(tail.contains("500 Internal Server Error"), "{tail}");
     assert_no_leak(&sidekey.stderr(), "at-1-opaque", "stderr");
     assert_no_leak(&sidekey.stderr(), "client-secret-value", "stderr");
     assert_no_leak(&env.audit_text(), "at-1-opaque", "audit");
