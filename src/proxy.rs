@@ -617,6 +617,8 @@ impl Proxy {
             }
         };
         // 5. secret (or the access token obtained with it)
+        // An access token obtained for this request, forgotten if refused.
+        let mut obtained = None;
         let credential = match plan.route.as_ref().and_then(|r| r.inject.as_ref()) {
             Some(inject) => {
                 flow.event.secret = Some(inject.secret.clone());
@@ -643,7 +645,9 @@ impl Proxy {
                             )
                             .await
                             .map_err(unavailable)?;
-                        token.token.clone()
+                        let value = token.token.clone();
+                        obtained = Some((grant, token));
+                        value
                     }
                 };
                 Some((inject, value))
@@ -726,6 +730,15 @@ impl Proxy {
             Ok(Err(e)) => return Err(upstream_error(host, max_body, &e)),
             Ok(Ok(response)) => response,
         };
+        if response.status() == StatusCode::UNAUTHORIZED
+            && let (Some((grant, token)), Some(inject)) = (
+                &obtained,
+                plan.route.as_ref().and_then(|r| r.inject.as_ref()),
+            )
+        {
+            self.tokens
+                .forget(grant, &inject.secret, plan.presented.token(), token);
+        }
 
         // 8. scrub
         if response.status() == StatusCode::SWITCHING_PROTOCOLS

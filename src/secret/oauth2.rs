@@ -137,6 +137,35 @@ impl TokenCache {
         Ok(scrubber)
     }
 
+    /// The upstream refused `token` (401): the identity provider may have
+    /// revoked it early, so the next request fetches a new one rather than
+    /// inject it until it expires. Only if it is still the cached one: a
+    /// token fetched since is kept. Still scrubbed until it expires.
+    pub fn forget(
+        &self,
+        grant: &TokenGrant,
+        secret_name: &str,
+        subject: &str,
+        token: &Arc<AccessToken>,
+    ) {
+        let key = cache_key(grant, secret_name, subject);
+        let entry = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        // A fetch under way holds the slot; what it brings is new anyway.
+        if let Some(entry) = entry
+            && let Ok(mut slot) = entry.try_lock()
+            && slot
+                .as_ref()
+                .is_some_and(|cached| Arc::ptr_eq(cached, token))
+        {
+            *slot = None;
+        }
+    }
+
     fn remember(&self, token: &Arc<AccessToken>) {
         let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
         issued.add(token.clone());
@@ -158,12 +187,7 @@ impl TokenCache {
         if exchange && subject.is_empty() {
             return Err("token exchange needs the agent to present a token".to_string());
         }
-        // An exchanged token belongs to its subject: one entry per agent token.
-        let key = if exchange {
-            format!("{secret_name}|{grant:?}|{subject}")
-        } else {
-            format!("{secret_name}|{grant:?}")
-        };
+        let key = cache_key(grant, secret_name, subject);
         let entry = {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             if entries.len() >= MAX_ENTRIES {
@@ -202,6 +226,17 @@ impl TokenCache {
         self.remember(&token);
         *slot = Some(token.clone());
         Ok(token)
+    }
+}
+
+/// One entry per grant; an exchanged token belongs to its subject, so one
+/// per agent token.
+fn cache_key(grant: &TokenGrant, secret_name: &str, subject: &str) -> String {
+    match grant {
+        TokenGrant::ClientCredentials(c) if c.exchange => {
+            format!("{secret_name}|{grant:?}|{subject}")
+        }
+        _ => format!("{secret_name}|{grant:?}"),
     }
 }
 

@@ -78,6 +78,23 @@ action = "allow"
         assert!(body.contains("Bearer [REDACTED]"), "{body}");
     }
 
+    // The upstream refuses the token (revoked early at the identity
+    // provider): the next request carries a new one, not the same until
+    // it expires an hour from now.
+    let get = |path: &str| {
+        client()
+            .get(sidekey.url(path))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+    };
+    assert_eq!(get("/api/status/401").status(), 401);
+    assert_eq!(get("/api/v1/data").status(), 200);
+    assert_eq!(
+        upstream.last().header("authorization"),
+        Some("Bearer at-2-opaque")
+    );
+
     let res = client()
         .get(sidekey.url("/down/x"))
         .bearer_auth(&token)
