@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -113,13 +113,15 @@ pub struct Live {
     seen: Mutex<Stamps>,
     /// The revocation list's stamp, under its own lock.
     revocations_seen: Mutex<Option<FileStamp>>,
+    /// Whether slow sources are being renewed on their own thread.
+    renewing: AtomicBool,
 }
 
 #[derive(Debug, Default)]
 struct Stamps {
     secrets: Vec<Option<FileStamp>>,
-    /// When secrets were last loaded, to pace re-runs of credential processes.
-    secrets_loaded: Option<std::time::Instant>,
+    /// When slow sources were last renewed, to pace re-runs of failed ones.
+    slow_renewed: Option<std::time::Instant>,
     jwks: Option<FileStamp>,
 }
 
@@ -138,9 +140,11 @@ impl Live {
             secrets: secret_stamps(&snapshot.config, &state),
             // The first poll reads the key set once more; harmless.
             jwks: None,
-            secrets_loaded: Some(std::time::Instant::now()),
+            slow_renewed: Some(std::time::Instant::now()),
         };
-        let secrets = load_secrets(&snapshot.config, &state, master_key.as_ref(), None);
+        let secrets = load_secrets(&snapshot.config, &state, master_key.as_ref(), None, &|_| {
+            false
+        });
         let revocations = Revocations::read(&state.revocations()).map_err(|e| e.to_string());
         Ok(Self {
             state,
@@ -154,6 +158,7 @@ impl Live {
             revocations_seen: Mutex::new(revocations_seen),
             started_listen,
             reloads: AtomicU64::new(0),
+            renewing: AtomicBool::new(false),
         })
     }
 
@@ -217,11 +222,14 @@ impl Live {
         }
         let snapshot = build_snapshot(config, &self.state, self.listen_override, Some(&current))?;
         seen.secrets = secret_stamps(&snapshot.config, &self.state);
+        // Every source is read again, credential processes and Vault too:
+        // a reload is how an operator asks for fresh values.
         let secrets = load_secrets(
             &snapshot.config,
             &self.state,
             self.master_key.as_ref(),
             Some(&self.secrets.load()),
+            &|_| false,
         );
         self.snapshot.store(Arc::new(snapshot));
         self.secrets.store(Arc::new(secrets));
@@ -258,7 +266,7 @@ impl Live {
 
     /// One look at the watched files; re-reads what changed. Revocations
     /// come first and apart: a slow secret source never delays them.
-    pub fn poll(&self) {
+    pub fn poll(self: &Arc<Self>) {
         let revocations_now = fingerprint(&self.state.revocations());
         let changed = {
             let mut seen = self
@@ -286,27 +294,73 @@ impl Live {
         let config = snapshot.config.clone();
         let now = secret_stamps(&config, &self.state);
         let previous = self.secrets.load_full();
-        let expiring = previous.table.expiring(EXPIRY_MARGIN)
-            && seen
-                .secrets_loaded
-                .is_none_or(|at| at.elapsed() >= EXPIRY_RETRY);
-        if now != seen.secrets || expiring {
+        if !Arc::ptr_eq(&previous.config, &config) {
+            // A reload is storing its own view.
+            return;
+        }
+        if now != seen.secrets {
+            // The store or a file changed: those are read again, and only
+            // those; credential processes and Vault keep their values.
             seen.secrets = now;
-            seen.secrets_loaded = Some(std::time::Instant::now());
             let view = load_secrets(
                 &config,
                 &self.state,
                 self.master_key.as_ref(),
                 Some(&previous),
+                &|_| true,
             );
             self.secrets.store(Arc::new(view));
             tracing::info!("secrets reloaded");
-        } else if previous.retired.iter().any(Retired::ended)
-            && Arc::ptr_eq(&previous.config, &config)
-        {
+        } else if previous.retired.iter().any(Retired::ended) {
             // Only the scrubber changes; the sources are not read again.
             let view = view_of(&config, previous.table.clone(), Some(&previous));
             self.secrets.store(Arc::new(view));
+        }
+        self.renew_due(&mut seen, &config);
+    }
+
+    /// Runs the slow sources that are due (failed, or expiring) on a thread
+    /// of their own, so that a credential process that hangs until its
+    /// timeout delays no file or store change; at most one such run at a
+    /// time, and a failed one is retried every [`EXPIRY_RETRY`].
+    fn renew_due(self: &Arc<Self>, seen: &mut Stamps, config: &Arc<Config>) {
+        let due = self.secrets.load().table.due(config, EXPIRY_MARGIN);
+        let paced = seen
+            .slow_renewed
+            .is_none_or(|at| at.elapsed() >= EXPIRY_RETRY);
+        if due.is_empty() || !paced || self.renewing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        seen.slow_renewed = Some(std::time::Instant::now());
+        let live = self.clone();
+        let config = config.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sidekey-renew".into())
+            .spawn(move || {
+                let start = live.secrets.load_full();
+                let fresh =
+                    start
+                        .table
+                        .refreshed(&config, &live.state, live.master_key.as_ref(), &due);
+                // Merged into what is current now: a file may have changed
+                // while the process ran.
+                let _seen = live.lock_seen();
+                let current = live.secrets.load_full();
+                if Arc::ptr_eq(&current.config, &config) {
+                    let table = current.table.with_values_of(&fresh, &due);
+                    for (name, reason) in
+                        table.failures().filter(|(n, _)| due.iter().any(|d| d == n))
+                    {
+                        tracing::warn!(secret = name, reason, "secret unavailable");
+                    }
+                    let view = view_of(&config, table, Some(&current));
+                    live.secrets.store(Arc::new(view));
+                    tracing::info!(secrets = ?due, "secrets renewed");
+                }
+                live.renewing.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.renewing.store(false, Ordering::Release);
         }
     }
 
@@ -409,14 +463,16 @@ fn build_snapshot(
     })
 }
 
-/// Reads `config`'s secrets and builds their view.
+/// Reads `config`'s secrets (but the slow ones `keep` names, carried over
+/// from `previous`) and builds their view.
 fn load_secrets(
     config: &Arc<Config>,
     state: &StateDir,
     master_key: Option<&MasterKey>,
     previous: Option<&SecretView>,
+    keep: &dyn Fn(&str) -> bool,
 ) -> SecretView {
-    let table = SecretTable::load(config, state, master_key);
+    let table = SecretTable::load(config, state, master_key, previous.map(|p| &p.table), keep);
     for (name, reason) in table.failures() {
         tracing::warn!(secret = name, reason, "secret unavailable");
     }

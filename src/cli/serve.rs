@@ -347,7 +347,7 @@ pub(super) fn check(paths: &Paths) -> anyhow::Result<()> {
     }
     if let Some(state) = state {
         let key = MasterKey::load(&state).ok();
-        let table = SecretTable::load(&config, &state, key.as_ref());
+        let table = SecretTable::load(&config, &state, key.as_ref(), None, &|_| false);
         let mut failures: Vec<_> = table.failures().collect();
         failures.sort();
         for (name, reason) in failures {

@@ -70,117 +70,205 @@ pub struct Unavailable {
     pub reason: String,
 }
 
-/// The values of every configured secret, loaded together.
+/// The values of every configured secret.
 #[derive(Debug, Default, Clone)]
 pub struct SecretTable {
     values: HashMap<String, Result<Arc<Secret>, String>>,
-    /// When values from credential processes expire.
+    /// When values from credential processes expire; never used after.
     expiry: HashMap<String, std::time::SystemTime>,
-    /// The earliest of those.
-    expires: Option<std::time::SystemTime>,
+    /// When values from slow sources (credential processes, Vault) are to
+    /// be read again.
+    refresh: HashMap<String, std::time::SystemTime>,
+}
+
+impl SecretSource {
+    /// Credential processes and Vault: they may take seconds or hang until
+    /// their timeout, so they are run only when their value is due, never
+    /// because another secret's file changed.
+    pub fn is_slow(&self) -> bool {
+        matches!(self, Self::Exec(_) | Self::Vault { .. })
+    }
+}
+
+/// One source's outcome.
+struct Loaded {
+    value: Result<Arc<Secret>, String>,
+    expiry: Option<std::time::SystemTime>,
+    refresh: Option<std::time::SystemTime>,
 }
 
 impl SecretTable {
-    /// Reads every source once. A source that fails leaves only that secret
-    /// unavailable: requests that need it fail closed, the others go on.
+    /// Reads every source, except the slow ones `keep` names, whose values
+    /// (and their failures) are carried over from `carry`. A source that
+    /// fails leaves only that secret unavailable: requests that need it
+    /// fail closed, the others go on.
     pub fn load(
         config: &crate::config::Config,
         state: &StateDir,
         master_key: Option<&MasterKey>,
+        carry: Option<&SecretTable>,
+        keep: &dyn Fn(&str) -> bool,
     ) -> Self {
-        let sources = &config.secrets;
-        let mut store: Option<Result<Store, String>> = None;
-        let mut values = HashMap::with_capacity(sources.len());
-        let mut expires: Option<std::time::SystemTime> = None;
-        let mut expiry = HashMap::new();
-        // Vault values need the Vault token, itself a secret: read them last.
-        let ordered = sources
-            .iter()
-            .filter(|(_, s)| !matches!(s, SecretSource::Vault { .. }))
-            .chain(
-                sources
-                    .iter()
-                    .filter(|(_, s)| matches!(s, SecretSource::Vault { .. })),
-            );
-        for (name, source) in ordered {
-            let value = match source {
-                SecretSource::Store => {
-                    let store = store.get_or_insert_with(|| match master_key {
-                        Some(key) => Store::read(&state.store(), key).map_err(|e| e.to_string()),
-                        None => Err("the store's master key is unavailable".to_string()),
-                    });
-                    match store {
-                        Ok(store) => store
-                            .entries
-                            .get(name)
-                            .map(|e| Secret::new(e.value.expose().to_string()))
-                            .ok_or_else(|| {
-                                format!(
-                                    "not in the store (set it with `sidekey secret set {name}`)"
-                                )
-                            }),
-                        Err(reason) => Err(reason.clone()),
-                    }
+        let mut table = Self::default();
+        let mut store = None;
+        for (name, source) in ordered(&config.secrets) {
+            match carry.filter(|_| source.is_slow() && keep(name)) {
+                Some(previous) if previous.values.contains_key(name) => {
+                    table.copy_from(previous, name);
                 }
-                SecretSource::Env(var) => std::env::var(var)
-                    .map(Secret::new)
-                    .map_err(|_| format!("environment variable {var} is not set")),
-                SecretSource::File(path) => read_file(path),
-                SecretSource::Vault { path, field } => match &config.vault {
-                    None => Err("no [vault] section".to_string()),
-                    Some(vault) => match values.get(vault.auth.secret()) {
-                        Some(Ok(credential)) => {
-                            let credential: &Arc<Secret> = credential;
-                            crate::secret::vault::read(config, vault, credential, path, field)
-                                .inspect(|_| {
-                                    let at = std::time::SystemTime::now() + vault.ttl;
-                                    expires = Some(
-                                        expires.map_or(at, |e: std::time::SystemTime| e.min(at)),
-                                    );
-                                })
-                        }
-                        _ => Err(format!(
-                            "the Vault credential secret {:?} is unavailable",
-                            vault.auth.secret()
-                        )),
-                    },
-                },
-                SecretSource::Exec(args) => {
-                    crate::secret::process::run(args).and_then(|(secret, expires_at)| {
-                        if let Some(at) = expires_at {
-                            if at <= std::time::SystemTime::now() {
-                                return Err(
-                                    "the credential process returned an expired value".into()
-                                );
-                            }
-                            expires = Some(expires.map_or(at, |e| e.min(at)));
-                            expiry.insert(name.clone(), at);
-                        }
-                        Ok(secret)
-                    })
+                _ => {
+                    let loaded =
+                        table.load_one(config, state, master_key, &mut store, name, source);
+                    table.put(name, loaded);
                 }
-            };
-            let value = value.and_then(|secret| {
-                if secret.expose().is_empty() {
-                    Err("the value is empty".to_string())
-                } else {
-                    Ok(Arc::new(secret))
-                }
-            });
-            values.insert(name.clone(), value);
+            }
         }
-        Self {
-            values,
-            expiry,
-            expires,
+        table
+    }
+
+    /// This table with the slow sources `names` read again; the rest as is.
+    pub fn refreshed(
+        &self,
+        config: &crate::config::Config,
+        state: &StateDir,
+        master_key: Option<&MasterKey>,
+        names: &[String],
+    ) -> Self {
+        let mut table = self.clone();
+        let mut store = None;
+        for (name, source) in ordered(&config.secrets) {
+            if names.contains(name) {
+                let loaded = table.load_one(config, state, master_key, &mut store, name, source);
+                table.put(name, loaded);
+            }
+        }
+        table
+    }
+
+    /// This table with `names` taken from `other` (a refresh that ran while
+    /// this table was current).
+    pub fn with_values_of(&self, other: &SecretTable, names: &[String]) -> Self {
+        let mut table = self.clone();
+        for name in names {
+            table.copy_from(other, name);
+        }
+        table
+    }
+
+    /// Slow sources whose value is due: failed, or to be renewed within
+    /// `margin`.
+    pub fn due(&self, config: &crate::config::Config, margin: std::time::Duration) -> Vec<String> {
+        let soon = std::time::SystemTime::now() + margin;
+        config
+            .secrets
+            .iter()
+            .filter(|(name, source)| {
+                source.is_slow()
+                    && (self.values.get(*name).is_none_or(Result::is_err)
+                        || self.refresh.get(*name).is_some_and(|at| *at <= soon))
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    fn copy_from(&mut self, other: &SecretTable, name: &str) {
+        self.put(
+            name,
+            Loaded {
+                value: other
+                    .values
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| Err("not loaded".to_string())),
+                expiry: other.expiry.get(name).copied(),
+                refresh: other.refresh.get(name).copied(),
+            },
+        );
+    }
+
+    fn put(&mut self, name: &str, loaded: Loaded) {
+        self.values.insert(name.to_string(), loaded.value);
+        for (map, at) in [
+            (&mut self.expiry, loaded.expiry),
+            (&mut self.refresh, loaded.refresh),
+        ] {
+            match at {
+                Some(at) => map.insert(name.to_string(), at),
+                None => map.remove(name),
+            };
         }
     }
 
-    /// Whether a credential process's value expires within `margin`, so the
-    /// table should be loaded again before it is used.
-    pub fn expiring(&self, margin: std::time::Duration) -> bool {
-        self.expires
-            .is_some_and(|at| at <= std::time::SystemTime::now() + margin)
+    fn load_one(
+        &self,
+        config: &crate::config::Config,
+        state: &StateDir,
+        master_key: Option<&MasterKey>,
+        store: &mut Option<Result<Store, String>>,
+        name: &str,
+        source: &SecretSource,
+    ) -> Loaded {
+        let mut expiry = None;
+        let mut refresh = None;
+        let value = match source {
+            SecretSource::Store => {
+                let store = store.get_or_insert_with(|| match master_key {
+                    Some(key) => Store::read(&state.store(), key).map_err(|e| e.to_string()),
+                    None => Err("the store's master key is unavailable".to_string()),
+                });
+                match store {
+                    Ok(store) => store
+                        .entries
+                        .get(name)
+                        .map(|e| Secret::new(e.value.expose().to_string()))
+                        .ok_or_else(|| {
+                            format!("not in the store (set it with `sidekey secret set {name}`)")
+                        }),
+                    Err(reason) => Err(reason.clone()),
+                }
+            }
+            SecretSource::Env(var) => std::env::var(var)
+                .map(Secret::new)
+                .map_err(|_| format!("environment variable {var} is not set")),
+            SecretSource::File(path) => read_file(path),
+            SecretSource::Vault { path, field } => match &config.vault {
+                None => Err("no [vault] section".to_string()),
+                Some(vault) => match self.values.get(vault.auth.secret()) {
+                    Some(Ok(credential)) => {
+                        crate::secret::vault::read(config, vault, credential, path, field)
+                            .inspect(|_| refresh = Some(std::time::SystemTime::now() + vault.ttl))
+                    }
+                    _ => Err(format!(
+                        "the Vault credential secret {:?} is unavailable",
+                        vault.auth.secret()
+                    )),
+                },
+            },
+            SecretSource::Exec(args) => {
+                crate::secret::process::run(args).and_then(|(secret, expires_at)| {
+                    if let Some(at) = expires_at {
+                        if at <= std::time::SystemTime::now() {
+                            return Err("the credential process returned an expired value".into());
+                        }
+                        expiry = Some(at);
+                        refresh = Some(at);
+                    }
+                    Ok(secret)
+                })
+            }
+        };
+        let value = value.and_then(|secret| {
+            if secret.expose().is_empty() {
+                Err("the value is empty".to_string())
+            } else {
+                Ok(Arc::new(secret))
+            }
+        });
+        Loaded {
+            value,
+            expiry,
+            refresh,
+        }
     }
 
     /// A table of these values, as if read from their sources.
@@ -194,7 +282,7 @@ impl SecretTable {
             );
             if let Some(at) = expires {
                 table.expiry.insert(name.to_string(), *at);
-                table.expires = Some(table.expires.map_or(*at, |e| e.min(*at)));
+                table.refresh.insert(name.to_string(), *at);
             }
         }
         table
@@ -243,6 +331,17 @@ impl SecretTable {
             .iter()
             .filter_map(|(name, v)| v.as_ref().err().map(|r| (name.as_str(), r.as_str())))
     }
+}
+
+/// Vault values need the Vault token, itself a secret: they come last.
+fn ordered(
+    sources: &std::collections::BTreeMap<String, SecretSource>,
+) -> impl Iterator<Item = (&String, &SecretSource)> {
+    let vault = |s: &SecretSource| matches!(s, SecretSource::Vault { .. });
+    sources
+        .iter()
+        .filter(move |(_, s)| !vault(s))
+        .chain(sources.iter().filter(move |(_, s)| vault(s)))
 }
 
 /// A file secret is its content without one trailing newline, as written by

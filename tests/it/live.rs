@@ -370,6 +370,84 @@ fn a_credential_process_is_run_and_renewed_before_its_value_expires() {
     );
 }
 
+#[test]
+fn a_credential_process_that_fails_is_retried_and_one_that_hangs_delays_no_other_secret() {
+    let upstream = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let (script, runs, ok) = (path("cred.sh"), path("runs"), path("ok"));
+    // Fails until `ok` exists; then answers once with a value due for
+    // renewal at once (31 s, inside the 30 s margin); every later run
+    // hangs until its deadline.
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho run >> {runs}\n[ -e {ok} ] || exit 1\n\
+             if [ -e {ok}.answered ]; then sleep 60; fi\ntouch {ok}.answered\n\
+             printf '{{\"value\":\"proc-tok\",\"expires_at\":\"%s\"}}' \"$(date -u -d '+31 seconds' +%Y-%m-%dT%H:%M:%SZ)\"\n",
+            runs = runs.display(),
+            ok = ok.display(),
+        ),
+    )
+    .unwrap();
+    let env = TestEnv::new(&format!(
+        r#"{}
+[secrets.other]
+source = "store"
+[routes.other]
+upstream = "{}"
+inject = {{ header = "authorization", format = "Bearer {{secret}}", secret = "other" }}
+[[rules]]
+agents = ["coder"]
+route = "other"
+action = "allow"
+"#,
+        echo_route(&upstream, &format!("exec:sh {}", script.display())),
+        upstream.base()
+    ));
+    env.set_secret("other", "other-1");
+    let token = env.token("coder");
+    let sidekey = env.spawn();
+    let get = |path: &str| {
+        client()
+            .get(sidekey.url(path))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+            .status()
+    };
+    let run_count = || {
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // The process failed at start: fail closed, and tried again on its own
+    // once it works, without a reload.
+    assert_eq!(get("/echo/x"), 503);
+    std::fs::write(&ok, "").unwrap();
+    eventually(Duration::from_secs(15), || {
+        (get("/echo/x") == 200).then_some(())
+    });
+    assert_eq!(bearer(&upstream).as_deref(), Some("Bearer proc-tok"));
+
+    // Its renewal is due and hangs. A store change still takes effect at
+    // once, and does not run the process again.
+    eventually(Duration::from_secs(10), || {
+        (run_count() >= 3 && path("ok.answered").exists()).then_some(())
+    });
+    let runs_before = run_count();
+    env.set_secret("other", "other-2");
+    eventually(Duration::from_secs(2), || {
+        assert_eq!(get("/other/x"), 200);
+        (bearer(&upstream).as_deref() == Some("Bearer other-2")).then_some(())
+    });
+    assert_eq!(run_count(), runs_before, "a store change ran the process");
+    // Meanwhile the process's value, still valid, is served.
+    assert_eq!(get("/echo/x"), 200);
+    assert_eq!(bearer(&upstream).as_deref(), Some("Bearer proc-tok"));
+}
+
 /// An `exec:` credential process that answers at once the first time and
 /// holds every later run (a reload's) until the test releases it.
 struct HeldCredentialProcess {
