@@ -174,6 +174,10 @@ pub fn find_token(
             for key in crate::inject::sigv4::credential_key(headers) {
                 found.push((key, None));
             }
+            // A presigned URL carries it in the query instead.
+            if let Some(key) = query.and_then(crate::inject::sigv4::presigned_key) {
+                found.push((key, None));
+            }
         }
         Some(Slot::Query { param }) => {
             for (name, value) in query_pairs(query.unwrap_or_default()) {

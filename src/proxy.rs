@@ -526,6 +526,7 @@ impl Proxy {
             Some(name) => Some(flow.secrets.table.get(name).map_err(unavailable)?.clone()),
             None => None,
         };
+        parts.uri = inject::sigv4::strip_presigned(&parts.uri).map_err(ProxyError::BadRequest)?;
         let declared = inject::sigv4::strip(&mut parts.headers)
             .map(|v| v.to_str().map(str::to_string))
             .transpose()

@@ -49,6 +49,57 @@ pub fn strip(headers: &mut HeaderMap) -> Option<HeaderValue> {
     headers.remove(CONTENT_SHA256)
 }
 
+/// The query parameters of a presigned URL (SigV4 in the query string):
+/// the agent's signature and what it covered.
+const PRESIGNED: [&str; 7] = [
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+    "X-Amz-Security-Token",
+];
+
+/// The access key id of a presigned URL's `X-Amz-Credential`: for
+/// sidekey, the agent's token.
+pub fn presigned_key(query: &str) -> Option<String> {
+    crate::identity::query_pairs(query)
+        .find(|(name, _)| name.eq_ignore_ascii_case("X-Amz-Credential"))
+        .and_then(|(_, value)| value.split('/').next().map(str::to_string))
+        .filter(|key| !key.is_empty())
+}
+
+/// `uri` without a presigned URL's parameters: the request is signed
+/// again in headers, and AWS refuses a request signed both ways.
+pub fn strip_presigned(uri: &http::Uri) -> Result<http::Uri, String> {
+    let Some(query) = uri.query() else {
+        return Ok(uri.clone());
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split('=').next().unwrap_or_default();
+            !PRESIGNED.iter().any(|p| p.eq_ignore_ascii_case(name))
+        })
+        .collect();
+    if kept.len() == query.split('&').count() {
+        return Ok(uri.clone());
+    }
+    let mut path_and_query = uri.path().to_string();
+    if !kept.is_empty() {
+        path_and_query.push('?');
+        path_and_query.push_str(&kept.join("&"));
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| "invalid path after removing the presigned parameters")?,
+    );
+    http::Uri::from_parts(parts).map_err(|e| e.to_string())
+}
+
 /// Signs `req` with the real keys. `declared` is the agent's body hash
 /// (hex, or `UNSIGNED-PAYLOAD`), used as is; without one, `body` is hashed.
 pub fn sign_request<B>(
