@@ -261,16 +261,22 @@ pub fn uid_agent(
     uid: u32,
     agents: &std::collections::BTreeMap<String, crate::config::AgentConfig>,
 ) -> Option<Agent> {
-    let name = agents
-        .iter()
-        .find(|(_, a)| a.unix_uids.contains(&uid))
-        .map(|(name, _)| name.clone())?;
     Some(Agent {
-        name,
+        name: uid_agent_name(uid, agents)?.to_string(),
         session: format!("uid-{uid}"),
         token_id: None,
         claims: None,
     })
+}
+
+pub fn uid_agent_name(
+    uid: u32,
+    agents: &std::collections::BTreeMap<String, crate::config::AgentConfig>,
+) -> Option<&str> {
+    agents
+        .iter()
+        .find(|(_, a)| a.unix_uids.contains(&uid))
+        .map(|(name, _)| name.as_str())
 }
 
 /// The agent a verified client certificate names, unless it expired since

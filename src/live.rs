@@ -343,8 +343,10 @@ impl Live {
                         .table
                         .refreshed(&config, &live.state, live.master_key.as_ref(), &due);
                 // Merged into what is current now: a file may have changed
-                // while the process ran.
-                let _seen = live.lock_seen();
+                // while the process ran. The next try is paced from here,
+                // so a process that hangs is not started again at once.
+                let mut seen = live.lock_seen();
+                seen.slow_renewed = Some(std::time::Instant::now());
                 let current = live.secrets.load_full();
                 if Arc::ptr_eq(&current.config, &config) {
                     let table = current.table.with_values_of(&fresh, &due);

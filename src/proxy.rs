@@ -802,9 +802,9 @@ impl Proxy {
         // client certificate, its mapped uid) is one identity too many.
         if let Presented::Token { .. } = presented {
             let connection = match parts.extensions.get::<identity::PeerCert>() {
-                Some(cert) => Some(cert.agent.clone()),
+                Some(cert) => Some(cert.agent.as_str()),
                 None => parts.extensions.get::<PeerUid>().and_then(|PeerUid(uid)| {
-                    identity::uid_agent(*uid, &flow.snapshot.config.agents).map(|a| a.name)
+                    identity::uid_agent_name(*uid, &flow.snapshot.config.agents)
                 }),
             };
             if connection.is_some_and(|name| name != agent.name) {
