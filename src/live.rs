@@ -243,23 +243,31 @@ impl Live {
     pub async fn watch(self: Arc<Self>) {
         let mut interval = tokio::time::interval(POLL);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut jwks_fetched: Option<(std::time::Instant, Arc<Config>)> = None;
+        // When the key set was last fetched, for which config, and whether
+        // that fetch failed.
+        let mut jwks_fetched: Option<(std::time::Instant, Arc<Config>, bool)> = None;
         loop {
             interval.tick().await;
             // Loading may run credential processes; keep them off the runtime.
             let live = self.clone();
             let _ = tokio::task::spawn_blocking(move || live.poll()).await;
             let snapshot = self.snapshot.load_full();
-            let due = jwks_fetched.as_ref().is_none_or(|(at, config)| {
-                at.elapsed() >= JWKS_REFRESH || !Arc::ptr_eq(config, &snapshot.config)
+            let Some(oidc) = &snapshot.oidc else { continue };
+            let JwksSource::Url(url) = &oidc.config().jwks else {
+                continue;
+            };
+            // Every JWKS_REFRESH; sooner after a failed fetch, and when a
+            // token named a key the set lacks (at most every JWKS_RETRY).
+            let due = jwks_fetched.as_ref().is_none_or(|(at, config, failed)| {
+                !Arc::ptr_eq(config, &snapshot.config)
+                    || at.elapsed() >= JWKS_REFRESH
+                    || at.elapsed() >= JWKS_RETRY && (*failed || oidc.take_unknown_kid())
             });
-            if let Some(oidc) = &snapshot.oidc
-                && let JwksSource::Url(url) = &oidc.config().jwks
-                && due
-            {
+            if due {
                 let keys = fetch_jwks(&snapshot, url).await;
+                let failed = keys.is_err();
                 oidc.set_keys(keys);
-                jwks_fetched = Some((std::time::Instant::now(), snapshot.config.clone()));
+                jwks_fetched = Some((std::time::Instant::now(), snapshot.config.clone(), failed));
             }
         }
     }
@@ -384,6 +392,8 @@ const EXPIRY_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often a `jwks_url` key set is fetched again.
 pub const JWKS_REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
+/// How soon after a failed fetch, or a token naming an unknown key.
+const JWKS_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Fetches a key set; the issuer is the operator's, so it may be private.
 async fn fetch_jwks(snapshot: &Snapshot, url: &str) -> Result<jsonwebtoken::jwk::JwkSet, String> {

@@ -11,6 +11,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -57,6 +58,9 @@ pub struct OidcVerifier {
     /// empties it.
     verified: Mutex<HashMap<u64, Verified>>,
     cache_hasher: RandomState,
+    /// A token named a key the set does not hold: the issuer may have
+    /// published a new one, so a `jwks_url` set is fetched early.
+    unknown_kid: AtomicBool,
 }
 
 struct Verified {
@@ -108,7 +112,13 @@ impl OidcVerifier {
             loaded: ArcSwap::new(loaded),
             verified: Mutex::default(),
             cache_hasher: RandomState::new(),
+            unknown_kid: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a token named a key the set lacked since the last call.
+    pub fn take_unknown_kid(&self) -> bool {
+        self.unknown_kid.swap(false, Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &OidcConfig {
@@ -180,7 +190,18 @@ impl OidcVerifier {
         ) {
             return Err(TokenError::Invalid.into());
         }
-        let jwk = pick_key(keys, header.kid.as_deref(), header.alg).ok_or(TokenError::Invalid)?;
+        let jwk = pick_key(keys, header.kid.as_deref(), header.alg).ok_or_else(|| {
+            if let Some(kid) = header.kid.as_deref()
+                && !keys.keys.iter().any(|k| k.common.key_id.as_deref() == Some(kid))
+            {
+                let kid: String = kid.chars().take(64).collect();
+                tracing::info!(?kid, "workload token refused: its key is not in the key set");
+                self.unknown_kid.store(true, Ordering::Relaxed);
+            } else {
+                tracing::info!(alg = ?header.alg, "workload token refused: no usable key for its algorithm");
+            }
+            TokenError::Invalid
+        })?;
         let key = DecodingKey::from_jwk(jwk).map_err(|_| TokenError::Invalid)?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = LEEWAY_SECS;
@@ -193,7 +214,14 @@ impl OidcVerifier {
             Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => {
                 return Err(TokenError::Expired.into());
             }
-            Err(_) => return Err(TokenError::Invalid.into()),
+            Err(e) => {
+                // The agent is told only that the token is refused; the
+                // operator wiring up an issuer needs to know why (a wrong
+                // audience, a future nbf, a bad signature). The error
+                // names a claim or a check, never the token.
+                tracing::info!(cause = ?e.kind(), "workload token refused");
+                return Err(TokenError::Invalid.into());
+            }
         };
         let workload = claims
             .get(&self.config.claim)

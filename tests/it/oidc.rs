@@ -398,6 +398,74 @@ fn a_workload_jwt_must_match_its_proxy_user_name() {
 /// with the keys already fetched, so workloads keep working even while the
 /// issuer cannot be reached; a workload the reload maps anew works at once.
 #[test]
+fn a_key_set_that_failed_or_lacks_a_new_key_is_fetched_again_soon() {
+    let upstream = Upstream::http();
+    let issuer = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys(dir.path());
+    // The issuer is down when sidekey starts.
+    issuer.put(
+        "/jwks.json",
+        "text/html",
+        b"<h1>502 Bad Gateway</h1>".to_vec(),
+    );
+    let env = TestEnv::new(&format!(
+        r#"
+[identity.oidc]
+issuer = "{ISSUER}"
+audience = "sidekey"
+jwks_url = "{}/jwks.json"
+[identity.oidc.map]
+"w" = "coder"
+{}"#,
+        issuer.base(),
+        echo_route(&upstream, "store")
+    ));
+    env.set_secret("api", SECRET);
+    let sidekey = env.spawn();
+    let call = |alg: Algorithm, kid: &str, key: &EncodingKey| {
+        let token = sign(alg, kid, key, &claims("w", "sidekey", now() + 300));
+        client()
+            .get(sidekey.url("/echo/x"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    eventually(std::time::Duration::from_secs(5), || {
+        (issuer.count() >= 1).then_some(())
+    });
+    assert_eq!(call(Algorithm::ES256, "ec-1", &keys.es256), 401);
+    // It comes back with one key: fetched again within seconds, not at the
+    // next five-minute refresh.
+    let mut only_ec = keys.jwks.clone();
+    only_ec["keys"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|k| k["kid"] == "ec-1");
+    issuer.put(
+        "/jwks.json",
+        "application/json",
+        only_ec.to_string().into_bytes(),
+    );
+    eventually(std::time::Duration::from_secs(15), || {
+        (call(Algorithm::ES256, "ec-1", &keys.es256) == 200).then_some(())
+    });
+    // The issuer publishes a new key: the first token that names it has
+    // the set fetched again.
+    issuer.put(
+        "/jwks.json",
+        "application/json",
+        keys.jwks.to_string().into_bytes(),
+    );
+    assert_eq!(call(Algorithm::EdDSA, "ed-1", &keys.ed25519), 401);
+    eventually(std::time::Duration::from_secs(15), || {
+        (call(Algorithm::EdDSA, "ed-1", &keys.ed25519) == 200).then_some(())
+    });
+}
+
+#[test]
 fn a_reload_keeps_the_fetched_key_set_while_the_issuer_is_down() {
     let upstream = Upstream::http();
     let issuer = Upstream::http();
