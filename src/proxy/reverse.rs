@@ -19,6 +19,13 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let (route_name, rest) = split_route(parts.uri.path());
         let route = flow.snapshot.config.routes.get(route_name).cloned();
+        // Recorded before the identity, so that a refusal names the route
+        // and its upstream too.
+        if let Some(route) = &route {
+            flow.event.route = Some(route.name.clone());
+            flow.event.host = Some(route.upstream.host.clone());
+            flow.event.port = Some(route.upstream.port);
+        }
 
         // 1. identity, from the route's own slot
         let (agent, presented) = match route.as_ref() {
@@ -32,9 +39,6 @@ impl Proxy {
 
         // 2. route
         let route = route.ok_or_else(|| ProxyError::RouteNotFound(route_name.to_string()))?;
-        flow.event.route = Some(route.name.clone());
-        flow.event.host = Some(route.upstream.host.clone());
-        flow.event.port = Some(route.upstream.port);
 
         // 3. path
         let path = normalize(rest)?;

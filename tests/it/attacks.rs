@@ -818,6 +818,8 @@ fn a_token_replayed_after_expiry_or_revocation_is_refused() {
             assert_eq!(record[field], claims[claim], "{name}: {field} in {record}");
         }
         assert_eq!(record["reason"], code, "{record}");
+        assert_eq!(record["route"], "echo", "{record}");
+        assert_eq!(record["host"], "127.0.0.1", "{record}");
 
         let before = a.records();
         let (status, text) = curl_via(
