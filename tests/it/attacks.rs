@@ -697,6 +697,26 @@ fn upstream_redirects_and_error_pages_do_not_carry_the_secret_out() {
     a.assert_case("redirect", before, text.as_bytes(), status);
     assert_eq!(status, 302);
     assert!(a.other.seen().is_empty(), "sidekey followed the redirect");
+    assert!(
+        text.contains(&format!(
+            "location: http://127.0.0.1:{}/landed",
+            a.other.addr.port()
+        )),
+        "another origin's redirect is left as it is: {text}"
+    );
+    // One within the route's own origin is told through the gateway, so a
+    // client that follows it comes back through sidekey, not straight to
+    // the upstream with its agent token.
+    let (status, text) = curl(&[
+        &a.sidekey.url(&format!(
+            "/echo/v1/allowed/redirect-to/{}",
+            a.upstream.addr.port()
+        )),
+        "-H",
+        &format!("authorization: Bearer {}", a.token),
+    ]);
+    assert_eq!(status, 302);
+    assert!(text.contains("location: /echo/landed\r\n"), "{text}");
 
     // The agent follows it itself, through the proxy: the other origin is
     // not the route's, so no credential goes with it (and coder may not
