@@ -194,12 +194,7 @@ impl Verifier {
             return Err(TokenError::Invalid);
         }
         let key = self.cache_key(token);
-        let cached = self
-            .lock_cache()
-            .get(&key)
-            .filter(|(text, _)| **text == *token)
-            .map(|(_, claims)| claims.clone());
-        if let Some(claims) = cached {
+        if let Some(claims) = self.cached(key, token) {
             if claims.exp < now_ms() / 1000 {
                 return Err(TokenError::Expired);
             }
@@ -233,20 +228,22 @@ impl Verifier {
     /// not: who a refused token names, for the audit record. Off the
     /// request path of tokens that are accepted.
     pub fn signed_claims(&self, token: &str) -> Option<Claims> {
-        let key = self.cache_key(token);
-        let cached = self
-            .lock_cache()
-            .get(&key)
-            .filter(|(text, _)| **text == *token)
-            .map(|(_, claims)| claims.clone());
-        if cached.is_some() {
-            return cached;
+        if let Some(claims) = self.cached(self.cache_key(token), token) {
+            return Some(claims);
         }
         let mut validation = self.validation.clone();
         validation.validate_exp = false;
         jsonwebtoken::decode::<Claims>(token, &self.key, &validation)
             .ok()
             .map(|data| data.claims)
+    }
+
+    /// What an earlier check of this very token found.
+    fn cached(&self, key: u64, token: &str) -> Option<Claims> {
+        self.lock_cache()
+            .get(&key)
+            .filter(|(text, _)| **text == *token)
+            .map(|(_, claims)| claims.clone())
     }
 
     fn cache_key(&self, token: &str) -> u64 {
