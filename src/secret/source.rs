@@ -60,6 +60,13 @@ impl SecretSource {
             crate::config::shown(text)
         ))
     }
+
+    /// Credential processes and Vault: they may take seconds or hang until
+    /// their timeout, so they are run only when their value is due, never
+    /// because another secret's file changed.
+    pub fn is_slow(&self) -> bool {
+        matches!(self, Self::Exec(_) | Self::Vault { .. })
+    }
 }
 
 /// Why a secret has no value right now. Never contains the value.
@@ -79,15 +86,6 @@ pub struct SecretTable {
     /// When values from slow sources (credential processes, Vault) are to
     /// be read again.
     refresh: HashMap<String, std::time::SystemTime>,
-}
-
-impl SecretSource {
-    /// Credential processes and Vault: they may take seconds or hang until
-    /// their timeout, so they are run only when their value is due, never
-    /// because another secret's file changed.
-    pub fn is_slow(&self) -> bool {
-        matches!(self, Self::Exec(_) | Self::Vault { .. })
-    }
 }
 
 /// One source's outcome.
