@@ -119,7 +119,8 @@ fn status_and_metrics_count_the_traffic_sent() {
         3.0
     );
     assert_eq!(
-        get("sidekey_requests_total|decision=deny|mode=reverse|route=-|status=401"),
+        // Refused before identity, but on the echo route: counted there.
+        get("sidekey_requests_total|decision=deny|mode=reverse|route=echo|status=401"),
         2.0
     );
     assert_eq!(
