@@ -122,6 +122,11 @@ struct Stamps {
     secrets: Vec<Option<FileStamp>>,
     /// When slow sources were last renewed, to pace re-runs of failed ones.
     slow_renewed: Option<std::time::Instant>,
+    /// How long after that the next run may start: [`EXPIRY_RETRY`],
+    /// doubled (up to [`EXPIRY_RETRY_MAX`]) while a source that has no
+    /// value keeps failing, so a broken one is not run and logged every
+    /// few seconds for ever.
+    slow_retry: Duration,
     jwks: Option<FileStamp>,
 }
 
@@ -141,6 +146,7 @@ impl Live {
             // The first poll reads the key set once more; harmless.
             jwks: None,
             slow_renewed: Some(std::time::Instant::now()),
+            slow_retry: EXPIRY_RETRY,
         };
         let secrets = load_secrets(&snapshot.config, &state, master_key.as_ref(), None, &|_| {
             false
@@ -330,12 +336,12 @@ impl Live {
     /// Runs the slow sources that are due (failed, or expiring) on a thread
     /// of their own, so that a credential process that hangs until its
     /// timeout delays no file or store change; at most one such run at a
-    /// time, and a failed one is retried every [`EXPIRY_RETRY`].
+    /// time, and a failed one is retried (see [`Stamps::slow_retry`]).
     fn renew_due(self: &Arc<Self>, seen: &mut Stamps, config: &Arc<Config>) {
         let due = self.secrets.load().table.due(config, EXPIRY_MARGIN);
         let paced = seen
             .slow_renewed
-            .is_none_or(|at| at.elapsed() >= EXPIRY_RETRY);
+            .is_none_or(|at| at.elapsed() >= seen.slow_retry);
         if due.is_empty() || !paced || self.renewing.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -358,14 +364,26 @@ impl Live {
                 let current = live.secrets.load_full();
                 if Arc::ptr_eq(&current.config, &config) {
                     let table = current.table.with_values_of(&fresh, &due);
+                    let mut failing = false;
                     for (name, reason) in
                         table.failures().filter(|(n, _)| due.iter().any(|d| d == n))
                     {
+                        failing = true;
                         tracing::warn!(secret = name, reason, "secret unavailable");
+                    }
+                    // A value still valid but about to expire is retried
+                    // at the base pace, to be renewed before it ends.
+                    let holding = due.iter().any(|n| start.table.get(n).is_ok());
+                    seen.slow_retry = if failing && !holding {
+                        (seen.slow_retry * 2).min(EXPIRY_RETRY_MAX)
+                    } else {
+                        EXPIRY_RETRY
+                    };
+                    if !failing {
+                        tracing::info!(secrets = ?due, "secrets renewed");
                     }
                     let view = view_of(&config, table, Some(&current));
                     live.secrets.store(Arc::new(view));
-                    tracing::info!(secrets = ?due, "secrets renewed");
                 }
                 live.renewing.store(false, Ordering::Release);
             });
@@ -389,6 +407,8 @@ impl Live {
 const EXPIRY_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
 /// And a failed renewal is retried this often, not on every poll.
 const EXPIRY_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest wait between runs of a source that keeps failing.
+const EXPIRY_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How often a `jwks_url` key set is fetched again.
 pub const JWKS_REFRESH: std::time::Duration = std::time::Duration::from_secs(300);

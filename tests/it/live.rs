@@ -448,6 +448,36 @@ action = "allow"
     assert_eq!(bearer(&upstream).as_deref(), Some("Bearer proc-tok"));
 }
 
+#[test]
+fn a_credential_process_that_keeps_failing_is_retried_less_and_less_often() {
+    let upstream = Upstream::http();
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let script = dir.path().join("cred.sh");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\necho run >> {}\nexit 1\n", runs.display()),
+    )
+    .unwrap();
+    let env = TestEnv::new(&echo_route(
+        &upstream,
+        &format!("exec:sh {}", script.display()),
+    ));
+    let sidekey = env.spawn();
+    let started = std::time::Instant::now();
+    let run_count = || {
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // At start, then 5 s later, then 10 s after that: two runs in the
+    // first 13 s, not one every 5 s.
+    eventually(Duration::from_secs(10), || (run_count() >= 2).then_some(()));
+    std::thread::sleep(Duration::from_secs(13).saturating_sub(started.elapsed()));
+    assert_eq!(run_count(), 2, "{}", sidekey.stderr());
+}
+
 /// An `exec:` credential process that answers at once the first time and
 /// holds every later run (a reload's) until the test releases it.
 struct HeldCredentialProcess {
